@@ -1,0 +1,51 @@
+"""
+Which device to run on, at which precision, and how fast that device can go.
+
+Shared by train.py, sample.py and bench.py so that `device=None` and
+`dtype=None` mean the same thing everywhere.
+"""
+
+from contextlib import nullcontext
+
+import torch
+
+from configurator import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Peak FLOP/s used for model FLOPs utilisation (MFU) when the config gives none.
+# CPU: the fp32 torch.mm rate measured on the reference 2-core machine (4096x4096).
+PEAK_FLOPS = {"cuda": 312e12, "cpu": 155e9, "mps": 10e12}  # cuda: A100 bf16
+
+
+def default_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def default_dtype(device_type):
+    if device_type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def setup(device, dtype):
+    """Resolve device=None / dtype=None to the best choice for this machine.
+    Returns (device, device_type, dtype name, autocast context)."""
+    dev = device or default_device()
+    device_type = "cuda" if dev.startswith("cuda") else dev.split(":")[0]
+    if device_type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device must be cpu, cuda, cuda:N or mps, got {dev!r}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device is cuda but no CUDA GPU is available: use --device=cpu")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device is mps but MPS is not available: use --device=cpu")
+    precision = dtype or default_dtype(device_type)
+    if precision not in DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {precision!r}")
+    autocast = (nullcontext() if precision == "float32"
+                else torch.autocast(device_type=device_type, dtype=DTYPES[precision]))
+    return dev, device_type, precision, autocast

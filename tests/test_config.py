@@ -1,0 +1,61 @@
+"""configurator.py: config files and --key=value overrides of a script's globals."""
+
+import pytest
+
+from configurator import UserError, configure
+
+
+def defaults():
+    return {"batch_size": 12, "learning_rate": 6e-4, "compile": True, "device": None,
+            "out_dir": "out", "betas": (0.9, 0.95)}
+
+
+def test_overrides_parse_python_literals():
+    ns = defaults()
+    configure(ns, ["--batch_size=32", "--learning_rate=1e-3", "--compile=False",
+                   "--device=cuda:1", "--out_dir='x y'", "--betas=(0.8,0.9)"])
+    assert ns == {"batch_size": 32, "learning_rate": 1e-3, "compile": False, "device": "cuda:1",
+                  "out_dir": "x y", "betas": (0.8, 0.9)}
+
+
+def test_int_accepted_for_float():
+    ns = defaults()
+    configure(ns, ["--learning_rate=1"])
+    assert ns["learning_rate"] == 1.0 and isinstance(ns["learning_rate"], float)
+
+
+def test_config_file_then_overrides(tmp_path):
+    path = tmp_path / "cfg.py"
+    path.write_text("import math\nbatch_size = 64\nout_dir = 'from-file'\n_private = 1\n")
+    ns = defaults()
+    configure(ns, [str(path), "--batch_size=8"])
+    assert ns["batch_size"] == 8 and ns["out_dir"] == "from-file"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--batch_sise=3"], "unknown config key 'batch_sise'"),
+    (["--batch_size=3.5"], "batch_size must be a int"),
+    (["--compile=1"], "compile must be a bool"),
+    (["--learning_rate=fast"], "learning_rate must be a float"),
+    (["--batch_size"], "--key=value"),
+    (["no/such/config.py"], "cannot read config file"),
+])
+def test_bad_arguments_are_user_errors(argv, words):
+    with pytest.raises(UserError, match=words.replace("(", r"\(")):
+        configure(defaults(), argv)
+
+
+def test_unknown_key_in_config_file(tmp_path):
+    path = tmp_path / "cfg.py"
+    path.write_text("n_layers = 4\n")
+    with pytest.raises(UserError, match="unknown config key 'n_layers'"):
+        configure(defaults(), [str(path)])
+
+
+def test_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        configure(defaults(), ["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for key in defaults():
+        assert f"--{key}" in out

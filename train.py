@@ -1,0 +1,306 @@
+"""
+Train a GPT. Runs on one process:
+
+$ python train.py config/train_shakespeare_char.py --batch_size=32
+
+or on many, with PyTorch's distributed data parallel:
+
+$ torchrun --standalone --nproc_per_node=4 train.py config/train_shakespeare_char.py
+
+Every setting below can be changed by a config file and by --key=value;
+`python train.py --help` lists them.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import hardware
+from checkpoint import load_checkpoint, save_checkpoint
+from configurator import UserError, configure, run
+from model import GPT, GPTConfig
+
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+
+# -----------------------------------------------------------------------------
+# default config values: a GPT-2 (124M) sized model, as nanoGPT's
+# I/O
+out_dir = "out"
+eval_interval = 2000
+log_interval = 1
+eval_iters = 200
+eval_only = False  # evaluate once and exit
+always_save_checkpoint = True  # save at every eval, not only when val loss improves
+init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+# wandb logging
+wandb_log = False
+wandb_project = "owt"
+wandb_run_name = "gpt2"
+# data
+dataset = "shakespeare_char"  # a folder under data/ (or a path) with train.bin, val.bin, meta.json
+gradient_accumulation_steps = 5 * 8  # micro-steps per optimizer step, to simulate larger batches
+batch_size = 12  # sequences per micro-step (per process)
+block_size = 1024
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0  # 0 for pretraining, try 0.1+ for fine-tuning
+bias = False  # biases in Linears and LayerNorms
+# AdamW
+learning_rate = 6e-4
+max_iters = 600000
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip gradients to this norm; 0 disables
+# learning rate schedule: linear warmup, then cosine decay to min_lr
+decay_lr = True
+warmup_iters = 2000
+lr_decay_iters = 600000  # ~ max_iters, per Chinchilla
+min_lr = 6e-5  # ~ learning_rate / 10, per Chinchilla
+# system
+backend = None  # distributed backend; None picks nccl on CUDA, gloo otherwise
+device = None  # 'cpu', 'cuda', 'cuda:1', 'mps'; None picks the best available
+dtype = None  # 'float32', 'bfloat16' or 'float16'; None picks the device's best
+compile = None  # torch.compile the model; None compiles on CUDA only
+seed = 1337
+peak_flops = None  # the device's peak FLOP/s, for MFU; None uses a figure known for it
+# -----------------------------------------------------------------------------
+
+def check_config(cfg):
+    """Reject settings that cannot work, before anything is written."""
+    if cfg["n_embd"] % cfg["n_head"] != 0:
+        raise UserError(f"n_embd ({cfg['n_embd']}) must be divisible by n_head ({cfg['n_head']})")
+    if cfg["init_from"] not in ("scratch", "resume"):
+        raise UserError(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
+    if cfg["compile"] not in (None, True, False):
+        raise UserError(f"compile must be True or False, got {cfg['compile']!r}")
+    for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd",
+                "gradient_accumulation_steps", "eval_iters", "eval_interval", "log_interval"):
+        if cfg[key] < 1:
+            raise UserError(f"{key} must be at least 1, got {cfg[key]}")
+
+
+def dataset_dir(name):
+    return name if os.sep in name else os.path.join(REPO_DIR, "data", name)
+
+
+def open_dataset(name, block_size):
+    """Memory-map train.bin / val.bin and read meta.json (vocab size, tokenizer)."""
+    data_dir = dataset_dir(name)
+    meta_path = os.path.join(data_dir, "meta.json")
+    meta = {}
+    if os.path.exists(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    dtype = np.dtype(meta.get("dtype", "uint16"))
+    splits = {}
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, f"{split}.bin")
+        if not os.path.exists(path):
+            prepare = os.path.join("data", name, "prepare.py")
+            raise UserError(f"dataset {name!r} has no {split}.bin in {data_dir}: "
+                            f"run `python {prepare}` first")
+        splits[split] = np.memmap(path, dtype=dtype, mode="r")
+        if len(splits[split]) <= block_size:
+            raise UserError(f"{split}.bin of {name!r} has {len(splits[split])} tokens, "
+                            f"not more than block_size={block_size}: lower --block_size")
+    return splits, meta
+
+
+def main():
+    cfg = configure(globals())
+    check_config(cfg)
+
+    # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    dev, device_type, precision, autocast = hardware.setup(device, dtype)
+    accum_steps = gradient_accumulation_steps
+    if ddp:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        init_process_group(backend=backend or ("nccl" if device_type == "cuda" else "gloo"))
+        if device_type == "cuda":
+            dev = f"cuda:{local_rank}"
+            torch.cuda.set_device(dev)
+        if accum_steps % world_size != 0:
+            raise UserError(f"gradient_accumulation_steps ({accum_steps}) must be divisible "
+                            f"by the number of processes ({world_size})")
+        accum_steps //= world_size  # each process does its share of the micro-steps
+    else:
+        rank, world_size = 0, 1
+    master = rank == 0  # only this process logs, evaluates and writes checkpoints
+    tokens_per_iter = accum_steps * world_size * batch_size * block_size
+
+    use_compile = compile if compile is not None else device_type == "cuda"
+    torch.manual_seed(seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    splits, meta = open_dataset(dataset, block_size)
+
+    # the model: new, or restored from out_dir/ckpt.pt with its optimizer and counters
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                      bias=bias, vocab_size=meta.get("vocab_size", 50304), dropout=dropout)
+    iter_num, best_val_loss, checkpoint = 0, float("inf"), None
+    if init_from == "resume":
+        checkpoint = load_checkpoint(ckpt_path, map_location=dev)
+        for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size"):
+            model_args[k] = checkpoint["model_args"][k]  # the architecture is the checkpoint's
+        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    model = GPT(GPTConfig(**model_args))
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    model.to(dev)
+    if master:
+        print(f"{model.get_num_params() / 1e6:.2f}M parameters; {tokens_per_iter:,} tokens per "
+              f"iteration; device {dev}, {precision}, compile={use_compile}")
+
+    # float16 needs loss scaling to keep small gradients from flushing to zero
+    scaler = torch.amp.GradScaler(device_type, enabled=(precision == "float16"))
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+    # batches are drawn from their own generator so its state can be saved and resumed
+    sampler = torch.Generator().manual_seed(seed + rank)
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if "sampler" in checkpoint:
+            sampler.set_state(checkpoint["sampler"])
+            torch.set_rng_state(checkpoint["torch_rng"])
+    checkpoint = None  # free the memory
+
+    raw_model = model
+    if use_compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[int(dev.split(":")[1])] if device_type == "cuda" else None)
+
+    def get_batch(split, generator):
+        """batch_size random windows of block_size + 1 tokens: inputs and shifted targets."""
+        data = splits[split]
+        starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+        windows = data[starts.numpy()[:, None] + np.arange(block_size + 1)]
+        windows = torch.from_numpy(windows.astype(np.int64))
+        x, y = windows[:, :-1], windows[:, 1:]
+        if device_type == "cuda":  # pinned memory lets the copy overlap with compute
+            return x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
+        return x.to(dev), y.to(dev)
+
+    @torch.no_grad()
+    def estimate_loss():
+        """Mean loss over eval_iters batches of each split; the same batches every time,
+        so successive evaluations are comparable."""
+        out = {}
+        model.eval()
+        for split in ("train", "val"):
+            generator = torch.Generator().manual_seed(seed)
+            losses = torch.zeros(eval_iters)
+            for k in range(eval_iters):
+                X, Y = get_batch(split, generator)
+                with autocast:
+                    _, loss = model(X, Y)
+                losses[k] = loss.item()
+            out[split] = losses.mean().item()
+        model.train()
+        return out
+
+    def get_lr(it):
+        if not decay_lr:
+            return learning_rate
+        if it < warmup_iters:
+            return learning_rate * (it + 1) / (warmup_iters + 1)
+        if it > lr_decay_iters:
+            return min_lr
+        ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+    def save(val_loss):
+        save_checkpoint({
+            "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "model_args": model_args,
+            "iter_num": iter_num,
+            "best_val_loss": best_val_loss,
+            "val_loss": val_loss,
+            "config": cfg,
+            "tokenizer": meta.get("tokenizer"),
+            "sampler": sampler.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }, ckpt_path)
+
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        if wandb_log:
+            import wandb
+            wandb.init(project=wandb_project, name=wandb_run_name, config=cfg)
+
+    peak = peak_flops or hardware.PEAK_FLOPS[device_type]
+    start_iter = iter_num
+    t0 = time.time()
+    while True:
+        lr = get_lr(iter_num)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # evaluate, and save a checkpoint; not again at the iteration a resumed run starts from
+        at_eval = iter_num % eval_interval == 0 or iter_num == max_iters
+        if master and at_eval and (iter_num != start_iter or iter_num == 0 or eval_only):
+            losses = estimate_loss()
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if wandb_log:
+                wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+            improved = losses["val"] < best_val_loss
+            best_val_loss = min(best_val_loss, losses["val"])
+            if iter_num > 0 and (improved or always_save_checkpoint):
+                print(f"saving checkpoint to {out_dir}")
+                save(losses["val"])
+        if eval_only or iter_num >= max_iters:
+            break
+
+        # forward, backward and update, accumulating gradients over micro-steps; under DDP
+        # the gradients are all-reduced only on the last micro-step
+        for micro_step in range(accum_steps):
+            last = micro_step == accum_steps - 1
+            with (model.no_sync() if ddp and not last else nullcontext()):
+                X, Y = get_batch("train", sampler)
+                with autocast:
+                    _, loss = model(X, Y)
+                    loss = loss / accum_steps  # the gradients sum: scale so they average
+                scaler.scale(loss).backward()
+        if grad_clip != 0.0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        iter_num += 1
+        if iter_num % log_interval == 0 and master:
+            lossf = loss.item() * accum_steps  # the last micro-step's loss, as an estimate
+            if not math.isfinite(lossf):
+                raise SystemExit(f"error: loss became {lossf} at iteration {iter_num}; stopping "
+                                 "without saving (try a lower learning_rate or grad_clip)")
+            t1 = time.time()
+            dt = (t1 - t0) / log_interval
+            t0 = t1
+            tok_s = tokens_per_iter / dt
+            mfu = raw_model.estimate_mfu(tok_s / world_size, peak)
+            eta = (max_iters - iter_num) * dt
+            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
+                  f"{tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {eta / 60:.1f} min", flush=True)
+
+    if ddp:
+        destroy_process_group()
+
+
+if __name__ == "__main__":
+    run(main)
