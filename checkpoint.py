@@ -10,6 +10,7 @@ of one. Loading uses torch.load(weights_only=True), which refuses anything but
 tensors and plain containers.
 """
 
+import glob
 import os
 import pickle
 import zipfile
@@ -20,6 +21,9 @@ from configurator import UserError
 
 
 def save_checkpoint(obj, path):
+    # a process killed while writing leaves its temp file behind: clear those first
+    for stale in glob.glob(glob.escape(path) + ".tmp.*"):
+        os.remove(stale)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:

@@ -14,19 +14,21 @@ Every setting below can be changed by a config file and by --key=value;
 import json
 import math
 import os
-import sys
+import signal
 import time
 from contextlib import nullcontext
 
 import numpy as np
 import torch
-from torch.distributed import destroy_process_group, init_process_group
+from torch.distributed import ReduceOp, all_reduce, destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hardware
 from checkpoint import load_checkpoint, save_checkpoint
 from configurator import UserError, configure, run
 from model import GPT, GPTConfig
+from pretrained import load_pretrained
+from runlog import RunLog
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -39,7 +41,7 @@ log_interval = 1
 eval_iters = 200
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # save at every eval, not only when val loss improves
-init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or pretrained: gpt2 ... gpt2-xl, a hub id, a folder
 # wandb logging
 wandb_log = False
 wandb_project = "owt"
@@ -80,8 +82,9 @@ def check_config(cfg):
     """Reject settings that cannot work, before anything is written."""
     if cfg["n_embd"] % cfg["n_head"] != 0:
         raise UserError(f"n_embd ({cfg['n_embd']}) must be divisible by n_head ({cfg['n_head']})")
-    if cfg["init_from"] not in ("scratch", "resume"):
-        raise UserError(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
+    if not cfg["init_from"]:
+        raise UserError("init_from must be 'scratch', 'resume', a GPT-2 size (gpt2 ... gpt2-xl), "
+                        "a hub id or a model folder")
     if cfg["compile"] not in (None, True, False):
         raise UserError(f"compile must be True or False, got {cfg['compile']!r}")
     for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd",
@@ -148,17 +151,29 @@ def main():
 
     splits, meta = open_dataset(dataset, block_size)
 
-    # the model: new, or restored from out_dir/ckpt.pt with its optimizer and counters
+    # the model: new, restored from out_dir/ckpt.pt with its optimizer and counters, or
+    # pretrained (GPT-2, a hub id, a folder, a nanoGPT run), which brings its own tokenizer
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                       bias=bias, vocab_size=meta.get("vocab_size", 50304), dropout=dropout)
+    tokenizer_spec = meta.get("tokenizer")
     iter_num, best_val_loss, checkpoint = 0, float("inf"), None
     if init_from == "resume":
         checkpoint = load_checkpoint(ckpt_path, map_location=dev)
         for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size"):
             model_args[k] = checkpoint["model_args"][k]  # the architecture is the checkpoint's
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-    model = GPT(GPTConfig(**model_args))
+        tokenizer_spec = checkpoint.get("tokenizer") or tokenizer_spec
+    if init_from in ("scratch", "resume"):
+        model = GPT(GPTConfig(**model_args))
+    else:
+        # the architecture is the pretrained model's; dropout applies, block_size crops
+        model, tokenizer = load_pretrained(init_from, device=dev, dropout=dropout, block_size=block_size)
+        model_args = {k: getattr(model.config, k) for k in model_args}
+        tokenizer_spec = tokenizer.spec()
+        if meta.get("vocab_size", 0) > model.config.vocab_size:
+            raise UserError(f"dataset {dataset!r} has {meta['vocab_size']} token ids, more than the "
+                            f"{model.config.vocab_size} of {init_from}: prepare it with the model's tokenizer")
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
     model.to(dev)
@@ -169,13 +184,16 @@ def main():
     # float16 needs loss scaling to keep small gradients from flushing to zero
     scaler = torch.amp.GradScaler(device_type, enabled=(precision == "float16"))
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-    # batches are drawn from their own generator so its state can be saved and resumed
-    sampler = torch.Generator().manual_seed(seed + rank)
+    # batches are drawn from their own generator so its state can be saved and resumed;
+    # the same seed on every process, which each takes its own rows of the global batch
+    sampler = torch.Generator().manual_seed(seed)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         if "sampler" in checkpoint:
             sampler.set_state(checkpoint["sampler"])
             torch.set_rng_state(checkpoint["torch_rng"])
+            if device_type == "cuda" and checkpoint["cuda_rng"]:
+                torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
     checkpoint = None  # free the memory
 
     raw_model = model
@@ -184,10 +202,13 @@ def main():
     if ddp:
         model = DDP(model, device_ids=[int(dev.split(":")[1])] if device_type == "cuda" else None)
 
-    def get_batch(split, generator):
-        """batch_size random windows of block_size + 1 tokens: inputs and shifted targets."""
+    def get_batch(split, generator, n_rows=batch_size, rows=slice(None)):
+        """Random windows of block_size + 1 tokens, split into inputs and shifted targets.
+        Training draws the global batch (every process draws the same starts) and keeps this
+        process's rows, so N processes see exactly the batch one process would with N times
+        the batch_size."""
         data = splits[split]
-        starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+        starts = torch.randint(len(data) - block_size, (n_rows,), generator=generator)[rows]
         windows = data[starts.numpy()[:, None] + np.arange(block_size + 1)]
         windows = torch.from_numpy(windows.astype(np.int64))
         x, y = windows[:, :-1], windows[:, 1:]
@@ -198,19 +219,20 @@ def main():
     @torch.no_grad()
     def estimate_loss():
         """Mean loss over eval_iters batches of each split; the same batches every time,
-        so successive evaluations are comparable."""
+        so successive evaluations compare. Runs on the master only, without DDP."""
+        local_model = model.module if ddp else model
+        local_model.eval()
         out = {}
-        model.eval()
         for split in ("train", "val"):
             generator = torch.Generator().manual_seed(seed)
             losses = torch.zeros(eval_iters)
             for k in range(eval_iters):
                 X, Y = get_batch(split, generator)
                 with autocast:
-                    _, loss = model(X, Y)
+                    _, loss = local_model(X, Y)
                 losses[k] = loss.item()
             out[split] = losses.mean().item()
-        model.train()
+        local_model.train()
         return out
 
     def get_lr(it):
@@ -232,20 +254,24 @@ def main():
             "best_val_loss": best_val_loss,
             "val_loss": val_loss,
             "config": cfg,
-            "tokenizer": meta.get("tokenizer"),
+            "tokenizer": tokenizer_spec,
+            # everything random that is still to come, for a bit-exact resume
             "sampler": sampler.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if device_type == "cuda" else [],
         }, ckpt_path)
 
+    runlog = None
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        if wandb_log:
-            import wandb
-            wandb.init(project=wandb_project, name=wandb_run_name, config=cfg)
+        wandb_config = (wandb_project, wandb_run_name, cfg) if wandb_log else None
+        runlog = RunLog(out_dir, wandb_config, resume=init_from == "resume")
 
+    # Ctrl-C asks the run to stop at the end of the current iteration, where the state is
+    # whole, and save it; a second Ctrl-C stops at once
+    stop = StopFlag()
     peak = peak_flops or hardware.PEAK_FLOPS[device_type]
-    start_iter = iter_num
-    t0 = time.time()
+    start_iter, train_time, run_start = iter_num, 0.0, time.time()
     while True:
         lr = get_lr(iter_num)
         for group in optimizer.param_groups:
@@ -256,8 +282,11 @@ def main():
         if master and at_eval and (iter_num != start_iter or iter_num == 0 or eval_only):
             losses = estimate_loss()
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            if wandb_log:
-                wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+            runlog.log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                        "lr": lr, "elapsed": time.time() - run_start})
+            if not math.isfinite(losses["val"]):
+                raise SystemExit(f"error: val loss is {losses['val']} at iteration {iter_num}; "
+                                 f"stopping, {ckpt_path} left as it was (try a lower learning_rate)")
             improved = losses["val"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val"])
             if iter_num > 0 and (improved or always_save_checkpoint):
@@ -265,13 +294,21 @@ def main():
                 save(losses["val"])
         if eval_only or iter_num >= max_iters:
             break
+        if stop.requested(ddp):
+            if master:
+                save(None)
+                print(f"interrupted: saved iteration {iter_num} to {ckpt_path}; "
+                      "continue with --init_from=resume")
+            break
 
         # forward, backward and update, accumulating gradients over micro-steps; under DDP
         # the gradients are all-reduced only on the last micro-step
+        t0 = time.time()
+        shard = slice(rank * batch_size, (rank + 1) * batch_size)
         for micro_step in range(accum_steps):
             last = micro_step == accum_steps - 1
             with (model.no_sync() if ddp and not last else nullcontext()):
-                X, Y = get_batch("train", sampler)
+                X, Y = get_batch("train", sampler, batch_size * world_size, shard)
                 with autocast:
                     _, loss = model(X, Y)
                     loss = loss / accum_steps  # the gradients sum: scale so they average
@@ -282,24 +319,57 @@ def main():
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-
         iter_num += 1
-        if iter_num % log_interval == 0 and master:
-            lossf = loss.item() * accum_steps  # the last micro-step's loss, as an estimate
+
+        if iter_num % log_interval == 0:
+            # the last micro-step's loss (averaged over processes) as an estimate of the batch's
+            lossf = loss.detach().float() * accum_steps
+            if ddp:
+                all_reduce(lossf, op=ReduceOp.AVG)
+            lossf = lossf.item()
+            train_time += time.time() - t0
             if not math.isfinite(lossf):
                 raise SystemExit(f"error: loss became {lossf} at iteration {iter_num}; stopping "
-                                 "without saving (try a lower learning_rate or grad_clip)")
-            t1 = time.time()
-            dt = (t1 - t0) / log_interval
-            t0 = t1
-            tok_s = tokens_per_iter / dt
-            mfu = raw_model.estimate_mfu(tok_s / world_size, peak)
-            eta = (max_iters - iter_num) * dt
-            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
-                  f"{tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {eta / 60:.1f} min", flush=True)
+                                 f"without saving, {ckpt_path} left as it was (try a lower learning_rate)")
+            if master:
+                dt = train_time / log_interval
+                tok_s = tokens_per_iter / dt
+                mfu = raw_model.estimate_mfu(tok_s / world_size, peak)
+                eta = (max_iters - iter_num) * dt
+                print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
+                      f"{tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {eta / 60:.1f} min", flush=True)
+                runlog.log({"iter": iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000,
+                            "tok_s": tok_s, "mfu": mfu, "elapsed": time.time() - run_start})
+            train_time = 0.0
+        else:
+            train_time += time.time() - t0
 
+    if runlog is not None:
+        runlog.finish()
     if ddp:
         destroy_process_group()
+
+
+class StopFlag:
+    """Turns the first Ctrl-C (SIGINT) into a request to stop at the next safe point."""
+
+    def __init__(self):
+        self.flag = False
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+        print("\nstopping after this iteration (Ctrl-C again to quit at once)", flush=True)
+
+    def requested(self, ddp):
+        if not ddp:
+            return self.flag
+        # every process must stop at the same iteration, whichever one was interrupted
+        flag = torch.tensor(float(self.flag))
+        all_reduce(flag, op=ReduceOp.MAX)
+        return bool(flag.item())
 
 
 if __name__ == "__main__":

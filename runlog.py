@@ -1,0 +1,69 @@
+"""
+Where a training run's numbers go, so people can see how it stands:
+
+- out_dir/metrics.jsonl  one JSON object per logged iteration or evaluation, appended
+- out_dir/loss.png       train and val loss against iterations, redrawn at each evaluation
+- wandb                  the same numbers, when wandb_log=True (WANDB_MODE=offline works)
+
+Only the master process of a distributed run makes a RunLog.
+"""
+
+import json
+import os
+
+
+class RunLog:
+
+    def __init__(self, out_dir, wandb_config=None, resume=False):
+        self.out_dir = out_dir
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        self.plot_path = os.path.join(out_dir, "loss.png")
+        if not resume and os.path.exists(self.metrics_path):
+            os.remove(self.metrics_path)  # a new run starts a new record
+        self.wandb = None
+        if wandb_config is not None:
+            import wandb  # only needed when asked for
+            project, name, config = wandb_config
+            self.wandb = wandb.init(project=project, name=name, config=config, dir=out_dir)
+
+    def log(self, record):
+        """Append one record, e.g. {"iter": 10, "loss": 2.3, "lr": 1e-3}."""
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["iter"])
+        if "val_loss" in record:
+            self.plot()
+
+    def read(self):
+        with open(self.metrics_path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def plot(self):
+        import matplotlib
+        matplotlib.use("Agg")  # draw to a file, no screen needed
+        import matplotlib.pyplot as plt
+
+        records = self.read()
+        steps = [r for r in records if "loss" in r]
+        evals = [r for r in records if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps],
+                color="tab:blue", alpha=0.35, linewidth=0.8, label="train (batch)")
+        ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals],
+                color="tab:blue", marker="o", markersize=3, label="train (eval)")
+        ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals],
+                color="tab:orange", marker="o", markersize=3, label="val")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = f"{self.plot_path}.tmp.{os.getpid()}.png"
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, self.plot_path)
+
+    def finish(self):
+        if self.wandb is not None:
+            self.wandb.finish()

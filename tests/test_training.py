@@ -1,0 +1,142 @@
+"""Training at scale and under faults: DDP, exact resume, SIGKILL, NaN, Ctrl-C, run logs."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, run_script
+
+RUN = [*TINY, "--eval_interval=10", "--lr_decay_iters=40", "--min_lr=3e-4"]
+
+
+def weights(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
+
+
+def train(out_dir, dataset, *args):
+    result = run_script("train.py", *RUN, f"--dataset={dataset}", f"--out_dir={out_dir}", *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def train_losses(stdout):
+    return [float(line.split("loss ")[1].split(",")[0]) for line in stdout.splitlines()
+            if line.startswith("iter ")]
+
+
+def test_two_process_ddp_matches_one_process_with_twice_the_batch(char_dataset, tmp_path):
+    one = train(tmp_path / "one", char_dataset, "--batch_size=8", "--max_iters=20")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "train.py", *RUN, f"--dataset={char_dataset}", f"--out_dir={tmp_path / 'two'}",
+           "--batch_size=4", "--gradient_accumulation_steps=2", "--max_iters=20"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr
+    # one process logs, evaluates and writes the checkpoint
+    assert two.stdout.count("saving checkpoint") == one.count("saving checkpoint") == 2
+    # the logged loss is averaged over the processes: the loss of the whole batch
+    assert len(train_losses(one)) == 4
+    assert train_losses(two.stdout) == pytest.approx(train_losses(one), abs=2e-4)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_is_bitwise_identical(char_dataset, tmp_path):
+    # dropout > 0: the resumed run must also restore the random state dropout draws from
+    args = ["--dropout=0.1", "--always_save_checkpoint=True"]
+    train(tmp_path / "whole", char_dataset, *args, "--max_iters=30")
+    train(tmp_path / "split", char_dataset, *args, "--max_iters=10")
+    train(tmp_path / "split", char_dataset, *args, "--max_iters=30", "--init_from=resume")
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_ctrl_c_saves_and_resume_is_bitwise_identical(char_dataset, tmp_path):
+    args = [*RUN, f"--dataset={char_dataset}", "--dropout=0.1", "--max_iters=60", "--log_interval=1"]
+    train(tmp_path / "whole", char_dataset, *args[len(RUN) + 1:])
+    out = tmp_path / "split"
+    proc = subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={out}"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("iter 17:"):
+            proc.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "interrupted: saved iteration" in stdout
+    stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
+    assert 17 <= stopped_at < 60
+    train(out, char_dataset, *args[len(RUN) + 1:], "--init_from=resume")
+    a, b = weights(tmp_path / "whole"), weights(out)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(char_dataset, tmp_path):
+    # a model of a few MB, saved at every iteration: most of the run is spent writing
+    out = tmp_path / "out"
+    args = [*RUN, f"--dataset={char_dataset}", f"--out_dir={out}", "--n_embd=256", "--n_head=4",
+            "--eval_interval=1", "--eval_iters=1", "--max_iters=100000", "--log_interval=1000"]
+    rng = random.Random(0)
+    for trial in range(8):
+        resume = ["--init_from=resume"] if (out / "ckpt.pt").exists() else []
+        proc = subprocess.Popen([sys.executable, "train.py", *args, *resume], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for line in proc.stdout:
+            if line.startswith("saving checkpoint"):
+                break
+        time.sleep(rng.uniform(0.0, 0.5))  # somewhere in a later save, or between saves
+        proc.kill()
+        proc.wait()
+        ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+        assert ckpt["iter_num"] >= 1 and ckpt["model"] and ckpt["optimizer"]["state"]
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_checkpoint(trained, tmp_path, monkeypatch):
+    import shutil
+
+    import model as model_module
+    import train as train_module
+
+    out = tmp_path / "out"
+    shutil.copytree(trained[0], out)
+    before = (out / "ckpt.pt").read_bytes()
+    forward = model_module.GPT.forward
+    calls = []
+
+    def poisoned(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        calls.append(1)
+        if self.training and len(calls) > 3:
+            loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(model_module.GPT, "forward", poisoned)
+    dataset = torch.load(out / "ckpt.pt", weights_only=True)["config"]["dataset"]
+    monkeypatch.setattr(sys, "argv", ["train.py", *RUN, f"--dataset={dataset}", f"--out_dir={out}",
+                                      "--init_from=resume", "--max_iters=60", "--eval_interval=5",
+                                      "--log_interval=1", "--always_save_checkpoint=True"])
+    with pytest.raises(SystemExit, match="loss became nan"):
+        train_module.main()
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+def test_run_logs_metrics_plot_and_offline_wandb(char_dataset, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    stdout = train(out, char_dataset, "--max_iters=20", "--wandb_log=True", "--wandb_project=test")
+    assert "eta" in stdout and "tok/s" in stdout and "mfu" in stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if "val_loss" in r] == [0, 10, 20]
+    assert [r["iter"] for r in records if "loss" in r] == [5, 10, 15, 20]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = [d for d in os.listdir(out / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1 and os.listdir(out / "wandb" / runs[0])
