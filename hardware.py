@@ -32,6 +32,14 @@ def default_dtype(device_type):
     return "float32"
 
 
+def synchronize(device):
+    """Wait for the device's queued work, so wall-clock timings mean something."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+    elif str(device) == "mps":
+        torch.mps.synchronize()
+
+
 def setup(device, dtype):
     """Resolve device=None / dtype=None to the best choice for this machine.
     Returns (device, device_type, dtype name, autocast context)."""

@@ -1,0 +1,124 @@
+"""
+Time the training step alone (forward, backward, optimizer) on synthetic data:
+
+$ python bench.py config/train_shakespeare_char.py            # one setting
+$ python bench.py config/train_shakespeare_char.py --compare=True
+
+--compare=True runs the same model under each precision and compile choice of the device,
+and the same shape as Hugging Face's GPT2LMHeadModel (when transformers is installed), in one
+process, and prints each one's speed relative to the first. MFU is reported against the fp32
+matmul peak measured on this machine in the same run.
+"""
+
+import time
+
+import torch
+
+import hardware
+from configurator import configure, run
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+batch_size = 12
+block_size = 1024
+n_layer = 12
+n_head = 12
+n_embd = 768
+vocab_size = 50304
+bias = False
+dropout = 0.0
+device = None
+dtype = None
+compile = False
+steps = 10  # timed steps, after warmup_steps untimed ones
+warmup_steps = 3
+compare = False  # time every precision x compile choice, and transformers' GPT-2
+# -----------------------------------------------------------------------------
+
+
+def measure_matmul_peak(dev, size=4096, repeats=10):
+    """The fp32 matmul FLOP/s this device reaches: the ceiling MFU is measured against."""
+    a = torch.randn(size, size, device=dev)
+    b = torch.randn(size, size, device=dev)
+    for _ in range(3):
+        a @ b
+    hardware.synchronize(dev)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    hardware.synchronize(dev)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - t)
+
+
+def time_steps(model, loss_fn, dev, autocast):
+    """Seconds per optimizer step on random tokens; loss_fn(x, y) runs the forward pass."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(vocab_size, (batch_size, block_size), device=dev)
+    y = torch.randint(vocab_size, (batch_size, block_size), device=dev)
+    for i in range(warmup_steps + steps):
+        if i == warmup_steps:
+            hardware.synchronize(dev)
+            t = time.perf_counter()
+        with autocast:
+            loss = loss_fn(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    hardware.synchronize(dev)
+    return (time.perf_counter() - t) / steps
+
+
+def ours(config, precision, use_compile):
+    torch.manual_seed(0)
+    model = GPT(config)
+    step = torch.compile(model) if use_compile else model
+    return f"ours {precision}, compile={use_compile}", precision, model, lambda x, y: step(x, y)[1]
+
+
+def transformers_gpt2(config):
+    """Hugging Face's GPT-2 of the same shape (fp32, its SDPA attention), or None."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return None
+    hf_config = GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size,
+                           n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
+                           resid_pdrop=config.dropout, embd_pdrop=config.dropout,
+                           attn_pdrop=config.dropout, attn_implementation="sdpa",
+                           bos_token_id=None, eos_token_id=None)
+    model = GPT2LMHeadModel(hf_config)
+    return "transformers GPT-2 float32", "float32", model, lambda x, y: model(input_ids=x, labels=y).loss
+
+
+def main():
+    configure(globals())
+    dev, device_type, precision, _ = hardware.setup(device, dtype)
+    config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer,
+                       n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias)
+    peak = measure_matmul_peak(dev)
+    flops_per_token = GPT(config).flops_per_token()
+    tokens = batch_size * block_size
+    print(f"{device_type}, {torch.get_num_threads()} threads: fp32 matmul peak {peak / 1e9:,.0f} GFLOP/s; "
+          f"{flops_per_token * tokens / 1e9:,.1f} GFLOP per iteration")
+
+    if compare:
+        precisions = ["float32", "bfloat16", "float16"]
+        runs = [ours(config, p, c) for c in (False, True) for p in precisions]
+        runs.append(transformers_gpt2(config) or ("transformers not installed", None, None, None))
+    else:
+        runs = [ours(config, precision, compile)]
+    baseline = None
+    for name, run_precision, model, loss_fn in runs:
+        if model is None:
+            print(name)
+            continue
+        model.to(dev).train()
+        dt = time_steps(model, loss_fn, dev, hardware.setup(dev, run_precision)[3])
+        baseline = baseline or dt
+        mfu = flops_per_token * tokens / dt / peak
+        print(f"{name:34s} {dt * 1000:9.1f} ms/iter {tokens / dt:9,.0f} tok/s  mfu {mfu * 100:5.1f}%  "
+              f"speed x{baseline / dt:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    run(main)
