@@ -3,9 +3,14 @@ Tokenizers, described by a small JSON-able spec so a checkpoint can carry its ow
 
     {"kind": "char", "chars": "\\n !$&',-.3:;?ABC..."}   # a character vocabulary
     {"kind": "tiktoken", "name": "gpt2"}                  # a tiktoken encoding
+    {"kind": "tokenizers", "json": "{...}"}               # a Hugging Face tokenizer.json
 
 `load_tokenizer(spec)` turns a spec back into an object with encode/decode.
+The tokenizer.json is embedded whole, so a model fine-tuned from a hub
+checkpoint samples without the hub.
 """
+
+import unicodedata
 
 from configurator import UserError
 
@@ -42,9 +47,16 @@ class TiktokenTokenizer:
     """A byte-pair encoding from tiktoken, e.g. GPT-2's."""
 
     def __init__(self, name):
+        import requests
         import tiktoken
         self.name = name
-        self.enc = tiktoken.get_encoding(name)
+        try:
+            self.enc = tiktoken.get_encoding(name)
+        except (requests.RequestException, OSError) as e:
+            # tiktoken downloads an encoding's files on first use, then caches them
+            raise UserError(f"cannot get tiktoken's {name!r} encoding ({type(e).__name__}): "
+                            "connect to the internet once, or set TIKTOKEN_CACHE_DIR to a folder "
+                            "with its files") from None
         self.vocab_size = self.enc.n_vocab
         self.eot_token = self.enc.eot_token
 
@@ -58,10 +70,75 @@ class TiktokenTokenizer:
         return self.enc.decode(ids)
 
 
+class HFTokenizer:
+    """A tokenizer of the `tokenizers` library: a model's tokenizer.json, or a BERT vocab.txt."""
+
+    def __init__(self, json_text):
+        from tokenizers import Tokenizer, models
+        try:
+            self.tok = Tokenizer.from_str(json_text)
+        except Exception as e:  # the library raises a bare Exception for a malformed tokenizer.json
+            reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            raise UserError(f"the tokenizer.json is unreadable ({reason})") from None
+        self.vocab_size = self.tok.get_vocab_size()
+        self.eot_token = self.tok.token_to_id("<|endoftext|>")  # None in vocabularies without it
+        self.wordpiece = isinstance(self.tok.model, models.WordPiece)
+
+    @classmethod
+    def from_file(cls, path):
+        with open(path, encoding="utf-8") as f:
+            return cls(f.read())
+
+    @classmethod
+    def from_bert_vocab(cls, path, lowercase=True):
+        """BERT's WordPiece tokenizer from its vocab.txt (one token per line, the id is the line
+        number), set up as transformers' BertTokenizer is: the GPT-2-architecture Chinese models
+        on the hub (e.g. uer/gpt2-chinese-*) ship only this."""
+        from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+        with open(path, encoding="utf-8") as f:
+            vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+        tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+        # BERT's cleanup: lowercase (optional), split off punctuation and every CJK character
+        tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab])
+        return cls(tok.to_str())
+
+    def spec(self):
+        return {"kind": "tokenizers", "json": self.tok.to_str()}
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        if not self.wordpiece:
+            return self.tok.decode(ids)
+        # WordPiece's own decoder puts a space between all tokens, so Chinese comes out as
+        # "这 是 ..."; join the pieces ourselves and put no space next to a wide (CJK) character
+        special = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
+        text = ""
+        for piece in (self.tok.id_to_token(i) for i in ids):
+            if piece is None or piece in special:
+                continue
+            if piece.startswith("##"):
+                text += piece[2:]  # the rest of the word begun by the previous piece
+            elif text and not (_wide(text[-1]) or _wide(piece[0])):
+                text += " " + piece
+            else:
+                text += piece
+        return text
+
+
+def _wide(ch):
+    return unicodedata.east_asian_width(ch) in ("W", "F")
+
+
 def load_tokenizer(spec):
     kind = spec.get("kind") if isinstance(spec, dict) else None
     if kind == "char":
         return CharTokenizer(spec["chars"])
     if kind == "tiktoken":
         return TiktokenTokenizer(spec["name"])
+    if kind == "tokenizers":
+        return HFTokenizer(spec["json"])
     raise UserError(f"unknown tokenizer spec {spec!r}")

@@ -170,17 +170,23 @@ def fetch_text(input_path="", cache_dir=HERE):
     return text, SDIST_SOURCE
 
 
-def write_dataset(text, out_dir, source=""):
-    """Encode text char by char, split 90/10, write train.bin, val.bin, meta.json; return meta."""
+def write_dataset(text, out_dir, source="", tokenizer=None):
+    """Encode text (char by char, unless another tokenizer is given), split 90/10, write
+    train.bin, val.bin, meta.json; return meta. data/shakespeare/prepare.py uses it with GPT-2's BPE."""
     if not text:
         raise UserError(f"{source or 'the text'} is empty: there is nothing to train on")
-    tokenizer = CharTokenizer.from_text(text)
-    if tokenizer.vocab_size > 2**16:
-        raise UserError(f"{tokenizer.vocab_size} distinct characters do not fit in uint16 token ids")
-    ids = np.array(tokenizer.encode(text), dtype=np.uint16)
-    n = int(len(ids) * 0.9)
-    train_ids, val_ids = ids[:n], ids[n:]
-    meta = {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.spec(), "dtype": "uint16",
+    tokenizer = tokenizer or CharTokenizer.from_text(text)
+    # split the text, then encode: every tokenizer gets the same validation text
+    n = int(len(text) * 0.9)
+    return save_dataset(out_dir, tokenizer, tokenizer.encode(text[:n]), tokenizer.encode(text[n:]), source)
+
+
+def save_dataset(out_dir, tokenizer, train_ids, val_ids, source=""):
+    """Write train.bin and val.bin (token ids as uint16, or uint32 for a vocabulary too big for
+    that; meta.json says which) and meta.json; return meta. data/text/prepare.py uses it too."""
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+    train_ids, val_ids = np.asarray(train_ids, dtype=dtype), np.asarray(val_ids, dtype=dtype)
+    meta = {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.spec(), "dtype": dtype.name,
             "source": source, "train_tokens": len(train_ids), "val_tokens": len(val_ids)}
     try:
         os.makedirs(out_dir, exist_ok=True)

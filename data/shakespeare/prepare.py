@@ -1,0 +1,48 @@
+"""
+Prepare the tiny Shakespeare dataset in GPT-2's byte-pair encoding (tiktoken's "gpt2"), to
+fine-tune GPT-2 on it (config/finetune_shakespeare.py) or to evaluate GPT-2 (config/eval_gpt2*.py).
+
+    python data/shakespeare/prepare.py                          # download it
+    python data/shakespeare/prepare.py --input=path/to/text.txt  # or use a local file
+
+The text (with the same fallback when there is no network) and the 90/10 split are those of
+data/shakespeare_char/prepare.py, whose code does the work: train.bin and val.bin hold GPT-2
+token ids as uint16, meta.json the tokenizer spec.
+"""
+
+import importlib.util
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, wherever we run from
+
+from configurator import configure, run  # noqa: E402
+from tokenizer import TiktokenTokenizer  # noqa: E402
+
+# -----------------------------------------------------------------------------
+input = ""    # a local text file to use; empty means download tinyshakespeare
+out_dir = ""  # where train.bin, val.bin and meta.json go; empty means this folder
+# -----------------------------------------------------------------------------
+
+
+def char_prepare():
+    """data/shakespeare_char/prepare.py as a module (data/ is not a package)."""
+    path = os.path.join(os.path.dirname(HERE), "shakespeare_char", "prepare.py")
+    spec = importlib.util.spec_from_file_location("shakespeare_char_prepare", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main():
+    configure(globals())
+    shared = char_prepare()
+    text, source = shared.fetch_text(input, cache_dir=HERE)
+    meta = shared.write_dataset(text, out_dir or HERE, source, tokenizer=TiktokenTokenizer("gpt2"))
+    print(f"source: {source} ({len(text):,} characters)")
+    print(f"train has {meta['train_tokens']:,} GPT-2 tokens, val has {meta['val_tokens']:,}")
+
+
+if __name__ == "__main__":
+    run(main)
