@@ -1,86 +1,178 @@
 """
-Sample from a trained model:
+Sample from a trained model, or from pretrained GPT-2 weights:
 
 $ python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --temperature=0.8 --top_k=50
+$ python sample.py --init_from=gpt2 --start="The meaning of life is" --top_p=0.9 --num_samples=3
+$ python sample.py --init_from=gpt2 --start=FILE:prompts.txt --temperature=0 --stop=.    # one sentence each
+$ python sample.py --init_from=gpt2 --num_beams=5 --temperature=0 --num_samples=1 --num_return_sequences=3
 
+Decoding is engine.py's: a KV cache, Hugging Face's decoding options, and every sample of every
+prompt in one batch. A lone sample is printed as it is produced.
 The checkpoint carries its tokenizer, so no data folder is needed.
 `python sample.py --help` lists every setting.
 """
 
+import json
 import os
+
 import torch
 
+import engine
 import hardware
-from checkpoint import load_checkpoint
+import lora
 from configurator import UserError, configure, run
-from model import GPT, GPTConfig
-from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
-init_from = "resume"  # 'resume' loads out_dir/ckpt.pt
+init_from = "resume"  # 'resume' loads out_dir/ckpt.pt; or gpt2 ... gpt2-xl, a hub id, a folder, a nanoGPT ckpt.pt
 out_dir = "out"
-start = "\n"  # the prompt; "FILE:prompt.txt" reads it from a file
-num_samples = 10
+start = "\n"  # the prompt; "FILE:prompts.txt" has one prompt a line, "FILE:prompts.jsonl" one JSON string a line
+num_samples = 10  # samples per prompt, drawn together as one batch
 max_new_tokens = 500
 temperature = 0.8  # 1.0 samples the model's distribution, lower is more conservative, 0 is greedy
-top_k = 200  # keep only the top_k most likely tokens; None keeps all
+top_k = 200  # sample from the top_k most likely tokens only; None or 0 keeps all
+top_p = 1.0  # ... from the most likely tokens whose probabilities add up to top_p (nucleus)
+min_p = 0.0  # ... from tokens at least min_p times as likely as the most likely one
+repetition_penalty = 1.0  # > 1 makes tokens already in the text less likely (Hugging Face's)
+presence_penalty = 0.0  # OpenAI's: subtracted from the logit of every token generated so far
+frequency_penalty = 0.0  # OpenAI's: subtracted once per time the token was generated
+no_repeat_ngram_size = 0  # n > 0: no n tokens in a row appear twice in a sample
+num_beams = 1  # > 1: beam search, deterministic: with temperature=0, top_k=None and num_samples=1
+length_penalty = 1.0  # beam search ranks by log-probability / length**length_penalty
+early_stopping = False  # beam search: stop as soon as num_beams sequences are finished
+num_return_sequences = 1  # beam search: print this many of the best beams
+stop = None  # a string, or a list of strings, that ends a sample (it is not printed)
+stream = True  # print a lone sample as it is produced
 seed = 1337
 device = None  # None picks cuda, then mps, then cpu
-dtype = None  # 'float32', 'bfloat16' or 'float16'; None picks the device's best
+dtype = None  # weights in 'float32', 'bfloat16' or 'float16'; None picks the device's best
+quantize = None  # 'int8': int8 weights in every matmul, for fast decoding on a CPU
 compile = False  # torch.compile the model (pays off only for long generations on CUDA)
+merge_lora = True  # a LoRA run: bake its adapters into the base weights, to decode at the base's speed
 # -----------------------------------------------------------------------------
 
 
-def read_prompt(text):
+def read_prompts(text):
+    """The prompts --start gives: the text itself, or a file's. A .jsonl file holds one JSON
+    string a line; any other file one prompt a line, except that a file of one line is one
+    prompt, newline included, as nanoGPT reads it. Blank lines are skipped."""
     if not text.startswith("FILE:"):
-        return text
+        return [text]
     path = text[len("FILE:"):]
     try:
         with open(path, encoding="utf-8") as f:
-            return f.read()
+            content = f.read()
     except OSError as e:
         raise UserError(f"cannot read prompt file {path!r}: {e.strerror}") from None
+    lines = content.splitlines()
+    if not path.endswith(".jsonl"):
+        prompts = [content] if len(lines) <= 1 else [line for line in lines if line.strip()]
+    else:
+        prompts = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                prompts.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}, line {n}: not JSON ({e.msg})") from None
+            if not isinstance(prompts[-1], str):
+                raise UserError(f"{path}, line {n}: each line must be a JSON string (a prompt)")
+    if not prompts:
+        raise UserError(f"prompt file {path!r} holds no prompt")
+    return prompts
 
 
-def load_model(ckpt_path, dev):
-    checkpoint = load_checkpoint(ckpt_path, map_location=dev)
-    model = GPT(GPTConfig(**checkpoint["model_args"]))
-    # checkpoints from a compiled model (e.g. nanoGPT's) prefix every key with _orig_mod.
-    state = {k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()}
-    model.load_state_dict(state)
-    if checkpoint.get("tokenizer") is None:
-        raise UserError(f"checkpoint {ckpt_path} does not say which tokenizer it uses")
-    return model, load_tokenizer(checkpoint["tokenizer"])
+def encode_prompt(tokenizer, text):
+    ids = tokenizer.encode(text)
+    if ids:
+        return ids
+    if tokenizer.eot_token is None:
+        raise UserError("the prompt is empty: give --start some text (this tokenizer has no "
+                        "end-of-text token to start from)")
+    return [tokenizer.eot_token]  # GPT-2 samples unconditionally after its end-of-text token
+
+
+def decoding_options():
+    """The decoding flags as engine.DecodingOptions, which checks them. num_samples is what the
+    engine (and Hugging Face) call num_return_sequences when sampling."""
+    if num_samples < 1:
+        raise UserError(f"num_samples must be >= 1, got {num_samples}")
+    if num_beams > 1 and num_samples != 1:
+        raise UserError(f"num_beams={num_beams} is beam search, which gives num_return_sequences "
+                        "results per prompt, not samples: set num_samples=1")
+    if num_beams == 1 and num_return_sequences != 1:
+        raise UserError("num_return_sequences counts the beams to print (with num_beams > 1); "
+                        "for several samples per prompt set num_samples")
+    return engine.DecodingOptions(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+        num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+        num_return_sequences=num_samples if num_beams == 1 else num_return_sequences, seed=seed)
+
+
+def stop_strings():
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+        raise UserError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return stops
+
+
+def load_model(init_from, out_dir, dev, precision):
+    """The model and its tokenizer, from out_dir/ckpt.pt (init_from='resume') or pretrained
+    weights; the parameters are loaded in the run's precision (bfloat16 / float16 halve memory).
+    A LoRA run's checkpoint brings its base model (loaded again) and its adapters."""
+    source = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
+    return lora.load_model(source, merge_adapters=merge_lora, device=dev, dtype=precision)
 
 
 def main():
     configure(globals())
-    if init_from != "resume":
-        raise UserError(f"init_from must be 'resume', got {init_from!r}")
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"top_k must be at least 1 or None, got {top_k}")
-    if max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not init_from:
+        raise UserError("init_from must be 'resume', a GPT-2 size (gpt2 ... gpt2-xl), a hub id, "
+                        "a model folder or a nanoGPT ckpt.pt")
+    options = decoding_options()
+    stops = stop_strings()
+    if quantize not in (None, "int8"):
+        raise UserError(f"quantize must be None or 'int8', got {quantize!r}")
+    texts = read_prompts(start)
+    dev, _, precision, _ = hardware.setup(device, dtype)
 
-    dev, _, _, autocast = hardware.setup(device, dtype)
-
-    model, tokenizer = load_model(os.path.join(out_dir, "ckpt.pt"), dev)
-    prompt_ids = tokenizer.encode(read_prompt(start))
-    if not prompt_ids:
-        raise UserError("the prompt is empty: give --start some text")
+    model, tokenizer = load_model(init_from, out_dir, dev, precision)
+    prompts = [encode_prompt(tokenizer, text) for text in texts]
     model.eval().to(dev)
+    if quantize == "int8":
+        engine.quantize_int8(model)
     if compile:
         model = torch.compile(model)
 
-    torch.manual_seed(seed)
-    x = torch.tensor(prompt_ids, dtype=torch.long, device=dev)[None, :]
-    with torch.no_grad(), autocast:
-        for _ in range(num_samples):
-            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k)
-            print(tokenizer.decode(y[0].tolist()))
-            print("---------------")
+    # each prompt has options.num_return_sequences rows of output, and each row a TextStream
+    # that finds the stop strings (and, for a lone sample, prints the text as it comes)
+    streams = [engine.TextStream(tokenizer.decode, p, stops)
+               for p in prompts for _ in range(options.num_return_sequences)]
+    live = stream and len(streams) == 1 and num_beams == 1
+    if live:
+        print(streams[0].flush(), end="", flush=True)
+
+    def on_token(row, token):
+        text = streams[row].add(token)
+        if live:
+            print(text, end="", flush=True)
+        return streams[row].stopped
+
+    stop_tokens = [] if tokenizer.eot_token is None else [tokenizer.eot_token]
+    out = engine.generate(model, prompts, stop_tokens=stop_tokens,
+                          on_token=None if num_beams > 1 else on_token, **vars(options))
+    if num_beams > 1:  # beam search chooses its sequences at the end: read them now
+        width = max(map(len, prompts))
+        for row, tokens in enumerate(out[:, width:].tolist()):
+            for token in tokens:
+                if token in stop_tokens or streams[row].stopped:
+                    break
+                on_token(row, token)
+    for s in streams:
+        print(s.flush() if live else s.text)
+        print("---------------")
 
 
 if __name__ == "__main__":

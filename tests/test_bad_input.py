@@ -93,7 +93,7 @@ def test_sample_without_checkpoint(tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["--temperature=-1"], ["temperature"]),
     (["--max_new_tokens=-3"], ["max_new_tokens"]),
-    (["--top_k=0"], ["top_k"]),
+    (["--top_k=-1"], ["top_k"]),
     (["--start=FILE:/no/such/prompt.txt"], ["cannot read prompt file"]),
     (["--start="], ["prompt is empty"]),
 ])

@@ -1,0 +1,190 @@
+"""
+Generation speed: our engine against Hugging Face transformers' generate() and against a
+nanoGPT-style loop without a KV cache, timed in one run on this machine.
+
+$ python bench_generate.py               # needs transformers (pip install -r requirements-test.txt)
+$ python bench_generate.py --repeat=5 --new_tokens=128
+
+1. A GPT-2 124M-shaped model with random weights; batch 1, a 16-token prompt, new_tokens
+   greedy tokens. Ours with float32, bfloat16 and int8 weights; transformers' GPT2LMHeadModel
+   (the same weights, float32); the no-cache loop. Also the quality cost of the smaller
+   weights: their logits against float32's over a whole sequence.
+2. A char-level model shaped as nanoGPT's Shakespeare one (6 layers, 384 wide, 256 context,
+   65 characters): 10 samples of 500 characters, as one batch with our engine, and one after
+   another with the no-cache loop.
+3. With --quality_from=<out_dir>: the val loss of that run's model with float32, bfloat16 and
+   int8 weights, on its dataset's val.bin.
+
+Each measurement is repeated; the best time counts (noise only ever adds time), and the spread
+(worst / best) says how noisy the machine was. Ratios compare best times.
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+import engine
+from checkpoint import load_checkpoint
+from configurator import configure, run
+from model import GPT, GPTConfig
+from pretrained import load_pretrained
+from train import open_dataset
+
+# -----------------------------------------------------------------------------
+repeat = 3  # timed runs of each measurement
+new_tokens = 256  # GPT-2 part: tokens generated per run
+prompt_tokens = 16
+char_samples = 10
+char_tokens = 500
+seed = 0
+quality_from = ""  # an out_dir: report its model's val loss with each kind of weights
+# -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def no_cache_generate(model, idx, max_new_tokens, temperature=0.0, top_k=None):
+    """nanoGPT's sampling loop: the whole (cropped) context goes through the model per token."""
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size:])
+        logits = logits[:, -1, :]
+        if temperature == 0:
+            idx_next = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx
+
+
+def time_all(runs, tokens):
+    """{name: [seconds, ...]}: each run(tokens) is timed `repeat` times after a short warm-up,
+    the contenders taking turns so that a noisy moment does not fall on one of them only."""
+    times = {name: [] for name in runs}
+    for fn in runs.values():
+        fn(4)
+    for _ in range(repeat):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn(tokens)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def report(times, tokens, baseline):
+    best = {name: min(ts) for name, ts in times.items()}
+    print(f"{'':28s} {'tok/s':>8s} {'spread':>7s} {'vs ' + baseline:>18s}")
+    for name, ts in times.items():
+        print(f"{name:28s} {tokens / best[name]:8.1f} {max(ts) / min(ts):6.2f}x "
+              f"{best[baseline] / best[name]:17.2f}x")
+
+
+def gpt2_part():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    # no end-of-text token: every run generates all of its tokens
+    hf = GPT2LMHeadModel(GPT2Config(bos_token_id=None, eos_token_id=None)).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_pretrained(folder)
+        ours = load_pretrained(folder)[0].eval()
+    formats = weight_formats(ours)
+    prompt = torch.randint(50257, (1, prompt_tokens))
+
+    def ours_run(model):
+        return lambda n: engine.generate(model, prompt, n, temperature=0)
+
+    runs = {f"ours, {name}": ours_run(model) for name, model in formats.items()}
+    runs.update({
+        "transformers generate": lambda n: hf.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+            pad_token_id=0),
+        "no-cache loop (nanoGPT)": lambda n: no_cache_generate(ours, prompt, n),
+    })
+    print(f"GPT-2 124M shape, random weights: batch 1, {prompt_tokens}-token prompt, {new_tokens} "
+          f"new tokens, greedy, {torch.get_num_threads()} threads")
+    report(time_all(runs, new_tokens), new_tokens, "transformers generate")
+
+    # quality cost: logits over a whole sequence, against float32's
+    text = engine.generate(ours, prompt, new_tokens, temperature=0)
+    with torch.no_grad():
+        ref = full_logits(ours, text)
+        for name, model in list(formats.items())[1:]:
+            logits = full_logits(model, text)
+            err = (logits - ref).abs()
+            agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
+            print(f"{name}: logit error max {err.max():.4f}, mean {err.mean():.4f} (logits' std "
+                  f"{ref.std():.3f}); same top token at {100 * agree:.1f}% of positions")
+
+
+def weight_formats(model):
+    """The model with float32, bfloat16 and int8 weights."""
+    def copy():
+        c = GPT(model.config)
+        c.load_state_dict(model.state_dict())
+        return c.eval()
+    return {"float32 weights": model, "bfloat16 weights": copy().to(torch.bfloat16),
+            "int8 weights": engine.quantize_int8(copy())}
+
+
+def full_logits(model, idx):
+    logits, _ = model(idx, targets=torch.zeros_like(idx))
+    return logits.float()
+
+
+def char_part():
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384)).eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long)  # one character, as sample.py's default "\n"
+
+    def batched(n):
+        engine.generate(model, prompt, n, temperature=0.8, top_k=200,
+                        num_return_sequences=char_samples, seed=seed)
+
+    def one_by_one(n):
+        for _ in range(char_samples):
+            no_cache_generate(model, prompt, n, temperature=0.8, top_k=200)
+
+    runs = {"ours, one batch": batched, "no-cache loop, one by one": one_by_one}
+    # past the 256-token context both recompute the whole context for every token, as nanoGPT
+    # crops it (all positions shift, so cached keys and values go stale); within it the cache
+    # and the batch pay off in full
+    for tokens in (char_tokens, model.config.block_size - 1):
+        print(f"\nchar model (6 x 384, context 256): {char_samples} samples of {tokens} tokens")
+        report(time_all(runs, tokens), char_samples * tokens, "no-cache loop, one by one")
+
+
+def quality_part():
+    path = os.path.join(quality_from, "ckpt.pt")
+    model = load_pretrained(path)[0].eval()
+    T = model.config.block_size
+    val = open_dataset(load_checkpoint(path)["config"]["dataset"], T)[0]["val"]
+    n = min(len(val) - 1, 200 * T) // T * T  # up to 200 windows of block_size tokens
+    x = torch.from_numpy(val[:n].astype(np.int64)).view(-1, T)
+    y = torch.from_numpy(val[1:n + 1].astype(np.int64)).view(-1, T)
+    print(f"\nval loss of {path} over {n:,} tokens")
+    with torch.no_grad():
+        for name, m in weight_formats(model).items():
+            losses = [F.cross_entropy(full_logits(m, xb).flatten(0, 1), yb.flatten())
+                      for xb, yb in zip(x.split(16), y.split(16))]
+            print(f"{name:18s} {torch.stack(losses).mean():.4f}")
+
+
+def main():
+    configure(globals())
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}\n")
+    gpt2_part()
+    char_part()
+    if quality_from:
+        quality_part()
+
+
+if __name__ == "__main__":
+    run(main)

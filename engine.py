@@ -1,0 +1,524 @@
+"""
+The inference engine: how a GPT (model.py) turns prompts into text.
+
+model.py defines the layers; everything about decoding lives here, as nanochat keeps
+engine.py apart from gpt.py:
+
+- KVCache: the keys and values of every token seen so far, in buffers allocated once. The
+  prompts go through the model in one forward pass (prefill), then one token per step.
+- DecodingOptions: every way of picking the next token, with Hugging Face's meanings (plus
+  OpenAI's presence and frequency penalties), checked before anything runs.
+- process_logits(): Hugging Face's order: penalties, the n-gram ban, the caller's own
+  processors, then temperature -> top-k -> top-p -> min-p.
+- generate(): greedy decoding and sampling of many rows at once; beam_search().
+- quantize_int8(): int8 weight-only Linear layers, for fast decoding on a CPU.
+- TextStream: the text of one row as its tokens arrive, for streaming and stop strings.
+
+Rows of a batch are left-padded to the longest prompt; each row's tokens get the positions
+and attention they would get alone, so a row's result does not depend on its neighbours.
+
+References: Hugging Face transformers, generation/utils.py and generation/logits_process.py;
+OpenAI's API reference for the presence and frequency penalties.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from configurator import UserError
+
+PAD = -1  # fills the left of rows whose prompt is shorter than the longest; never a token
+
+
+# -----------------------------------------------------------------------------
+# The KV cache
+
+class KVCache:
+    """The keys and values of the tokens the model has seen, per layer, in buffers allocated once.
+
+    GPT.forward reads three things from it: `positions` of the tokens it is fed, `mask` (which
+    cached tokens each of them may attend to) and `layers[i].append(k, v)`, which stores layer
+    i's new keys and values and returns all of the layer's keys and values so far."""
+
+    def __init__(self, model, rows, length):
+        cfg = model.config
+        dtype, device = model.transformer.wte.weight.dtype, model.transformer.wte.weight.device
+        shape = (rows, cfg.n_head, length, cfg.n_embd // cfg.n_head)
+        self.layers = [LayerCache(self, torch.empty(shape, dtype=dtype, device=device),
+                                  torch.empty(shape, dtype=dtype, device=device))
+                       for _ in range(cfg.n_layer)]
+        self.length = length  # slots per row
+        self.size = 0  # slots filled
+        self.pad = self.positions = self.mask = None  # set by reset() and feed()
+
+    def reset(self, pad):
+        """Empty the cache, for rows that start with pad[i] padding tokens."""
+        self.size, self.pad = 0, pad
+
+    def feed(self, model, idx):
+        """Run the next tokens of every row, idx (rows, T), through the model: their keys and
+        values are cached, and the logits after the last of them returned (rows, vocab)."""
+        T = idx.size(1)
+        new = torch.arange(self.size, self.size + T, device=idx.device)  # the slots they fill
+        self.positions = (new - self.pad[:, None]).clamp(min=0)
+        slots = torch.arange(self.size + T, device=idx.device)
+        # causal, and not padding
+        visible = (slots <= new[:, None]) & (slots >= self.pad[:, None, None])
+        # a padding token attends to itself alone: its output is never used, but with nothing
+        # to attend to it would be NaN, and NaN values poison the rows that mask them out
+        visible |= slots == new[:, None]
+        self.mask = visible[:, None]  # (rows, 1 for all heads, T, slots)
+        logits, _ = model(idx, kv_cache=self)
+        self.size += T
+        return logits[:, -1].float()
+
+    def reorder(self, rows):
+        """Beam search: row i continues from what row rows[i] was."""
+        for layer in self.layers:
+            layer.k[:, :, :self.size] = layer.k[rows, :, :self.size]
+            layer.v[:, :, :self.size] = layer.v[rows, :, :self.size]
+        self.pad = self.pad[rows]
+
+
+class LayerCache:
+    """One layer's slice of the cache, handed to its attention by GPT.forward."""
+
+    def __init__(self, cache, k, v):
+        self.cache, self.k, self.v = cache, k, v
+
+    @property
+    def mask(self):
+        return self.cache.mask
+
+    def append(self, k, v):
+        start = self.cache.size
+        end = start + k.size(2)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def fill(model, cache, ids, end):
+    """Cache the context of the token after ids[:, :end] and return its logits: the last
+    block_size tokens of each row, as nanoGPT crops. Once a sequence outgrows block_size every
+    token moves to a new position, so all keys and values change and are computed afresh."""
+    begin = max(0, end - cache.length)
+    window = ids[:, begin:end]
+    cache.reset((window == PAD).sum(dim=1))
+    return cache.feed(model, window.clamp(min=0))  # padding goes in as token 0, masked out
+
+
+def next_logits(model, cache, ids, end):
+    """Logits of the token after ids[:, :end], when the cache holds ids[:, :end - 1]."""
+    if cache.size < cache.length:
+        return cache.feed(model, ids[:, end - 1:end])
+    return fill(model, cache, ids, end)
+
+
+# -----------------------------------------------------------------------------
+# Decoding options
+
+@dataclass
+class DecodingOptions:
+    """How to pick each next token. The names and meanings are Hugging Face generate()'s;
+    presence_penalty and frequency_penalty are OpenAI's."""
+    max_new_tokens: int  # tokens to generate per row, fewer if a stop token ends it
+    temperature: float = 1.0  # divides the logits; 0 is greedy: always the most likely token
+    top_k: Optional[int] = None  # sample from the k most likely tokens only (None or 0: all)
+    top_p: float = 1.0  # ... from the fewest most likely tokens whose probabilities sum to top_p
+    min_p: float = 0.0  # ... from tokens at least min_p times as likely as the most likely one
+    repetition_penalty: float = 1.0  # > 1 makes every token already in the row less likely
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # ... times the number of times it was generated
+    no_repeat_ngram_size: int = 0  # n > 0: a row never repeats an n-gram (n tokens in a row)
+    num_beams: int = 1  # > 1: beam search, which is deterministic (temperature 0)
+    length_penalty: float = 1.0  # beams are ranked by log-probability / length ** length_penalty
+    early_stopping: Union[bool, str] = False  # beams: True, False or "never", as Hugging Face's
+    num_return_sequences: int = 1  # results per prompt: samples, or the best beams
+    seed: Optional[int] = None  # seeds the sampling; None draws from torch's global generator
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise UserError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise UserError(f"top_k must be >= 0 (0 or None keeps all tokens), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1] (1 keeps all tokens), got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise UserError(f"min_p must be in [0, 1] (0 keeps all tokens), got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise UserError("repetition_penalty must be > 0 (1 is none), "
+                            f"got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise UserError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        if self.num_beams < 1:
+            raise UserError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_return_sequences < 1:
+            raise UserError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
+        if self.early_stopping not in (True, False, "never"):
+            raise UserError("early_stopping must be True, False or 'never', "
+                            f"got {self.early_stopping!r}")
+        if self.num_beams > 1:
+            if self.num_return_sequences > self.num_beams:
+                raise UserError(f"num_return_sequences ({self.num_return_sequences}) cannot "
+                                f"exceed num_beams ({self.num_beams}): beam search keeps "
+                                "num_beams sequences")
+            if self.sampling or self.top_k or self.top_p < 1 or self.min_p > 0:
+                raise UserError(f"num_beams={self.num_beams} is beam search, which does not "
+                                "sample: set temperature=0 and leave top_k, top_p and min_p unset")
+
+    @property
+    def sampling(self):
+        return self.temperature > 0
+
+
+# -----------------------------------------------------------------------------
+# Logits processing. Each function takes the tokens so far, ids (rows, T) with PAD on the
+# left of shorter prompts, and the next-token logits (rows, vocab); it returns new logits.
+
+def token_counts(ids, vocab_size):
+    """(rows, vocab_size): how many times each token occurs in each row, padding aside."""
+    # padding is counted in a spare column past the vocabulary, then dropped
+    ids = ids.masked_fill(ids == PAD, vocab_size)
+    counts = torch.zeros(ids.size(0), vocab_size + 1, dtype=torch.long, device=ids.device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids))
+    return counts[:, :vocab_size]
+
+
+def repetition_penalty(ids, logits, penalty):
+    """CTRL's penalty (Keskar et al. 2019) as Hugging Face applies it: every token already in
+    the row, prompt included, has its logit divided by the penalty if positive, multiplied if
+    negative, so it becomes less likely either way."""
+    seen = token_counts(ids, logits.size(-1)) > 0
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def presence_frequency_penalty(generated, logits, presence, frequency):
+    """OpenAI's penalties, over the generated tokens (not the prompt):
+    logit[j] -= frequency * count[j] + presence * (count[j] > 0)."""
+    counts = token_counts(generated, logits.size(-1)).to(logits.dtype)
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def no_repeat_ngram(ids, logits, n):
+    """Ban every token that would complete an n-gram already in the row (Paulus et al. 2017)."""
+    T, vocab_size = ids.size(1), logits.size(-1)
+    if T < n:
+        return logits
+    # the next token completes the n-gram (last n-1 tokens, next); it is banned wherever those
+    # n-1 tokens occurred before, followed by it. Padding is a token of its own here: it only
+    # ever matches padding, and bans go to a spare column past the vocabulary
+    ids = ids.masked_fill(ids == PAD, vocab_size)
+    prefix = ids[:, T - n + 1:]
+    grams = ids.unfold(1, n, 1)  # (rows, T - n + 1, n): every n-gram so far
+    match = (grams[..., :-1] == prefix[:, None, :]).all(dim=-1)
+    banned = torch.zeros(ids.size(0), vocab_size + 1, dtype=torch.bool, device=ids.device)
+    banned.scatter_(1, torch.where(match, grams[..., -1], vocab_size), True)
+    return logits.masked_fill(banned[:, :vocab_size], -float("inf"))
+
+
+def top_k_filter(logits, k):
+    """Keep the k largest logits of each row (ties with the k-th included)."""
+    kth = torch.topk(logits, min(k, logits.size(-1))).values[:, -1:]
+    return logits.masked_fill(logits < kth, -float("inf"))
+
+
+def top_p_filter(logits, p):
+    """Nucleus sampling (Holtzman et al. 2019): keep the most likely tokens whose probabilities
+    add up to p, dropping the least likely ones whose total is at most 1 - p. Always keeps
+    the most likely token."""
+    ascending, order = torch.sort(logits)
+    drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - p
+    drop[:, -1] = False
+    return logits.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+
+
+def min_p_filter(logits, p):
+    """Keep the tokens at least p times as likely as the most likely one (Nguyen et al. 2024)."""
+    probs = logits.softmax(dim=-1)
+    return logits.masked_fill(probs < p * probs.amax(dim=-1, keepdim=True), -float("inf"))
+
+
+def process_logits(ids, logits, prompt_width, opts, processors=()):
+    """Apply the decoding options to next-token logits, in Hugging Face's order: penalties and
+    bans, then the caller's processors (callables (ids, logits) -> logits), then, when
+    sampling, temperature -> top-k -> top-p -> min-p. ids: the tokens so far (rows, T), left-
+    padded with PAD; the generated ones start at column prompt_width."""
+    if opts.repetition_penalty != 1:
+        logits = repetition_penalty(ids, logits, opts.repetition_penalty)
+    if opts.presence_penalty or opts.frequency_penalty:
+        logits = presence_frequency_penalty(ids[:, prompt_width:], logits,
+                                            opts.presence_penalty, opts.frequency_penalty)
+    if opts.no_repeat_ngram_size:
+        logits = no_repeat_ngram(ids, logits, opts.no_repeat_ngram_size)
+    for processor in processors:
+        logits = processor(ids, logits)
+    if not opts.sampling:
+        return logits  # greedy and beam search rank the tokens: the filters below keep the top ones
+    if opts.temperature != 1:
+        logits = logits / opts.temperature
+    if opts.top_k:
+        logits = top_k_filter(logits, opts.top_k)
+    if opts.top_p < 1:
+        logits = top_p_filter(logits, opts.top_p)
+    if opts.min_p > 0:
+        logits = min_p_filter(logits, opts.min_p)
+    return logits
+
+
+# -----------------------------------------------------------------------------
+# Greedy decoding and sampling
+
+def left_pad(prompts, copies, width):
+    """A (len(prompts) * copies, width) buffer of token ids: each prompt `copies` times, right-
+    aligned at the prompt width (PAD on its left), PAD after it where the new tokens will go."""
+    prompt_width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts) * copies, width), PAD, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i * copies:(i + 1) * copies, prompt_width - len(p):prompt_width] = torch.tensor(p)
+    return ids, prompt_width
+
+
+def as_token_lists(prompts):
+    """Prompts as lists of token ids: from a (B, T) tensor, or a list of lists."""
+    prompts = prompts.tolist() if torch.is_tensor(prompts) else [list(p) for p in prompts]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt needs at least one token (start an empty one with the "
+                        "end-of-text token, if the tokenizer has one)")
+    return prompts
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, stop_tokens=(), logits_processors=(), on_token=None,
+             **options):
+    """Continue each prompt (a (B, T) tensor, or lists of token ids of any lengths) by up to
+    max_new_tokens tokens, decoding as `options` (DecodingOptions' fields) say.
+
+    stop_tokens: ids that end a row (e.g. the tokenizer's end-of-text); logits_processors:
+    callables (ids, logits) -> logits, applied after the built-in penalties (ids: the tokens
+    so far, (rows, T), left-padded with PAD = -1); on_token(row, token): called with each new
+    token of each row as it is picked, stop tokens aside; returning True ends that row (stop
+    strings, streaming), except in beam search, which picks its sequences at the end.
+
+    Returns a (rows, width) tensor: prompt i's num_return_sequences results are rows
+    i * num_return_sequences onwards; prompts shorter than the longest are left-padded with
+    PAD, and a row that ended early repeats its last token (its stop token, say) to the end,
+    as Hugging Face's rows repeat their padding."""
+    opts = DecodingOptions(max_new_tokens, **options)
+    prompts = as_token_lists(prompts)
+    if opts.num_beams > 1:
+        return beam_search(model, prompts, opts, stop_tokens, logits_processors)[0]
+
+    device = model.transformer.wte.weight.device
+    total = max(map(len, prompts)) + max_new_tokens
+    ids, width = left_pad(prompts, opts.num_return_sequences, total)
+    ids = ids.to(device)
+    if max_new_tokens == 0:
+        return ids
+    stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+    done = torch.zeros(ids.size(0), dtype=torch.bool, device=device)
+    generator = None
+    if opts.seed is not None:
+        generator = torch.Generator(device).manual_seed(opts.seed)
+    cache = KVCache(model, ids.size(0), min(model.config.block_size, total))
+    logits = fill(model, cache, ids, width)
+    for t in range(width, total):
+        logits = process_logits(ids[:, :t], logits, width, opts, logits_processors)
+        if opts.sampling:
+            token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+        else:
+            token = logits.argmax(dim=-1)
+        ids[:, t] = torch.where(done, ids[:, t - 1], token)  # an ended row repeats its last token
+        stopped = torch.isin(token, stops) & ~done
+        if on_token is not None:
+            for row in (~done & ~stopped).nonzero()[:, 0].tolist():
+                if on_token(row, token[row].item()):
+                    stopped[row] = True
+        done |= stopped
+        if done.all() or t + 1 == total:
+            return ids[:, :t + 1]
+        logits = next_logits(model, cache, ids, t + 1)
+
+
+# -----------------------------------------------------------------------------
+# Beam search
+
+@torch.no_grad()
+def beam_search(model, prompts, opts, stop_tokens=(), logits_processors=()):
+    """Hugging Face's beam search: each prompt keeps the num_beams most likely sequences (by
+    summed log-probability), extends each by every token, and keeps the best num_beams again.
+    A sequence that picks a stop token, or reaches max_new_tokens, is finished: it joins the
+    prompt's num_beams best finished ones, ranked by log-probability / generated length **
+    length_penalty. The search stops when no running beam can beat the finished ones (the
+    estimate depends on early_stopping), or with early_stopping=True as soon as num_beams
+    sequences are finished.
+    Returns (sequences, scores): the num_return_sequences best finished sequences of each
+    prompt, best first, laid out as generate's, and their scores."""
+    P, K, max_new_tokens = len(prompts), opts.num_beams, opts.max_new_tokens
+    device = model.transformer.wte.weight.device
+    ids, width = left_pad(prompts, K, max(map(len, prompts)) + max_new_tokens)
+    ids = ids.to(device)
+    total = ids.size(1)
+    n = opts.num_return_sequences
+    if max_new_tokens == 0:
+        return ids.view(P, K, -1)[:, :n].reshape(P * n, -1), torch.zeros(P * n, device=device)
+    stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+    # a finished sequence is padded with the first stop token, as Hugging Face pads with eos
+    fill_token = stop_tokens[0] if len(stop_tokens) else PAD
+    cache = KVCache(model, P * K, min(model.config.block_size, total))
+    logits = fill(model, cache, ids, width)
+
+    # the beams of all prompts run as rows P * K; only the first starts live, so that step
+    # one does not pick the same token K times
+    running = torch.zeros(P, K, device=device)
+    running[:, 1:] = -1e9
+    finished_ids = ids.view(P, K, total).clone()
+    finished = torch.full((P, K), -1e9, device=device)  # length-penalised scores
+    is_finished = torch.zeros(P, K, dtype=torch.bool, device=device)
+    improvable = torch.ones(P, 1, dtype=torch.bool, device=device)
+    # candidates per step: twice the beams, so that num_beams remain if half of them stop
+    n_candidates = 2 * K
+    top_k_mask = torch.arange(n_candidates, device=device) < K
+    offsets = torch.arange(P, device=device)[:, None] * K
+
+    for t in range(width, total):
+        log_probs = F.log_softmax(logits, dim=-1)
+        log_probs = process_logits(ids[:, :t], log_probs, width, opts, logits_processors)
+        vocab_size = log_probs.size(-1)
+        scores = (log_probs.view(P, K, vocab_size) + running[:, :, None]).view(P, K * vocab_size)
+        cand_scores, flat = torch.topk(scores, n_candidates)  # (P, 2K), best first
+        parent = offsets + torch.div(flat, vocab_size, rounding_mode="floor")  # rows they extend
+        token = flat % vocab_size
+        cand_ids = ids[parent.view(-1)].view(P, n_candidates, total)
+        cand_ids[:, :, t] = token
+        ends = torch.isin(token, stops) | (t + 1 == total)
+
+        # the best candidates that go on become the running beams
+        going = cand_scores - 1e9 * ends.float()
+        best = torch.topk(going, K).indices
+        running = going.gather(1, best)
+        rows = parent.gather(1, best).view(-1)
+        ids = cand_ids.gather(1, best[:, :, None].expand(-1, -1, total)).view(P * K, total)
+        cache.reorder(rows)
+
+        # candidates among the top K that end join the finished ones, if they rank there;
+        # Hugging Face's -1e9 penalties shut out the others, and all of a prompt that is done
+        # (every slot finished with early_stopping=True, or no improvement possible)
+        generated = t + 1 - width
+        final = cand_scores / generated ** opts.length_penalty
+        full = is_finished.all(dim=1, keepdim=True) & (opts.early_stopping is True)
+        for shut_out in (full, ~improvable, ~(ends & top_k_mask)):
+            final = final - 1e9 * shut_out.float()
+        merged_scores = torch.cat((finished, final), dim=1)
+        keep = torch.topk(merged_scores, K).indices
+        finished = merged_scores.gather(1, keep)
+        is_finished = torch.cat((is_finished, ends & top_k_mask), dim=1).gather(1, keep)
+        merged_ids = torch.cat((finished_ids, cand_ids), dim=1)
+        finished_ids = merged_ids.gather(1, keep[:, :, None].expand(-1, -1, total))
+
+        # can a running beam still beat the worst finished one? Log-probabilities only fall as a
+        # sequence grows, so Hugging Face estimates its best final score by its score now
+        # divided by the current length; "never" with a positive penalty divides by the longest
+        # possible length, where the penalty favours it most
+        never = opts.early_stopping == "never" and opts.length_penalty > 0
+        length = max_new_tokens if never else generated
+        best_possible = running[:, :1] / length ** opts.length_penalty
+        worst = torch.where(is_finished, finished.min(dim=1, keepdim=True).values, -1e9)
+        improvable &= (best_possible > worst).any(dim=1, keepdim=True)
+        all_full = is_finished.all() and opts.early_stopping is True
+        if not improvable.any() or all_full or ends.all():
+            break
+        logits = next_logits(model, cache, ids, t + 1)
+
+    # the best num_return_sequences of each prompt, cut to the longest of them; the slots
+    # after a sequence's end still hold PAD, and take the fill token
+    out = finished_ids[:, :n].reshape(P * n, total)
+    longest = int((out[:, width:] != PAD).sum(dim=1).max())
+    out = out[:, :width + longest]
+    out[:, width:] = out[:, width:].masked_fill(out[:, width:] == PAD, fill_token)
+    return out, finished[:, :n].reshape(-1)
+
+
+# -----------------------------------------------------------------------------
+# int8 weights
+
+class Int8Linear(nn.Module):
+    """A Linear layer whose weight is stored in int8, with one scale per output row
+    (symmetric, weight-only quantisation). Decoding reads every weight once per token and is
+    bound by memory bandwidth, so a quarter of the bytes is most of the time saved. The matmul
+    is PyTorch's int8 CPU kernel, which takes bfloat16 inputs."""
+
+    def __init__(self, linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.bias = linear.bias
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
+        if flat.size(0) <= 32:
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
+        else:
+            # the kernel's time grows with every row; for a long prompt a bfloat16 matmul with
+            # the weight widened once is faster (the crossover measured here: 32 to 64 rows)
+            y = flat @ (self.weight.to(torch.bfloat16) * self.scale[:, None]).t()
+        y = y.to(x.dtype).view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_int8(model):
+    """Replace every Linear of the model (the output head included) by an Int8Linear, in
+    place. The token embedding keeps its own weights: a lookup reads one row per token."""
+    if model.transformer.wte.weight.device.type != "cpu":
+        raise UserError("quantize=int8 uses PyTorch's CPU kernel: run it with --device=cpu")
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear(child))
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Text
+
+class TextStream:
+    """The text of one row as its tokens arrive. add() returns the text that is now final:
+    it holds back an incomplete multi-byte character at the end (decoded as U+FFFD) and any
+    end that could be the start of a stop string. When a stop string appears, the text up to
+    it is final, `stopped` is set, and the stop string itself is never returned."""
+
+    def __init__(self, decode, prompt, stop_strings=()):
+        self.decode, self.tokens, self.stop_strings = decode, list(prompt), list(stop_strings)
+        self.text = decode(self.tokens)
+        self.start = len(self.text)  # stop strings are looked for in the new text only
+        self.shown = 0  # characters returned so far
+        self.stopped = False
+
+    def add(self, token):
+        self.tokens.append(token)
+        self.text = self.decode(self.tokens)
+        hits = [i for i in (self.text.find(s, self.start) for s in self.stop_strings) if i >= 0]
+        if hits:
+            self.stopped = True
+            self.text = self.text[:min(hits)]
+            return self.flush()
+        end = len(self.text.rstrip("\ufffd"))
+        held = max((n for s in self.stop_strings for n in range(1, len(s))
+                    if self.text[self.start:end].endswith(s[:n])), default=0)
+        return self._take(end - held)
+
+    def flush(self):
+        """All the text not yet returned (at the end of a row)."""
+        return self._take(len(self.text))
+
+    def _take(self, end):
+        new = self.text[self.shown:end] if end > self.shown else ""
+        self.shown = max(self.shown, end)
+        return new
