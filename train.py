@@ -24,10 +24,10 @@ from torch.distributed import ReduceOp, all_reduce, destroy_process_group, init_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hardware
+import lora
 from checkpoint import load_checkpoint, save_checkpoint
 from configurator import UserError, configure, run
 from model import GPT, GPTConfig
-from pretrained import load_pretrained
 from runlog import RunLog
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -57,6 +57,13 @@ n_head = 12
 n_embd = 768
 dropout = 0.0  # 0 for pretraining, try 0.1+ for fine-tuning
 bias = False  # biases in Linears and LayerNorms
+# fine-tuning: which parameters train (lora.py)
+finetune = "full"  # 'full': all; 'freeze': all but the embeddings and lowest freeze_layers blocks; 'lora'
+freeze_layers = 0  # finetune='freeze': how many blocks, from the bottom, stay as they are
+lora_rank = 8  # finetune='lora': rank of the adapters, which are all that trains
+lora_alpha = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # dropout on the adapters' input
+lora_targets = "c_attn,c_proj,c_fc"  # the Linears of each block that get adapters (c_proj: attn's and mlp's)
 # AdamW
 learning_rate = 6e-4
 max_iters = 600000
@@ -77,6 +84,8 @@ compile = None  # torch.compile the model; None compiles on CUDA only
 seed = 1337
 peak_flops = None  # the device's peak FLOP/s, for MFU; None uses a figure known for it
 # -----------------------------------------------------------------------------
+FINETUNE_KNOBS = ("finetune", "freeze_layers", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+
 
 def check_config(cfg):
     """Reject settings that cannot work, before anything is written."""
@@ -85,6 +94,15 @@ def check_config(cfg):
     if not cfg["init_from"]:
         raise UserError("init_from must be 'scratch', 'resume', a GPT-2 size (gpt2 ... gpt2-xl), "
                         "a hub id or a model folder")
+    if cfg["finetune"] not in ("full", "freeze", "lora"):
+        raise UserError(f"finetune must be 'full', 'freeze' or 'lora', got {cfg['finetune']!r}")
+    if cfg["finetune"] == "lora" and cfg["init_from"] == "scratch":
+        raise UserError("finetune=lora trains adapters on a pretrained model: set init_from to "
+                        "gpt2 ... gpt2-xl, a hub id or a model folder")
+    if (cfg["finetune"] == "lora" and cfg["init_from"] != "resume"
+            and lora.checkpoint_path(cfg["init_from"]) == lora.checkpoint_path(cfg["out_dir"])):
+        raise UserError(f"out_dir={cfg['out_dir']} is init_from's folder: the adapters would overwrite "
+                        "the base model they are for; choose another out_dir")
     if cfg["compile"] not in (None, True, False):
         raise UserError(f"compile must be True or False, got {cfg['compile']!r}")
     for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd",
@@ -158,28 +176,48 @@ def main():
                       bias=bias, vocab_size=meta.get("vocab_size", 50304), dropout=dropout)
     tokenizer_spec = meta.get("tokenizer")
     iter_num, best_val_loss, checkpoint = 0, float("inf"), None
+    base = init_from  # where the weights come from
     if init_from == "resume":
         checkpoint = load_checkpoint(ckpt_path, map_location=dev)
         for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size"):
             model_args[k] = checkpoint["model_args"][k]  # the architecture is the checkpoint's
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         tokenizer_spec = checkpoint.get("tokenizer") or tokenizer_spec
-    if init_from in ("scratch", "resume"):
+        # a LoRA run's checkpoint holds only its adapters: its base model is loaded again
+        base = checkpoint.get("base", "resume")
+    if base in ("scratch", "resume"):
         model = GPT(GPTConfig(**model_args))
     else:
-        # the architecture is the pretrained model's; dropout applies, block_size crops
-        model, tokenizer = load_pretrained(init_from, device=dev, dropout=dropout, block_size=block_size)
+        # the architecture is the pretrained model's; dropout applies, block_size crops;
+        # a LoRA run as init_from comes with its adapters merged into the weights
+        model, tokenizer = lora.load_model(base, merge_adapters=True, device=dev, dropout=dropout,
+                                           block_size=model_args["block_size"])
         model_args = {k: getattr(model.config, k) for k in model_args}
         tokenizer_spec = tokenizer.spec()
         if meta.get("vocab_size", 0) > model.config.vocab_size:
             raise UserError(f"dataset {dataset!r} has {meta['vocab_size']} token ids, more than the "
-                            f"{model.config.vocab_size} of {init_from}: prepare it with the model's tokenizer")
+                            f"{model.config.vocab_size} of {base}: prepare it with the model's tokenizer")
+    # which parameters train: all, all but the embeddings and lowest blocks, or LoRA adapters
+    # only (the optimizer gets just those); a resumed run keeps its checkpoint's choice, which
+    # decides what the checkpoint holds
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+        cfg.update({k: v for k, v in checkpoint["config"].items() if k in FINETUNE_KNOBS})
+    if cfg["finetune"] == "freeze":
+        lora.freeze(model, cfg["freeze_layers"])
+    elif cfg["finetune"] == "lora":
+        lora.apply(model, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
+    if checkpoint is not None:
+        if "adapters" in checkpoint:
+            lora.load_adapters(model, checkpoint["adapters"])
+        else:
+            model.load_state_dict(checkpoint["model"])
     model.to(dev)
     if master:
+        trainable, total = lora.count_params(model)
         print(f"{model.get_num_params() / 1e6:.2f}M parameters; {tokens_per_iter:,} tokens per "
               f"iteration; device {dev}, {precision}, compile={use_compile}")
+        print(f"finetune={cfg['finetune']}: {trainable:,} of {total:,} parameters "
+              f"train ({100 * trainable / total:.2f}%)")
 
     # float16 needs loss scaling to keep small gradients from flushing to zero
     scaler = torch.amp.GradScaler(device_type, enabled=(precision == "float16"))
@@ -218,20 +256,23 @@ def main():
 
     @torch.no_grad()
     def estimate_loss():
-        """Mean loss over eval_iters batches of each split; the same batches every time,
-        so successive evaluations compare. Runs on the master only, without DDP."""
+        """Mean loss and next-token accuracy (how often the most likely token is the right
+        one) over eval_iters batches of each split; the same batches every time, so successive
+        evaluations compare. Runs on the master only, without DDP."""
         local_model = model.module if ddp else model
         local_model.eval()
         out = {}
         for split in ("train", "val"):
             generator = torch.Generator().manual_seed(seed)
-            losses = torch.zeros(eval_iters)
+            losses, accuracies = torch.zeros(eval_iters), torch.zeros(eval_iters)
             for k in range(eval_iters):
                 X, Y = get_batch(split, generator)
                 with autocast:
-                    _, loss = local_model(X, Y)
+                    logits, loss = local_model(X, Y)
                 losses[k] = loss.item()
+                accuracies[k] = (logits.argmax(dim=-1) == Y).float().mean().item()
             out[split] = losses.mean().item()
+            out[f"{split}_acc"] = accuracies.mean().item()
         local_model.train()
         return out
 
@@ -246,8 +287,11 @@ def main():
         return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
     def save(val_loss):
+        # a LoRA run saves its adapters and where its base model came from, not the base's weights
+        weights = (lora.checkpoint_entries(raw_model, base) if cfg["finetune"] == "lora"
+                   else {"model": raw_model.state_dict()})
         save_checkpoint({
-            "model": raw_model.state_dict(),
+            **weights,
             "optimizer": optimizer.state_dict(),
             "model_args": model_args,
             "iter_num": iter_num,
@@ -281,8 +325,10 @@ def main():
         at_eval = iter_num % eval_interval == 0 or iter_num == max_iters
         if master and at_eval and (iter_num != start_iter or iter_num == 0 or eval_only):
             losses = estimate_loss()
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                  f"val acc {losses['val_acc']:.4f}")
             runlog.log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                        "train_acc": losses["train_acc"], "val_acc": losses["val_acc"],
                         "lr": lr, "elapsed": time.time() - run_start})
             if not math.isfinite(losses["val"]):
                 raise SystemExit(f"error: val loss is {losses['val']} at iteration {iter_num}; "

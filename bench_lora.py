@@ -1,0 +1,83 @@
+"""
+Training-state memory of the three ways to fine-tune, on a gpt2-medium-shaped model (random
+weights), measured in one run:
+
+$ python bench_lora.py                                          # gpt2-medium: 24 x 1024
+$ python bench_lora.py --n_layer=12 --n_head=12 --n_embd=768    # gpt2
+
+The training state is what a run holds besides activations: the parameters, their gradients and
+AdamW's two moments. Each way takes an optimizer step on random tokens, then the bytes of those
+tensors are summed: full fine-tuning keeps gradients and moments for every parameter, LoRA
+for its adapters only. The last line gives LoRA's state as a fraction of full fine-tuning's.
+"""
+
+import torch
+
+import lora
+from configurator import configure, run
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+n_layer = 24  # gpt2-medium's shape
+n_head = 16
+n_embd = 1024
+vocab_size = 50257
+block_size = 1024
+tokens = 128  # the length of the one sequence each step trains on: activations are not counted
+freeze_layers = None  # finetune='freeze' as train.py does it: the embeddings and this many blocks; None: half
+lora_rank = 8  # LoRA as train.py's defaults
+lora_alpha = 16.0
+lora_targets = "c_attn,c_proj,c_fc"
+seed = 1337
+# -----------------------------------------------------------------------------
+
+
+def step(model):
+    """One AdamW step on random tokens, as train.py takes them; returns the optimizer."""
+    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), "cpu")
+    x = torch.randint(vocab_size, (1, tokens))
+    _, loss = model(x, x)
+    loss.backward()
+    optimizer.step()
+    return optimizer
+
+
+def state_bytes(model, optimizer):
+    """(parameters, gradients, optimizer state) in bytes; the tied embedding counts once."""
+    params = list(model.parameters())
+    moments = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    return (sum(p.nbytes for p in params),
+            sum(p.grad.nbytes for p in params if p.grad is not None),
+            sum(t.nbytes for t in moments))
+
+
+def main():
+    configure(globals())
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
+                          block_size=block_size, bias=True))
+    frozen = n_layer // 2 if freeze_layers is None else freeze_layers
+    ways = {"full": lambda m: m,
+            f"freeze {frozen}": lambda m: lora.freeze(m, frozen),
+            f"lora r={lora_rank}": lambda m: lora.apply(m, lora_rank, lora_alpha, 0.0, lora_targets)}
+    gib = 2 ** 30
+    print(f"{n_layer} layers x {n_embd}, {lora.count_params(model)[1] / 1e6:.1f}M parameters, float32; "
+          f"one step of {tokens} tokens\n")
+    print(f"{'finetune':>12} {'trainable':>12} {'params':>9} {'grads':>9} {'AdamW':>9} {'total':>9}")
+    totals = {}
+    for name, setup in ways.items():
+        setup(model.requires_grad_(True))  # every way starts from the whole model, trainable
+        optimizer = step(model)
+        sizes = state_bytes(model, optimizer)
+        totals[name] = sum(sizes)
+        print(f"{name:>12} {lora.count_params(model)[0]:>12,} "
+              + " ".join(f"{b / gib:>5.2f} GiB" for b in (*sizes, totals[name])))
+        del optimizer
+        model.zero_grad(set_to_none=True)  # free this way's state before the next one
+    full, lora_way = totals["full"], totals[f"lora r={lora_rank}"]
+    print(f"\nLoRA's training state is {lora_way / full:.3f} of full fine-tuning's "
+          f"({full / lora_way:.1f}x smaller)")
+
+
+if __name__ == "__main__":
+    run(main)
