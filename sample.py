@@ -44,7 +44,7 @@ stop = None  # a string, or a list of strings, that ends a sample (it is not pri
 stream = True  # print a lone sample as it is produced
 seed = 1337
 device = None  # None picks cuda, then mps, then cpu
-dtype = None  # weights in 'float32', 'bfloat16' or 'float16'; None picks the device's best
+dtype = None  # weights in 'float32', 'bfloat16' or 'float16'; None: float32 on CPUs (fastest there), else the GPU's best
 quantize = None  # 'int8': int8 weights in every matmul, for fast decoding on a CPU
 compile = False  # torch.compile the model (pays off only for long generations on CUDA)
 merge_lora = True  # a LoRA run: bake its adapters into the base weights, to decode at the base's speed
@@ -136,7 +136,7 @@ def main():
     if quantize not in (None, "int8"):
         raise UserError(f"quantize must be None or 'int8', got {quantize!r}")
     texts = read_prompts(start)
-    dev, _, precision, _ = hardware.setup(device, dtype)
+    dev, _, precision, _ = hardware.setup(device, dtype, training=False)
 
     model, tokenizer = load_model(init_from, out_dir, dev, precision)
     prompts = [encode_prompt(tokenizer, text) for text in texts]
