@@ -15,7 +15,7 @@ import time
 import torch
 
 import hardware
-from configurator import configure, run
+from configurator import UserError, configure, run
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -33,6 +33,7 @@ compile = False
 steps = 10  # timed steps, after warmup_steps untimed ones
 warmup_steps = 3
 compare = False  # time every precision x compile choice, and transformers' GPT-2
+precisions = "float32,bfloat16,float16"  # the autocast precisions --compare times
 # -----------------------------------------------------------------------------
 
 
@@ -91,7 +92,9 @@ def transformers_gpt2(config):
 
 
 def main():
-    configure(globals())
+    configure(globals(), skip_unknown_file_keys=True)  # train.py's configs give the shape
+    if n_embd % n_head != 0:
+        raise UserError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
     dev, device_type, precision, _ = hardware.setup(device, dtype)
     config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer,
                        n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias)
@@ -102,8 +105,7 @@ def main():
           f"{flops_per_token * tokens / 1e9:,.1f} GFLOP per iteration")
 
     if compare:
-        precisions = ["float32", "bfloat16", "float16"]
-        runs = [ours(config, p, c) for c in (False, True) for p in precisions]
+        runs = [ours(config, p, c) for c in (False, True) for p in precisions.split(",")]
         runs.append(transformers_gpt2(config) or ("transformers not installed", None, None, None))
     else:
         runs = [ours(config, precision, compile)]

@@ -59,7 +59,9 @@ def _coerce(key, value, default, origin):
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        raise UserError(f"{origin}: {key} must be a {type(default).__name__} "
+        kind = type(default).__name__
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise UserError(f"{origin}: {key} must be {article} {kind} "
                         f"(default {default!r}), got {value!r}")
     return value
 
@@ -79,8 +81,10 @@ def _print_help(defaults, script):
         print(f"  --{k.ljust(width)}  {v!r}")
 
 
-def configure(namespace, argv=None):
-    """Apply a config file and --key=value overrides to `namespace` (a script's globals)."""
+def configure(namespace, argv=None, skip_unknown_file_keys=False):
+    """Apply a config file and --key=value overrides to `namespace` (a script's globals).
+    skip_unknown_file_keys: a config file may set keys this script does not have (bench.py
+    reads train.py's configs for the model's shape); --key=value overrides stay strict."""
     argv = sys.argv[1:] if argv is None else argv
     defaults = knobs(namespace)
     script = namespace.get("__file__", "script.py")
@@ -89,7 +93,7 @@ def configure(namespace, argv=None):
         sys.exit(0)
     for arg in argv:
         if not arg.startswith("--"):
-            _apply_file(namespace, defaults, arg)
+            _apply_file(namespace, defaults, arg, skip_unknown_file_keys)
             continue
         key, sep, text = arg[2:].partition("=")
         if not sep:
@@ -100,7 +104,7 @@ def configure(namespace, argv=None):
     return knobs(namespace)
 
 
-def _apply_file(namespace, defaults, path):
+def _apply_file(namespace, defaults, path, skip_unknown):
     try:
         with open(path, encoding="utf-8") as f:
             source = f.read()
@@ -115,5 +119,7 @@ def _apply_file(namespace, defaults, path):
         if key.startswith("_") or type(value).__name__ == "module":
             continue
         if key not in defaults:
+            if skip_unknown:
+                continue
             raise UserError(f"{path}: unknown config key {key!r} (see --help for the list)")
         namespace[key] = _coerce(key, value, defaults[key], path)

@@ -36,7 +36,7 @@ def out_dir(trained, tmp_path):
 
 @pytest.mark.parametrize("args, words", [
     (["--n_layers=3"], ["unknown config key 'n_layers'"]),
-    (["--batch_size=abc"], ["batch_size must be a int", "'abc'"]),
+    (["--batch_size=abc"], ["batch_size must be an int", "'abc'"]),
     (["--learning_rate=True"], ["learning_rate must be a float"]),
     (["config/no_such_config.py"], ["cannot read config file", "no_such_config.py"]),
     (["--n_embd=30", "--n_head=4"], ["n_embd (30) must be divisible by n_head (4)"]),

@@ -34,7 +34,7 @@ def test_config_file_then_overrides(tmp_path):
 
 @pytest.mark.parametrize("argv, words", [
     (["--batch_sise=3"], "unknown config key 'batch_sise'"),
-    (["--batch_size=3.5"], "batch_size must be a int"),
+    (["--batch_size=3.5"], "batch_size must be an int"),
     (["--compile=1"], "compile must be a bool"),
     (["--learning_rate=fast"], "learning_rate must be a float"),
     (["--batch_size"], "--key=value"),
