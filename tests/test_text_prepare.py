@@ -122,3 +122,23 @@ def test_bad_input_is_one_line(tmp_path, args, words):
     for w in words:
         assert w in lines[0], lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_char_model_s_tokenizer_refuses_or_drops_unknown_characters(trained, tmp_path):
+    out_dir, _ = trained
+    src = tmp_path / "in.txt"
+    src.write_text("ROMEO: my lord [aside] 42 \u00e9!\n" * 200, encoding="utf-8")
+    refused = run_script(PREPARE, f"--input={src}", f"--out={tmp_path / 'refused'}", f"--tokenizer={out_dir}")
+    assert refused.returncode == 2 and "outside the vocabulary" in refused.stderr, refused.stderr
+    assert not (tmp_path / "refused").exists()
+
+    result = run_script(PREPARE, f"--input={src}", f"--out={tmp_path / 'out'}", f"--tokenizer={out_dir}",
+                        "--unknown=drop")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text(encoding="utf-8"))
+    tok = load_tokenizer(meta["tokenizer"])
+    known = set(meta["tokenizer"]["chars"])
+    assert "[" not in known and "\u00e9" not in known  # the shared corpus has neither
+    kept = "".join(ch for ch in src.read_text(encoding="utf-8") if ch in known)
+    ids = np.concatenate([np.fromfile(tmp_path / "out" / f"{s}.bin", dtype=meta["dtype"]) for s in ("train", "val")])
+    assert tok.decode(ids.tolist()) == kept and "dropped" in result.stdout

@@ -39,6 +39,7 @@ out = ""  # the dataset folder to write, e.g. data/mytext (then train with --dat
 tokenizer = "gpt2"  # 'gpt2', 'char', or a model: a folder, a hub id, a GPT-2 size, a run's out_dir
 documents = "stream"  # 'stream': the file is one text; 'lines': a document a line, end-of-text after each
 num_proc = 0  # processes that tokenise; 0 means one per CPU core
+unknown = "error"  # a char model's tokenizer: characters outside its vocabulary are an 'error', or 'drop'ped
 # -----------------------------------------------------------------------------
 
 PIECE = 1 << 18  # characters per unit of work: big enough to be worth sending, small for the progress bar
@@ -64,6 +65,17 @@ def get_tokenizer(name, text):
     # imported only for this
     from pretrained import load_pretrained
     return load_pretrained(name)[1]
+
+
+def drop_unknown_characters(tok, text):
+    """text without the characters a char vocabulary lacks, saying which went and how many."""
+    dropped = sorted(set(text) - tok.stoi.keys())
+    if dropped:
+        kept = "".join(ch for ch in text if ch in tok.stoi)
+        print(f"dropped {len(text) - len(kept):,} characters outside the vocabulary: "
+              + " ".join(repr(ch) for ch in dropped[:20]))
+        text = kept
+    return text
 
 
 def split(text, by_lines):
@@ -144,7 +156,11 @@ def main():
     if not text.strip():
         raise UserError(f"{input} is empty: there is nothing to train on")
     print(f"{input}: {len(text):,} characters")
+    if unknown not in ("error", "drop"):
+        raise UserError(f"unknown must be 'error' or 'drop', got {unknown!r}")
     tok = get_tokenizer(tokenizer, text)
+    if unknown == "drop" and isinstance(tok, CharTokenizer):
+        text = drop_unknown_characters(tok, text)
     eot = None
     if documents == "lines":
         if tok.eot_token is None:
