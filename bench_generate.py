@@ -4,14 +4,15 @@ nanoGPT-style loop without a KV cache, timed in one run on this machine.
 
 $ python bench_generate.py               # needs transformers (pip install -r requirements-test.txt)
 $ python bench_generate.py --repeat=5 --new_tokens=128
+$ python bench_generate.py --parts=char   # part 2 only
 
 1. A GPT-2 124M-shaped model with random weights; batch 1, a 16-token prompt, new_tokens
    greedy tokens. Ours with float32, bfloat16 and int8 weights; transformers' GPT2LMHeadModel
    (the same weights, float32); the no-cache loop. Also the quality cost of the smaller
    weights: their logits against float32's over a whole sequence.
 2. A char-level model shaped as nanoGPT's Shakespeare one (6 layers, 384 wide, 256 context,
-   65 characters): 10 samples of 500 characters, as one batch with our engine, and one after
-   another with the no-cache loop.
+   65 characters): 10 samples of 500 characters, as one batch with our engine (exact, and with
+   context_shift), and one after another with the no-cache loop.
 3. With --quality_from=<out_dir>: the val loss of that run's model with float32, bfloat16 and
    int8 weights, on its dataset's val.bin.
 
@@ -43,6 +44,7 @@ char_samples = 10
 char_tokens = 500
 seed = 0
 quality_from = ""  # an out_dir: report its model's val loss with each kind of weights
+parts = "gpt2,char"  # which of parts 1 and 2 to run
 # -----------------------------------------------------------------------------
 
 
@@ -144,21 +146,26 @@ def char_part():
     model = GPT(GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384)).eval()
     prompt = torch.zeros(1, 1, dtype=torch.long)  # one character, as sample.py's default "\n"
 
-    def batched(n):
-        engine.generate(model, prompt, n, temperature=0.8, top_k=200,
+    def batched(n, context_shift=False):
+        engine.generate(model, prompt, n, temperature=0.8, top_k=200, context_shift=context_shift,
                         num_return_sequences=char_samples, seed=seed)
 
     def one_by_one(n):
         for _ in range(char_samples):
             no_cache_generate(model, prompt, n, temperature=0.8, top_k=200)
 
-    runs = {"ours, one batch": batched, "no-cache loop, one by one": one_by_one}
-    # past the 256-token context both recompute the whole context for every token, as nanoGPT
-    # crops it (all positions shift, so cached keys and values go stale); within it the cache
-    # and the batch pay off in full
+    runs = {"ours, one batch": batched,
+            "ours, batch, context_shift": lambda n: batched(n, context_shift=True),
+            "no-cache loop, one by one": one_by_one}
+    # past the 256-token context, exact decoding recomputes the whole context for every token,
+    # as nanoGPT crops it (all positions shift, so cached keys and values go stale), for us and
+    # the loop alike; context_shift drops the older half of the context at once instead. Within
+    # the context the cache and the batch pay off in full, and context_shift changes nothing
     for tokens in (char_tokens, model.config.block_size - 1):
         print(f"\nchar model (6 x 384, context 256): {char_samples} samples of {tokens} tokens")
-        report(time_all(runs, tokens), char_samples * tokens, "no-cache loop, one by one")
+        timed = {name: fn for name, fn in runs.items()
+                 if tokens > model.config.block_size or "context_shift" not in name}
+        report(time_all(timed, tokens), char_samples * tokens, "no-cache loop, one by one")
 
 
 def quality_part():
@@ -180,8 +187,10 @@ def quality_part():
 def main():
     configure(globals())
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}\n")
-    gpt2_part()
-    char_part()
+    if "gpt2" in parts.split(","):
+        gpt2_part()
+    if "char" in parts.split(","):
+        char_part()
     if quality_from:
         quality_part()
 

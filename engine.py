@@ -101,21 +101,25 @@ class LayerCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-def fill(model, cache, ids, end):
-    """Cache the context of the token after ids[:, :end] and return its logits: the last
-    block_size tokens of each row, as nanoGPT crops. Once a sequence outgrows block_size every
-    token moves to a new position, so all keys and values change and are computed afresh."""
-    begin = max(0, end - cache.length)
+def fill(model, cache, ids, end, keep=None):
+    """Cache the context of the token after ids[:, :end] and return its logits: the last `keep`
+    tokens of each row (by default block_size of them, as nanoGPT crops). Once a sequence
+    outgrows block_size every token moves to a new position, so all keys and values change and
+    are computed afresh."""
+    begin = max(0, end - (keep or cache.length))
     window = ids[:, begin:end]
     cache.reset((window == PAD).sum(dim=1))
     return cache.feed(model, window.clamp(min=0))  # padding goes in as token 0, masked out
 
 
-def next_logits(model, cache, ids, end):
-    """Logits of the token after ids[:, :end], when the cache holds ids[:, :end - 1]."""
+def next_logits(model, cache, ids, end, context_shift=False):
+    """Logits of the token after ids[:, :end], when the cache holds ids[:, :end - 1].
+    With the cache full, nanoGPT's exact cropping re-reads the whole window for every token;
+    context_shift instead drops the older half of the window once and re-reads the newer half,
+    after which block_size / 2 tokens decode from the cache again (llama.cpp's context shift)."""
     if cache.size < cache.length:
         return cache.feed(model, ids[:, end - 1:end])
-    return fill(model, cache, ids, end)
+    return fill(model, cache, ids, end, max(1, cache.length // 2) if context_shift else None)
 
 
 # -----------------------------------------------------------------------------
@@ -139,6 +143,12 @@ class DecodingOptions:
     early_stopping: Union[bool, str] = False  # beams: True, False or "never", as Hugging Face's
     num_return_sequences: int = 1  # results per prompt: samples, or the best beams
     seed: Optional[int] = None  # seeds the sampling; None draws from torch's global generator
+    # past block_size: False keeps the last block_size tokens at every step, exactly as nanoGPT
+    # crops (each token then costs a forward pass over the whole window); True drops the older
+    # half of the window when it is full, which decodes many times faster but gives each token
+    # between block_size / 2 and block_size tokens of context (all rows shift at the same step,
+    # when the longest prompt's row fills the window)
+    context_shift: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -163,6 +173,8 @@ class DecodingOptions:
         if self.early_stopping not in (True, False, "never"):
             raise UserError("early_stopping must be True, False or 'never', "
                             f"got {self.early_stopping!r}")
+        if self.context_shift not in (True, False):
+            raise UserError(f"context_shift must be True or False, got {self.context_shift!r}")
         if self.num_beams > 1:
             if self.num_return_sequences > self.num_beams:
                 raise UserError(f"num_return_sequences ({self.num_return_sequences}) cannot "
@@ -342,7 +354,7 @@ def generate(model, prompts, max_new_tokens, stop_tokens=(), logits_processors=(
         done |= stopped
         if done.all() or t + 1 == total:
             return ids[:, :t + 1]
-        logits = next_logits(model, cache, ids, t + 1)
+        logits = next_logits(model, cache, ids, t + 1, opts.context_shift)
 
 
 # -----------------------------------------------------------------------------
@@ -433,7 +445,7 @@ def beam_search(model, prompts, opts, stop_tokens=(), logits_processors=()):
         all_full = is_finished.all() and opts.early_stopping is True
         if not improvable.any() or all_full or ends.all():
             break
-        logits = next_logits(model, cache, ids, t + 1)
+        logits = next_logits(model, cache, ids, t + 1, opts.context_shift)
 
     # the best num_return_sequences of each prompt, cut to the longest of them; the slots
     # after a sequence's end still hold PAD, and take the fill token

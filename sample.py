@@ -40,6 +40,7 @@ num_beams = 1  # > 1: beam search, deterministic: with temperature=0, top_k=None
 length_penalty = 1.0  # beam search ranks by log-probability / length**length_penalty
 early_stopping = False  # beam search: stop as soon as num_beams sequences are finished
 num_return_sequences = 1  # beam search: print this many of the best beams
+context_shift = False  # past the context: True drops its older half at once (much faster), False crops per token as nanoGPT
 stop = None  # a string, or a list of strings, that ends a sample (it is not printed)
 stream = True  # print a lone sample as it is produced
 seed = 1337
@@ -108,7 +109,8 @@ def decoding_options():
         min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
         num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-        num_return_sequences=num_samples if num_beams == 1 else num_return_sequences, seed=seed)
+        num_return_sequences=num_samples if num_beams == 1 else num_return_sequences, seed=seed,
+        context_shift=context_shift)
 
 
 def stop_strings():

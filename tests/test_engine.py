@@ -174,6 +174,30 @@ def test_cached_logits_equal_full_recompute_past_block_size(ours):
                 torch.testing.assert_close(logits[row], full[0, -1], rtol=1e-4, atol=1e-4)
 
 
+def test_context_shift_logits_equal_a_forward_pass_over_the_shifted_window(ours):
+    # context_shift: when the window is full, it restarts from its newer half; the logits at
+    # every step equal a forward pass over exactly that window, which the cache never re-reads
+    # between shifts
+    steps = []
+    def record(ids, logits):
+        steps.append((ids.clone(), logits.clone()))
+        return logits
+    out = ours.generate(prompts(3, 5), 3 * BLOCK, temperature=0, context_shift=True,
+                        logits_processors=[record])
+    begin, shifts = 0, 0
+    with torch.no_grad():
+        for ids, logits in steps:
+            end = ids.size(1)
+            if end - begin > BLOCK:
+                begin, shifts = end - BLOCK // 2, shifts + 1
+            full, _ = ours(ids[:, begin:end])
+            torch.testing.assert_close(logits, full[:, -1], rtol=1e-4, atol=1e-4)
+    assert shifts >= 4
+    # within the context it is the exact decoding
+    exact = ours.generate(prompts(3, 5), 3 * BLOCK, temperature=0)
+    assert torch.equal(out[:, :BLOCK + 1], exact[:, :BLOCK + 1])
+
+
 def test_batch_of_prompts_equals_each_prompt_alone(ours):
     rows = [prompts(1, n, seed=n)[0].tolist() for n in (2, 7, 4)]
     for options in (dict(temperature=0), dict(temperature=0, num_beams=3, num_return_sequences=2)):
