@@ -64,7 +64,8 @@ lora_rank = 8  # finetune='lora': rank of the adapters, which are all that train
 lora_alpha = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0  # dropout on the adapters' input
 lora_targets = "c_attn,c_proj,c_fc"  # the Linears of each block that get adapters (c_proj: attn's and mlp's)
-# AdamW
+# optimizer
+optim = "adamw"  # 'adamw', or 'muon': PyTorch's Muon for the blocks' matrices, AdamW for the rest
 learning_rate = 6e-4
 max_iters = 600000
 weight_decay = 1e-1
@@ -84,7 +85,9 @@ compile = None  # torch.compile the model; None compiles on CUDA only
 seed = 1337
 peak_flops = None  # the device's peak FLOP/s, for MFU; None uses a figure known for it
 # -----------------------------------------------------------------------------
-FINETUNE_KNOBS = ("finetune", "freeze_layers", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+# a resumed run keeps its checkpoint's values of these: they decide what the checkpoint holds
+KEPT_ON_RESUME = ("finetune", "freeze_layers", "lora_rank", "lora_alpha", "lora_dropout",
+                  "lora_targets", "optim")
 
 
 def check_config(cfg):
@@ -103,6 +106,8 @@ def check_config(cfg):
             and lora.checkpoint_path(cfg["init_from"]) == lora.checkpoint_path(cfg["out_dir"])):
         raise UserError(f"out_dir={cfg['out_dir']} is init_from's folder: the adapters would overwrite "
                         "the base model they are for; choose another out_dir")
+    if cfg["optim"] not in ("adamw", "muon"):
+        raise UserError(f"optim must be 'adamw' or 'muon', got {cfg['optim']!r}")
     if cfg["compile"] not in (None, True, False):
         raise UserError(f"compile must be True or False, got {cfg['compile']!r}")
     for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd",
@@ -198,10 +203,9 @@ def main():
             raise UserError(f"dataset {dataset!r} has {meta['vocab_size']} token ids, more than the "
                             f"{model.config.vocab_size} of {base}: prepare it with the model's tokenizer")
     # which parameters train: all, all but the embeddings and lowest blocks, or LoRA adapters
-    # only (the optimizer gets just those); a resumed run keeps its checkpoint's choice, which
-    # decides what the checkpoint holds
+    # only (the optimizer gets just those); a resumed run keeps its checkpoint's choice
     if checkpoint is not None:
-        cfg.update({k: v for k, v in checkpoint["config"].items() if k in FINETUNE_KNOBS})
+        cfg.update({k: v for k, v in checkpoint["config"].items() if k in KEPT_ON_RESUME})
     if cfg["finetune"] == "freeze":
         lora.freeze(model, cfg["freeze_layers"])
     elif cfg["finetune"] == "lora":
@@ -221,7 +225,8 @@ def main():
 
     # float16 needs loss scaling to keep small gradients from flushing to zero
     scaler = torch.amp.GradScaler(device_type, enabled=(precision == "float16"))
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
+                                           cfg["optim"])
     # batches are drawn from their own generator so its state can be saved and resumed;
     # the same seed on every process, which each takes its own rows of the global batch
     sampler = torch.Generator().manual_seed(seed)

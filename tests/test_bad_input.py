@@ -43,6 +43,7 @@ def out_dir(trained, tmp_path):
     (["--block_size=100000"], ["block_size=100000"]),
     (["--device=tpu"], ["device must be"]),
     (["--dtype=float8"], ["dtype must be"]),
+    (["--optim=sgd"], ["optim must be 'adamw' or 'muon'", "'sgd'"]),
 ])
 def test_train_rejects_bad_config(args, words, out_dir, char_dataset):
     result = run_script("train.py", *TINY, f"--dataset={char_dataset}", f"--out_dir={out_dir}",

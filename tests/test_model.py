@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from model import GPT, GPTConfig
@@ -23,11 +24,12 @@ def test_initial_loss_is_uniform_over_the_vocabulary():
         assert abs(loss.item() - math.log(vocab)) < 0.1 * math.log(vocab)
 
 
-def test_overfits_one_batch():
+@pytest.mark.parametrize("kind", ["adamw", "muon"])
+def test_overfits_one_batch(kind):
     model = tiny()
     x = torch.randint(65, (4, 32))
     y = torch.randint(65, (4, 32))
-    optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu")
+    optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu", kind)
     _, first = model(x, y)
     for _ in range(300):
         _, loss = model(x, y)
@@ -69,6 +71,25 @@ def test_weight_decay_only_on_matrices():
     assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
     n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n_opt == sum(p.numel() for p in model.parameters())
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = tiny()
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "muon")
+    adamw, muon = opt.optimizers
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    blocks = {id(p) for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    in_muon = [p for g in muon.param_groups for p in g["params"]]
+    assert {id(p) for p in in_muon} == blocks and len(in_muon) == len(blocks) == 2 * 4
+    assert muon.param_groups[0]["weight_decay"] == 0.1
+    # AdamW keeps the embeddings (the head is tied to wte) and the gains and biases
+    in_adamw = [id(p) for g in adamw.param_groups for p in g["params"]]
+    assert id(model.transformer.wte.weight) in in_adamw and id(model.transformer.wpe.weight) in in_adamw
+    assert sorted(in_adamw + list(blocks)) == sorted(id(p) for p in model.parameters())
+    # train.py sets the learning rate on every group of both
+    for group in opt.param_groups:
+        group["lr"] = 5e-4
+    assert adamw.param_groups[0]["lr"] == muon.param_groups[0]["lr"] == 5e-4
 
 
 def test_crop_block_size():

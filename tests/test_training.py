@@ -49,9 +49,11 @@ def test_two_process_ddp_matches_one_process_with_twice_the_batch(char_dataset, 
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
 
 
-def test_resume_is_bitwise_identical(char_dataset, tmp_path):
-    # dropout > 0: the resumed run must also restore the random state dropout draws from
-    args = ["--dropout=0.1", "--always_save_checkpoint=True"]
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+def test_resume_is_bitwise_identical(optim, char_dataset, tmp_path):
+    # dropout > 0: the resumed run must also restore the random state dropout draws from;
+    # Muon's momentum is restored as AdamW's moments are
+    args = ["--dropout=0.1", "--always_save_checkpoint=True", f"--optim={optim}"]
     train(tmp_path / "whole", char_dataset, *args, "--max_iters=30")
     train(tmp_path / "split", char_dataset, *args, "--max_iters=10")
     train(tmp_path / "split", char_dataset, *args, "--max_iters=30", "--init_from=resume")
