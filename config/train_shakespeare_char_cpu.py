@@ -1,14 +1,15 @@
 # A baby GPT on character-level Shakespeare, tuned for a 2-core CPU (no GPU): val loss below
-# 1.88 in about 30 seconds, where nanoGPT's CPU recipe (4 layers, 2000 iterations) takes 73.
+# 1.88 in about 25 seconds, where nanoGPT's CPU recipe (4 layers, 2000 iterations) takes 73.
 # $ python data/shakespeare_char/prepare.py
 # $ python train.py config/train_shakespeare_char_cpu.py
 # A run this short is limited by the number of optimizer steps it can take, not by the model's
 # size: a 2-layer model takes steps twice as fast as a 4-layer one and gets further in the same
-# time, at a learning rate a model this small tolerates. For a better model in 5 minutes see
-# train_shakespeare_char_cpu_5min.py.
+# time, at a learning rate a model this small tolerates; and Muon learns more per step than
+# AdamW (550 Muon steps: val 1.833 in 23 s; 900 AdamW steps: 1.865 in 32 s). For a better model
+# in 5 minutes see train_shakespeare_char_cpu_5min.py.
 
 out_dir = "out-shakespeare-char"
-eval_interval = 900  # = max_iters: evaluate only at the start and the end (the loop always does both)
+eval_interval = 550  # = max_iters: evaluate only at the start and the end (the loop always does both)
 eval_iters = 50  # 50 batches x 16 x 64 = 51k tokens per split, half of val: cheap but steady
 log_interval = 100
 always_save_checkpoint = False
@@ -29,9 +30,10 @@ n_embd = 128
 dropout = 0.0  # too few iterations to overfit
 bias = False
 
+optim = "muon"  # Muon for the blocks' matrices, AdamW for embeddings and gains (same lr)
 learning_rate = 6e-3  # a model this small tolerates a high learning rate
-max_iters = 900
-lr_decay_iters = 900  # = max_iters
+max_iters = 550
+lr_decay_iters = 550  # = max_iters
 min_lr = 6e-4  # learning_rate / 10
 beta2 = 0.99  # small batches
 warmup_iters = 30
