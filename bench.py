@@ -34,6 +34,7 @@ steps = 10  # timed steps, after warmup_steps untimed ones
 warmup_steps = 3
 compare = False  # time every precision x compile choice, and transformers' GPT-2
 precisions = "float32,bfloat16,float16"  # the autocast precisions --compare times
+optim = "adamw"  # our model's optimizer, as train.py's: 'adamw' or 'muon'
 # -----------------------------------------------------------------------------
 
 
@@ -51,9 +52,8 @@ def measure_matmul_peak(dev, size=4096, repeats=10):
     return 2 * size ** 3 * repeats / (time.perf_counter() - t)
 
 
-def time_steps(model, loss_fn, dev, autocast):
+def time_steps(model, optimizer, loss_fn, dev, autocast):
     """Seconds per optimizer step on random tokens; loss_fn(x, y) runs the forward pass."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(vocab_size, (batch_size, block_size), device=dev)
     y = torch.randint(vocab_size, (batch_size, block_size), device=dev)
     for i in range(warmup_steps + steps):
@@ -69,11 +69,13 @@ def time_steps(model, loss_fn, dev, autocast):
     return (time.perf_counter() - t) / steps
 
 
-def ours(config, precision, use_compile):
+def ours(config, precision, use_compile, device_type):
     torch.manual_seed(0)
     model = GPT(config)
     step = torch.compile(model) if use_compile else model
-    return f"ours {precision}, compile={use_compile}", precision, model, lambda x, y: step(x, y)[1]
+    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type, optim)
+    return (f"ours {precision}, compile={use_compile}", precision, model, optimizer,
+            lambda x, y: step(x, y)[1])
 
 
 def transformers_gpt2(config):
@@ -88,13 +90,17 @@ def transformers_gpt2(config):
                            attn_pdrop=config.dropout, attn_implementation="sdpa",
                            bos_token_id=None, eos_token_id=None)
     model = GPT2LMHeadModel(hf_config)
-    return "transformers GPT-2 float32", "float32", model, lambda x, y: model(input_ids=x, labels=y).loss
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return ("transformers GPT-2 float32, AdamW", "float32", model, optimizer,
+            lambda x, y: model(input_ids=x, labels=y).loss)
 
 
 def main():
     configure(globals(), skip_unknown_file_keys=True)  # train.py's configs give the shape
     if n_embd % n_head != 0:
         raise UserError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+    if optim not in ("adamw", "muon"):
+        raise UserError(f"optim must be 'adamw' or 'muon', got {optim!r}")
     dev, device_type, precision, _ = hardware.setup(device, dtype)
     config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer,
                        n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias)
@@ -105,17 +111,17 @@ def main():
           f"{flops_per_token * tokens / 1e9:,.1f} GFLOP per iteration")
 
     if compare:
-        runs = [ours(config, p, c) for c in (False, True) for p in precisions.split(",")]
-        runs.append(transformers_gpt2(config) or ("transformers not installed", None, None, None))
+        runs = [ours(config, p, c, device_type) for c in (False, True) for p in precisions.split(",")]
+        runs.append(transformers_gpt2(config) or ("transformers not installed", None, None, None, None))
     else:
-        runs = [ours(config, precision, compile)]
+        runs = [ours(config, precision, compile, device_type)]
     baseline = None
-    for name, run_precision, model, loss_fn in runs:
+    for name, run_precision, model, optimizer, loss_fn in runs:
         if model is None:
             print(name)
             continue
         model.to(dev).train()
-        dt = time_steps(model, loss_fn, dev, hardware.setup(dev, run_precision)[3])
+        dt = time_steps(model, optimizer, loss_fn, dev, hardware.setup(dev, run_precision)[3])
         baseline = baseline or dt
         mfu = flops_per_token * tokens / dt / peak
         print(f"{name:34s} {dt * 1000:9.1f} ms/iter {tokens / dt:9,.0f} tok/s  mfu {mfu * 100:5.1f}%  "
