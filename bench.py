@@ -15,7 +15,7 @@ import time
 import torch
 
 import hardware
-from configurator import UserError, configure, run
+from configurator import configure, run
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -97,10 +97,6 @@ def transformers_gpt2(config):
 
 def main():
     configure(globals(), skip_unknown_file_keys=True)  # train.py's configs give the shape
-    if n_embd % n_head != 0:
-        raise UserError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
-    if optim not in ("adamw", "muon"):
-        raise UserError(f"optim must be 'adamw' or 'muon', got {optim!r}")
     dev, device_type, precision, _ = hardware.setup(device, dtype)
     config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer,
                        n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias)
