@@ -201,9 +201,10 @@ class GPT(nn.Module):
         if kind not in ("adamw", "muon"):
             raise UserError(f"optim must be 'adamw' or 'muon', got {kind!r}")
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        in_blocks = {n for n, p in named if p.dim() == 2 and n.startswith("transformer.h.")}
-        muon = [p for n, p in named if kind == "muon" and n in in_blocks]
-        rest = [p for n, p in named if not (kind == "muon" and n in in_blocks)]
+        to_muon = {n for n, p in named
+                   if kind == "muon" and p.dim() == 2 and n.startswith("transformer.h.")}
+        muon = [p for n, p in named if n in to_muon]
+        rest = [p for n, p in named if n not in to_muon]
         groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
         # the fused kernel does the whole update in one launch per group
@@ -243,10 +244,6 @@ class Optimizers:
     @property
     def param_groups(self):
         return [group for opt in self.optimizers for group in opt.param_groups]
-
-    @property
-    def state(self):
-        return {p: s for opt in self.optimizers for p, s in opt.state.items()}
 
     def step(self):
         for opt in self.optimizers:
