@@ -1,54 +1,326 @@
 """
-Checkpoint files: written atomically, read without unpickling code.
+Every model this repo reads and every run it writes, in one place.
 
-A checkpoint is a dict of tensors and plain Python data (nanoGPT's keys:
-model, optimizer, model_args, iter_num, best_val_loss, config; plus the
-tokenizer spec and the RNG / data-sampler state). It is saved to a temporary
-file in the same folder, flushed to disk, then renamed over the old one, so a
-crash at any moment leaves either the old or the new checkpoint, never half
-of one. Loading uses torch.load(weights_only=True), which refuses anything but
-tensors and plain containers.
+    save_run(path, model, optimizer, ...)              # a training run's ckpt.pt
+    model, run = load_run(path)                        # ... read back, to resume it
+    model, tokenizer = load_model(source)              # any source a user can name
+    tokenizer = load_tokenizer(source)                 # its tokenizer alone, no weights read
+
+A source is one of
+- our run: its out_dir or ckpt.pt, full weights or LoRA adapters (with where their base is);
+- a nanoGPT run: its out_dir or ckpt.pt (a char model's vocabulary from its meta.pkl);
+- a Hugging Face model: a folder, a hub id, or a GPT-2 size (gpt2 ... gpt2-xl), read by hf.py.
+A folder holding a ckpt.pt is a run, whatever else it holds.
+
+The run format is nanoGPT's ckpt.pt: a dict with model (the state dict), optimizer, model_args,
+iter_num, best_val_loss and config, plus tokenizer (tokenizer.py's spec), val_loss and the
+sampler / RNG states for an exact resume. A LoRA run stores adapters and base instead of model.
+It is written atomically (atomic.py) and read with torch.load(weights_only=True), which refuses
+anything but tensors and plain containers, memory-mapped, so each file is read once and only
+the tensors that are used take memory.
+
+Models are built on the meta device (shapes only: no memory, no random init) and each loaded
+tensor takes its parameter's place, so loading costs about 1x the weights' memory.
 """
 
-import glob
+import dataclasses
 import os
 import pickle
 import zipfile
 
 import torch
+from torch import nn
 
-from configurator import UserError
+import hardware
+import hf
+import lora
+from atomic import atomic_write
+from errors import UserError
+from model import GPT, GPTConfig
+from tokenizer import CharTokenizer, TiktokenTokenizer, from_spec
 
+# the positive int fields of a GPTConfig (model_args), checked wherever one is read
+SIZES = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+
+
+# -----------------------------------------------------------------------------
+# Files
 
 def save_checkpoint(obj, path):
-    # a process killed while writing leaves its temp file behind: clear those first
-    for stale in glob.glob(glob.escape(path) + ".tmp.*"):
-        os.remove(stale)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    # make the rename itself durable
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """torch.save(obj) to path, atomically: a crash leaves the old file or the new one."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path):
+    """A file written by torch.save, memory-mapped, without unpickling any code."""
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path} (train one first, or check --out_dir)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError) as e:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0][:120]
+        raise UserError(f"{path} holds more than tensors and plain data, refused: loading it could "
+                        f"run code ({reason})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {path} is unreadable or corrupt ({reason[:120]}); "
                         "restore it or train again") from None
+
+
+def model_config(args, source=None):
+    """A GPTConfig from model_args (a checkpoint's, config.json's, or the flags'), checked."""
+    where = f"{source}: " if source else ""
+    for key in SIZES:
+        value = args.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{where}{key} must be a positive integer, got {value!r}")
+    if args["n_embd"] % args["n_head"] != 0:
+        raise UserError(f"{where}n_embd ({args['n_embd']}) must be divisible by n_head ({args['n_head']})")
+    dropout = args.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise UserError(f"{where}dropout must be in [0, 1), got {dropout!r}")
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    return GPTConfig(**{k: v for k, v in args.items() if k in fields})
+
+
+# -----------------------------------------------------------------------------
+# Our runs (and nanoGPT's, whose format ours keeps)
+
+def save_run(path, model, optimizer, config, tokenizer_spec, base=None, **progress):
+    """Write a training run's checkpoint. tokenizer_spec: tokenizer.py's spec of the run's
+    tokens (None if its dataset names none). base: where a LoRA run's base model comes from
+    (a name, a hub id, or a path, stored absolute so the run loads from anywhere); such a run
+    saves its adapters, not the base's weights. progress: iter_num, best_val_loss, val_loss
+    and the sampler / RNG states, stored as they are."""
+    if base is None:
+        weights = {"model": model.state_dict()}
+    else:
+        weights = {"adapters": lora.adapters(model),
+                   "base": os.path.abspath(base) if os.path.exists(base) else base}
+    save_checkpoint({**weights, "optimizer": optimizer.state_dict(),
+                     "model_args": dataclasses.asdict(model.config), "config": config,
+                     "tokenizer": tokenizer_spec, **progress}, path)
+
+
+def load_run(path, device="cpu", dtype=torch.float32, dropout=None, _loading=()):
+    """(model, run) from a ckpt.pt of ours or nanoGPT's. model holds the run's weights; for a
+    LoRA run it is the base model, and run["adapters"] holds what goes on it. run is the rest of
+    the checkpoint: optimizer, iter_num, config, tokenizer (a spec), sampler and RNG states.
+    dropout replaces the checkpoint's."""
+    run = load_checkpoint(path)
+    if not isinstance(run, dict) or not isinstance(run.get("model_args"), dict) or \
+            not isinstance(run.get("model", run.get("adapters")), dict):
+        raise UserError(f"{path} is not a checkpoint of a run (no model / model_args)")
+    args = dict(run["model_args"])
+    if dropout is not None:
+        args["dropout"] = dropout
+    config = model_config(args, path)
+    if "adapters" in run:
+        model = load_lora_base(path, run, device, dtype, dropout, _loading)
+    else:
+        model = fill_model(config, torch_tensors(run.pop("model")), nanogpt_rename, device, dtype, path)
+    return model, run
+
+
+def load_lora_base(path, run, device, dtype, dropout, loading):
+    """The base model a LoRA run was trained on (merged, if it is a LoRA run itself), checked
+    against the shapes the run's adapters were made for."""
+    base = run.get("base")
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{path} is a LoRA run without the name of its base model")
+    own = os.path.abspath(path)
+    if run_path(base) in (*loading, own):
+        raise UserError(f"{path} names {base} as its base model, which leads back to {path} "
+                        "(the base was overwritten, or two runs name each other)")
+    model, tokenizer = load_model(base, device, dtype, dropout, _loading=(*loading, own))
+    for key in ("n_layer", "n_head", "n_embd", "vocab_size"):
+        if getattr(model.config, key) != run["model_args"][key]:
+            raise UserError(f"{path} was trained on a base with {key}={run['model_args'][key]}, "
+                            f"but its base {base} now has {getattr(model.config, key)}")
+    if run.get("tokenizer") is None:
+        run["tokenizer"] = tokenizer.spec()
+    return model
+
+
+def lora_settings(config):
+    """lora.apply's settings, as a run's config saved them."""
+    return dict(rank=config["lora_rank"], alpha=config["lora_alpha"],
+                dropout=config["lora_dropout"], targets=config["lora_targets"])
+
+
+def nanogpt_rename(name):
+    """(our parameter name, transpose=False) of a state-dict key, or None to skip it: a
+    torch.compile'd model saves its parameters under _orig_mod.; nanoGPT's own attention
+    (without flash) saved its causal mask as attn.bias; the head is tied to wte."""
+    name = name.removeprefix("_orig_mod.")
+    if name == "lm_head.weight" or name.endswith(".attn.bias"):
+        return None
+    return name, False
+
+
+def run_tokenizer(run, path):
+    """Ours carry a tokenizer spec. nanoGPT's char models have a meta.pkl, which nanoGPT's
+    sample.py finds at data/<dataset>/meta.pkl of its repo: look beside the checkpoint, then
+    there. Without one, nanoGPT assumes GPT-2's BPE, and so do we, if the vocabulary fits."""
+    if run.get("tokenizer") is not None:
+        return from_spec(run["tokenizer"])
+    folder = os.path.dirname(os.path.abspath(path))
+    candidates = [os.path.join(folder, "meta.pkl")]
+    dataset = (run.get("config") or {}).get("dataset")
+    if dataset:
+        candidates.append(os.path.join(os.path.dirname(folder), "data", str(dataset), "meta.pkl"))
+    for meta_path in candidates:
+        if os.path.exists(meta_path):
+            itos = read_meta_pkl(meta_path)
+            return CharTokenizer("".join(itos[i] for i in range(len(itos))))
+    vocab_size = run["model_args"]["vocab_size"]
+    if vocab_size < hf.GPT2_VOCAB_SIZE:
+        raise UserError(f"{path} has a {vocab_size}-token vocabulary but no meta.pkl (looked in "
+                        f"{' and '.join(candidates)}): copy its dataset's meta.pkl beside it")
+    return TiktokenTokenizer("gpt2")
+
+
+class PlainUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings and numbers only: a pickle that names any class or
+    function (the way pickles run code) is refused."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names {module}.{name}")
+
+
+def read_meta_pkl(path):
+    """The itos vocabulary ({id: character}) of a nanoGPT meta.pkl."""
+    try:
+        with open(path, "rb") as f:
+            meta = PlainUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+            AttributeError, MemoryError, UnicodeDecodeError, OverflowError) as e:
+        raise UserError(f"{path} is not a plain nanoGPT meta.pkl ({type(e).__name__}: "
+                        f"{str(e)[:80]}): refused") from None
+    itos = meta.get("itos") if isinstance(meta, dict) else None
+    if not isinstance(itos, dict) or sorted(itos) != list(range(len(itos))) or \
+            not all(isinstance(c, str) and len(c) == 1 for c in itos.values()):
+        raise UserError(f"{path} is not a nanoGPT meta.pkl (no itos vocabulary of ids 0 ... n-1 "
+                        "to characters)")
+    return itos
+
+
+# -----------------------------------------------------------------------------
+# Any source
+
+def run_folder(source):
+    """The folder a source names, absolute: itself, or the folder of a file."""
+    return os.path.abspath(os.path.dirname(source) if source.endswith(".pt") else source)
+
+
+def run_path(source):
+    """The ckpt.pt that source names (itself, or the one in the folder), absolute; None if the
+    source is not a run (a Hugging Face folder, a hub id, a GPT-2 size)."""
+    if os.path.isfile(source) or source.endswith(".pt"):
+        return os.path.abspath(source)
+    if os.path.isfile(os.path.join(source, "ckpt.pt")):
+        return os.path.abspath(os.path.join(source, "ckpt.pt"))
+    return None
+
+
+def load_model(source, device="cpu", dtype=None, dropout=None, block_size=None, merge_lora=True,
+               _loading=()):
+    """(GPT, tokenizer) from any source (see the top of this file), in eval-ready form.
+    dtype: the parameters' dtype (a torch dtype or its name), float32 by default; dropout:
+    replaces the checkpoint's; block_size: crops the context to this many positions;
+    merge_lora: a LoRA run's adapters are baked into the weights (a plain GPT, at the base's
+    speed), else kept as trainable LoRA layers."""
+    dtype = hardware.DTYPES[hardware.check_dtype(dtype)] if isinstance(dtype, str) else dtype
+    dtype = dtype or torch.float32
+    path = run_path(source)
+    if path is not None:
+        model, run = load_run(path, device, dtype, dropout, _loading)
+        tokenizer = run_tokenizer(run, path)
+        if "adapters" in run:
+            lora.apply(model, **lora_settings(run["config"]), adapters=run["adapters"])
+            if merge_lora:
+                lora.merge(model)
+    else:
+        model, tokenizer = load_hf(source, device, dtype, dropout)
+    if block_size is not None and block_size != model.config.block_size:
+        if block_size > model.config.block_size:
+            raise UserError(f"block_size={block_size} is larger than the context of {source} "
+                            f"({model.config.block_size} positions): lower --block_size")
+        model.crop_block_size(block_size)
+    return model, tokenizer
+
+
+def load_hf(name_or_path, device, dtype, dropout):
+    folder = hf.locate(name_or_path)
+    config = model_config(hf.model_args(hf.read_config(folder, name_or_path), name_or_path, dropout),
+                          name_or_path)
+    tokenizer = hf.folder_tokenizer(folder, name_or_path, config.vocab_size)
+    files = hf.weight_files(folder, name_or_path)
+    if files[0].endswith(".bin"):
+        tensors = torch_tensors(load_checkpoint(files[0]))
+    else:
+        tensors = (t for path in files for t in hf.safetensors_tensors(path))
+    return fill_model(config, tensors, hf.rename, device, dtype, name_or_path), tokenizer
+
+
+def load_tokenizer(source):
+    """The tokenizer of any source, without reading its weights (a run's checkpoint is
+    memory-mapped, and a hub download fetches only the config and tokenizer files)."""
+    path = run_path(source)
+    if path is None:
+        folder = hf.locate(source, weights=False)
+        args = hf.model_args(hf.read_config(folder, source), source)
+        return hf.folder_tokenizer(folder, source, args["vocab_size"])
+    run = load_checkpoint(path)
+    if not isinstance(run, dict) or not isinstance(run.get("model_args"), dict):
+        raise UserError(f"{path} is not a checkpoint of a run (no model / model_args)")
+    if run.get("tokenizer") is None and isinstance(run.get("base"), str):
+        return load_tokenizer(run["base"])  # a LoRA run of an older format: its base's
+    return run_tokenizer(run, path)
+
+
+# -----------------------------------------------------------------------------
+# Tensors into a GPT
+
+def torch_tensors(state):
+    """The tensors of a state dict as (name, shape, read), as hf.safetensors_tensors gives them."""
+    if not isinstance(state, dict):
+        raise UserError("the checkpoint's weights are not a state dict of tensors")
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor):
+            yield name, list(tensor.shape), lambda out, transpose, t=tensor: out.copy_(t.t() if transpose else t)
+
+
+def fill_model(config, tensors, rename, device, dtype, name):
+    """A GPT of `config` whose parameters are exactly the given tensors, allocated once each:
+    the model is built on the meta device and the loaded tensors are assigned to it.
+    tensors: (file name, shape, read) triples; rename(file name) -> (our name, transpose) or None."""
+    with torch.device("meta"):
+        model = GPT(config)
+    wanted = dict(model.named_parameters())  # tied parameters once, under their first name
+    loaded = {}
+    for file_name, shape, read in tensors:
+        renamed = rename(file_name)
+        if renamed is None:
+            continue
+        ours, transpose = renamed
+        if ours not in wanted:
+            raise UserError(f"{name} has a tensor {file_name} that GPT-2 does not: "
+                            "not a GPT-2-architecture checkpoint")
+        expected = list(wanted[ours].shape)
+        expected_in_file = expected[::-1] if transpose else expected
+        if list(shape) != expected_in_file:
+            raise UserError(f"{name}: tensor {file_name} has shape {list(shape)}, but its "
+                            f"config implies {expected_in_file}")
+        out = torch.empty(expected, dtype=dtype, device=device)
+        read(out, transpose)
+        loaded[ours] = nn.Parameter(out)
+    missing = [n for n in wanted if n not in loaded]
+    if missing:
+        raise UserError(f"{name} lacks {len(missing)} tensor(s) of its GPT-2 config, "
+                        f"e.g. {missing[0]}")
+    # give every name of a tied parameter the same loaded tensor, so the tie survives
+    first_name = {id(p): n for n, p in wanted.items()}
+    state = {n: loaded[first_name[id(p)]] for n, p in model.named_parameters(remove_duplicate=False)}
+    model.load_state_dict(state, assign=True)
+    return model

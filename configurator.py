@@ -20,9 +20,7 @@ line on stderr and exit code 2, no traceback (see `run`).
 import ast
 import sys
 
-
-class UserError(Exception):
-    """Bad input from the user: reported as one line, exit code 2."""
+from errors import UserError
 
 
 def run(main):

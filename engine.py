@@ -11,7 +11,8 @@ engine.py apart from gpt.py:
 - process_logits(): Hugging Face's order: penalties, the n-gram ban, the caller's own
   processors, then temperature -> top-k -> top-p -> min-p.
 - generate(): greedy decoding and sampling of many rows at once; beam_search().
-- quantize_int8(): int8 weight-only Linear layers, for fast decoding on a CPU.
+- quantize_int8(): int8 weight-only Linear layers, for fast decoding on a CPU; ThinLinear, the
+  route generate() gives float32 Linear layers on a CPU for the few rows decoding feeds them.
 - TextStream: the text of one row as its tokens arrive, for streaming and stop strings.
 
 Rows of a batch are left-padded to the longest prompt; each row's tokens get the positions
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from configurator import UserError
+from errors import UserError
 
 PAD = -1  # fills the left of rows whose prompt is shorter than the longest; never a token
 
@@ -323,6 +324,7 @@ def generate(model, prompts, max_new_tokens, stop_tokens=(), logits_processors=(
     as Hugging Face's rows repeat their padding."""
     opts = DecodingOptions(max_new_tokens, **options)
     prompts = as_token_lists(prompts)
+    use_thin_linears(model)
     if opts.num_beams > 1:
         return beam_search(model, prompts, opts, stop_tokens, logits_processors)[0]
 
@@ -457,6 +459,50 @@ def beam_search(model, prompts, opts, stop_tokens=(), logits_processors=()):
 
 
 # -----------------------------------------------------------------------------
+# Linear layers for decoding on a CPU
+
+class ThinLinear(nn.Linear):
+    """nn.Linear, with a faster route for the few rows of input that decoding gives it on a CPU.
+
+    Decoding multiplies one row per sequence by every weight matrix, so its speed is the speed at
+    which the weights stream from memory. For such thin float32 inputs PyTorch's CPU
+    matrix-vector route keeps one core busy, while the same product as a batched matmul over the
+    two halves of the weight keeps them all at work (the README's generation figures). Many
+    rows (a prompt, training), other devices and other dtypes take nn.Linear's route."""
+
+    def forward(self, x):
+        rows = x.numel() // x.size(-1)
+        if rows > 4 or x.device.type != "cpu" or x.dtype != torch.float32:
+            return super().forward(x)
+        out_features, in_features = self.weight.shape
+        half = out_features // 2
+        columns = x.reshape(rows, in_features).t()
+        y = torch.bmm(self.weight[:2 * half].view(2, half, in_features), columns.expand(2, -1, -1))
+        y = y.reshape(2 * half, rows)
+        if 2 * half < out_features:  # the odd row out (GPT-2's vocabulary has 50257 tokens)
+            y = torch.cat((y, self.weight[2 * half:] @ columns))
+        y = y.t() if self.bias is None else y.t() + self.bias
+        return y.reshape(*x.shape[:-1], out_features)
+
+
+def use_thin_linears(model):
+    """Give every plain nn.Linear of a CPU model ThinLinear's route, in place (merged LoRA layers
+    included). The parameters stay the very same tensors, under the same names, so ties, state
+    dicts and training are unchanged."""
+    if model.transformer.wte.weight.device.type != "cpu":
+        return model
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is nn.Linear:
+                with torch.device("meta"):  # no memory for weights about to be replaced
+                    thin = ThinLinear(child.in_features, child.out_features, bias=False)
+                thin.weight, thin.bias = child.weight, child.bias
+                thin.train(child.training)
+                setattr(module, name, thin)
+    return model
+
+
+# -----------------------------------------------------------------------------
 # int8 weights
 
 class Int8Linear(nn.Module):
@@ -479,7 +525,7 @@ class Int8Linear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
         else:
             # the kernel's time grows with every row; for a long prompt a bfloat16 matmul with
-            # the weight widened once is faster (the crossover measured here: 32 to 64 rows)
+            # the weight widened once is faster (the crossover lies between 32 and 64 rows)
             y = flat @ (self.weight.to(torch.bfloat16) * self.scale[:, None]).t()
         y = y.to(x.dtype).view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias

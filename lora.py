@@ -1,5 +1,5 @@
 """
-Fine-tuning less than the whole model: frozen lower layers, or LoRA adapters.
+LoRA adapters: fine-tuning a low-rank change to a model's Linear layers instead of the layers.
 
 LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) leaves a pretrained Linear's weight W
 as it is and learns a low-rank change to it:
@@ -10,25 +10,21 @@ Only A and B train: rank * (in + out) numbers instead of in * out, so their grad
 AdamW's two moments are tiny, and a checkpoint holds them and a reference to the base model.
 B starts at zero, so the adapted model starts out computing exactly what the base does.
 
-    lora.freeze(model, n)                  # embeddings and the lowest n blocks stop training
     lora.apply(model, 8, 16, 0.0, "c_attn,c_proj,c_fc")  # adapters on those; all else frozen
+    lora.apply(model, ..., adapters=saved)  # ... holding a run's saved adapters
     lora.adapters(model)                   # {name: tensor} of the A and B matrices
-    lora.load_adapters(model, adapters)
     lora.merge(model)                      # bake the adapters into the weights: a plain GPT
-    lora.load_model(source, merge_adapters=True)  # load_pretrained that also reads a LoRA run
+
+A LoRA run's checkpoint (checkpoint.py) holds lora.adapters(model) and where the base came from.
 """
 
 import math
-import os
-import pickle
-import zipfile
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from configurator import UserError
-from pretrained import load_pretrained
+from errors import UserError
 
 
 class LoRALinear(nn.Module):
@@ -89,8 +85,9 @@ def parse_targets(targets, block):
     return chosen
 
 
-def apply(model, rank, alpha, dropout, targets):
-    """Put LoRA adapters on the targeted Linears of every block of a GPT and freeze all else."""
+def apply(model, rank, alpha, dropout, targets, adapters=None):
+    """Put LoRA adapters on the targeted Linears of every block of a GPT and freeze all else;
+    adapters: saved adapter matrices (a run's) to start from, instead of B = 0."""
     if rank < 1:
         raise UserError(f"lora_rank must be at least 1, got {rank}")
     if not 0 <= dropout < 1:
@@ -101,25 +98,9 @@ def apply(model, rank, alpha, dropout, targets):
             parent, _, name = path.rpartition(".")
             parent = block.get_submodule(parent)
             setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))
+    if adapters is not None:
+        load_adapters(model, adapters)
     return model
-
-
-def freeze(model, n_layers):
-    """Freeze the embeddings and the lowest n_layers blocks of a GPT. The output head is tied
-    to the token embedding, so it stays as it is too."""
-    blocks = model.transformer.h
-    if not 0 <= n_layers <= len(blocks):
-        raise UserError(f"freeze_layers={n_layers}, but the model has {len(blocks)} layers: "
-                        f"choose 0 ... {len(blocks)}")
-    for module in (model.transformer.wte, model.transformer.wpe, *blocks[:n_layers]):
-        module.requires_grad_(False)
-    return model
-
-
-def count_params(model):
-    """(trainable, total) parameter counts; the tied embedding / head counts once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def lora_layers(model):
@@ -153,51 +134,3 @@ def merge(model):
         setattr(parent, name, layer.merged())
     return model.requires_grad_(True)
 
-
-# -----------------------------------------------------------------------------
-# LoRA checkpoints: the adapters and a reference to the base model, which is loaded again
-
-def checkpoint_entries(model, base):
-    """What a LoRA run's checkpoint holds in place of the model's weights. A base given as a
-    local path is stored as an absolute one, so the run can be loaded from anywhere."""
-    return {"adapters": adapters(model), "base": os.path.abspath(base) if os.path.exists(base) else base}
-
-
-def checkpoint_path(source):
-    """The ckpt.pt that source names (itself, or the one in the folder), as load_pretrained reads it."""
-    return os.path.abspath(source if os.path.isfile(source) else os.path.join(source, "ckpt.pt"))
-
-
-def read_lora_checkpoint(source):
-    """The checkpoint at source (a ckpt.pt, or a folder holding one) if it is a LoRA run's,
-    else None. The file is memory-mapped, not read: a full model's checkpoint costs nothing to
-    look at. An unreadable one is left for load_pretrained to report."""
-    path = checkpoint_path(source)
-    if not os.path.isfile(path):
-        return None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile):
-        return None
-    return checkpoint if isinstance(checkpoint, dict) and "adapters" in checkpoint else None
-
-
-def load_model(source, merge_adapters=False, **kwargs):
-    """(model, tokenizer) as pretrained.load_pretrained(source, **kwargs) gives them, and from a
-    LoRA run too (its out_dir or ckpt.pt): the base model it refers to, with its adapters
-    applied, and baked into the weights if merge_adapters."""
-    checkpoint = read_lora_checkpoint(source)
-    if checkpoint is None:
-        return load_pretrained(source, **kwargs)
-    if checkpoint_path(checkpoint["base"]) == checkpoint_path(source):
-        raise UserError(f"{source} names itself as its base model (the base was overwritten)")
-    # the base may be a LoRA run itself: it comes merged, as a plain model
-    model, tokenizer = load_model(checkpoint["base"], merge_adapters=True, **kwargs)
-    config, args = checkpoint["config"], checkpoint["model_args"]
-    for key in ("n_layer", "n_head", "n_embd", "vocab_size"):
-        if getattr(model.config, key) != args[key]:
-            raise UserError(f"{source} was trained on a base with {key}={args[key]}, but its base "
-                            f"{checkpoint['base']} now has {getattr(model.config, key)}")
-    apply(model, config["lora_rank"], config["lora_alpha"], config["lora_dropout"], config["lora_targets"])
-    load_adapters(model, checkpoint["adapters"])
-    return (merge(model) if merge_adapters else model), tokenizer

@@ -10,16 +10,12 @@ References:
 2) Hugging Face's implementation: transformers/models/gpt2/modeling_gpt2.py
 """
 
-import inspect
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-
-import engine
-from configurator import UserError
 
 
 @dataclass
@@ -32,43 +28,14 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True        # biases in Linears and LayerNorms, as GPT-2; False is a bit better and faster
 
-    def __post_init__(self):
-        if self.n_head < 1 or self.n_embd % self.n_head != 0:
-            raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-
-
-class Linear(nn.Linear):
-    """nn.Linear, with a faster route for the few rows of input that decoding gives it on a CPU.
-
-    Decoding multiplies one row per sequence by every weight matrix, so its speed is the speed
-    at which the weights stream from memory. For such thin float32 inputs, PyTorch's CPU
-    matrix-vector route reaches about 12 GB/s on our 2-core machine (torch 2.13), while the same
-    product as a batched matmul over the two halves of the weight reaches about 30, with both
-    cores at work: GPT-2 decodes 2.3x faster (bench_generate.py). Training's many rows, and
-    other devices and dtypes, take nn.Linear's route."""
-
-    def forward(self, x):
-        rows = x.numel() // x.size(-1)
-        if rows > 4 or x.device.type != "cpu" or x.dtype != torch.float32:
-            return super().forward(x)
-        out_features, in_features = self.weight.shape
-        half = out_features // 2
-        columns = x.reshape(rows, in_features).t()
-        y = torch.bmm(self.weight[:2 * half].view(2, half, in_features), columns.expand(2, -1, -1))
-        y = y.reshape(2 * half, rows)
-        if 2 * half < out_features:  # the odd row out (GPT-2's vocabulary has 50257 tokens)
-            y = torch.cat((y, self.weight[2 * half:] @ columns))
-        y = y.t() if self.bias is None else y.t() + self.bias
-        return y.reshape(*x.shape[:-1], out_features)
-
 
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
         # query, key and value projections for all heads, in one matmul
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout_p = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
@@ -96,9 +63,9 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2 was trained with the tanh approximation
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -121,6 +88,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """GPT(config) is a GPT-2 with GPT-2's random init. Built on the meta device, as the loaders
+    in checkpoint.py build it (`with torch.device("meta"): GPT(config)`), it has shapes and no
+    memory and nothing is initialised: the loaded tensors take the parameters' places."""
 
     def __init__(self, config):
         super().__init__()
@@ -128,30 +98,27 @@ class GPT(nn.Module):
         assert config.block_size is not None
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            wte=embedding(config.vocab_size, config.n_embd),
+            wpe=embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying: the output head reads logits off the token embedding
         # (https://paperswithcode.com/method/weight-tying)
         self.transformer.wte.weight = self.lm_head.weight
-        self.apply(self._init_weights)
-        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block adds two
-        # of them to the residual stream, and this keeps its variance from growing with depth
+        if self.lm_head.weight.device.type != "meta":
+            self.init_weights()
+
+    def init_weights(self):
+        """GPT-2's init: normal(0, 0.02) matrices and embeddings, zero biases, and the residual
+        projections scaled by 1/sqrt(2 * n_layer): each block adds two of them to the residual
+        stream, and this keeps its variance from growing with depth."""
+        self.apply(_init_module)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
     def get_num_params(self, non_embedding=True):
         """Parameter count; the position embedding is left out by default, as is usual.
@@ -189,33 +156,6 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, kind="adamw"):
-        """The optimizer for the parameters that train, with weight decay on matrices (matmul
-        weights, embeddings) only: biases and LayerNorm gains are left undecayed.
-        kind="adamw": AdamW for all. kind="muon": PyTorch's Muon for the matrices inside the
-        blocks, AdamW for the rest (embeddings, the tied head, gains), as Muon's authors advise.
-        Muon orthogonalises each matrix's update (Newton-Schulz iterations); with the update
-        scaled to AdamW's size (match_rms_adamw) the same learning rate serves both. It learns
-        far more per step: on char Shakespeare it reached val 1.65 in 1150 steps, where AdamW
-        took 4600 steps to reach 1.62."""
-        if kind not in ("adamw", "muon"):
-            raise UserError(f"optim must be 'adamw' or 'muon', got {kind!r}")
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        to_muon = {n for n, p in named
-                   if kind == "muon" and p.dim() == 2 and n.startswith("transformer.h.")}
-        muon = [p for n, p in named if n in to_muon]
-        rest = [p for n, p in named if n not in to_muon]
-        groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-        # the fused kernel does the whole update in one launch per group
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        extra = {"fused": True} if fused else {}
-        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
-        if not muon:
-            return adamw
-        return Optimizers(adamw, torch.optim.Muon(muon, lr=learning_rate, weight_decay=weight_decay,
-                                                  adjust_lr_fn="match_rms_adamw"))
-
     def flops_per_token(self):
         """Forward + backward matmul FLOPs per token, as in the PaLM paper, appendix B."""
         cfg = self.config
@@ -230,32 +170,22 @@ class GPT(nn.Module):
         """Continue each row of idx (B, T) by max_new_tokens tokens. Sampling at temperature 1
         by default; engine.generate lists the options (temperature=0 is greedy, top_k, top_p,
         min_p, penalties, num_beams, stop_tokens, ...)."""
+        import engine  # decoding lives in engine.py, which builds on this file
         return engine.generate(self, idx, max_new_tokens, **options)
 
 
-class Optimizers:
-    """Several optimizers that step as one, each over its own parameters: train.py sets the
-    learning rate of every group, steps, zeroes and checkpoints them as it would one optimizer
-    (and torch.amp.GradScaler unscales and steps them through param_groups and step())."""
+def _init_module(module):
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        torch.nn.init.zeros_(module.bias)
 
-    def __init__(self, *optimizers):
-        self.optimizers = optimizers
 
-    @property
-    def param_groups(self):
-        return [group for opt in self.optimizers for group in opt.param_groups]
+def embedding(num_embeddings, embedding_dim):
+    """nn.Embedding, except on the meta device, where its own random init is skipped: there is
+    nothing to initialise, and torch runs normal_ on meta tensors through a Python path whose
+    first use imports torch._dynamo (about a second and 300 MB, for nothing)."""
+    if torch.get_default_device().type != "meta":
+        return nn.Embedding(num_embeddings, embedding_dim)
+    return nn.Embedding(num_embeddings, embedding_dim, _weight=torch.empty(num_embeddings, embedding_dim))
 
-    def step(self):
-        for opt in self.optimizers:
-            opt.step()
-
-    def zero_grad(self, set_to_none=True):
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
-
-    def load_state_dict(self, state_dict):
-        for opt, state in zip(self.optimizers, state_dict["optimizers"], strict=True):
-            opt.load_state_dict(state)

@@ -11,6 +11,8 @@ Only the master process of a distributed run makes a RunLog.
 import json
 import os
 
+from atomic import atomic_write
+
 
 class RunLog:
 
@@ -59,10 +61,8 @@ class RunLog:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = f"{self.plot_path}.tmp.{os.getpid()}.png"
-        fig.savefig(tmp)
+        atomic_write(self.plot_path, lambda f: fig.savefig(f, format="png"))
         plt.close(fig)
-        os.replace(tmp, self.plot_path)
 
     def finish(self):
         if self.wandb is not None:

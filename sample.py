@@ -17,10 +17,11 @@ import os
 
 import torch
 
+import checkpoint
 import engine
 import hardware
-import lora
-from configurator import UserError, configure, run
+from configurator import configure, run
+from errors import UserError
 
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' loads out_dir/ckpt.pt; or gpt2 ... gpt2-xl, a hub id, a folder, a nanoGPT ckpt.pt
@@ -120,14 +121,6 @@ def stop_strings():
     return stops
 
 
-def load_model(init_from, out_dir, dev, precision):
-    """The model and its tokenizer, from out_dir/ckpt.pt (init_from='resume') or pretrained
-    weights; the parameters are loaded in the run's precision (bfloat16 / float16 halve memory).
-    A LoRA run's checkpoint brings its base model (loaded again) and its adapters."""
-    source = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
-    return lora.load_model(source, merge_adapters=merge_lora, device=dev, dtype=precision)
-
-
 def main():
     configure(globals())
     if not init_from:
@@ -140,7 +133,9 @@ def main():
     texts = read_prompts(start)
     dev, _, precision, _ = hardware.setup(device, dtype, training=False)
 
-    model, tokenizer = load_model(init_from, out_dir, dev, precision)
+    # the parameters are loaded in the run's precision (bfloat16 / float16 halve memory)
+    source = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
+    model, tokenizer = checkpoint.load_model(source, dev, precision, merge_lora=merge_lora)
     prompts = [encode_prompt(tokenizer, text) for text in texts]
     model.eval().to(dev)
     if quantize == "int8":

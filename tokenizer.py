@@ -5,14 +5,14 @@ Tokenizers, described by a small JSON-able spec so a checkpoint can carry its ow
     {"kind": "tiktoken", "name": "gpt2"}                  # a tiktoken encoding
     {"kind": "tokenizers", "json": "{...}"}               # a Hugging Face tokenizer.json
 
-`load_tokenizer(spec)` turns a spec back into an object with encode/decode.
+`from_spec(spec)` turns a spec back into an object with encode/decode.
 The tokenizer.json is embedded whole, so a model fine-tuned from a hub
 checkpoint samples without the hub.
 """
 
 import unicodedata
 
-from configurator import UserError
+from errors import UserError
 
 
 class CharTokenizer:
@@ -133,7 +133,7 @@ def _wide(ch):
     return unicodedata.east_asian_width(ch) in ("W", "F")
 
 
-def load_tokenizer(spec):
+def from_spec(spec):
     kind = spec.get("kind") if isinstance(spec, dict) else None
     if kind == "char":
         return CharTokenizer(spec["chars"])

@@ -11,26 +11,25 @@ Every setting below can be changed by a config file and by --key=value;
 `python train.py --help` lists them.
 """
 
-import json
 import math
 import os
 import signal
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 from torch.distributed import ReduceOp, all_reduce, destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
 import hardware
 import lora
-from checkpoint import load_checkpoint, save_checkpoint
-from configurator import UserError, configure, run
-from model import GPT, GPTConfig
+from configurator import configure, knobs, run
+from dataset import get_batch, open_dataset
+from errors import UserError
+from model import GPT
+from optim import configure_optimizers
 from runlog import RunLog
-
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
 # default config values: a GPT-2 (124M) sized model, as nanoGPT's
@@ -44,7 +43,7 @@ always_save_checkpoint = True  # save at every eval, not only when val loss impr
 init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or pretrained: gpt2 ... gpt2-xl, a hub id, a folder
 # wandb logging
 wandb_log = False
-wandb_project = "owt"
+wandb_project = "nanogpt-next"
 wandb_run_name = "gpt2"
 # data
 dataset = "shakespeare_char"  # a folder under data/ (or a path) with train.bin, val.bin, meta.json
@@ -57,7 +56,7 @@ n_head = 12
 n_embd = 768
 dropout = 0.0  # 0 for pretraining, try 0.1+ for fine-tuning
 bias = False  # biases in Linears and LayerNorms
-# fine-tuning: which parameters train (lora.py)
+# fine-tuning: which parameters train (setup_finetune below; lora.py)
 finetune = "full"  # 'full': all; 'freeze': all but the embeddings and lowest freeze_layers blocks; 'lora'
 freeze_layers = 0  # finetune='freeze': how many blocks, from the bottom, stay as they are
 lora_rank = 8  # finetune='lora': rank of the adapters, which are all that trains
@@ -88,6 +87,8 @@ peak_flops = None  # the device's peak FLOP/s, for MFU; None uses a figure known
 # a resumed run keeps its checkpoint's values of these: they decide what the checkpoint holds
 KEPT_ON_RESUME = ("finetune", "freeze_layers", "lora_rank", "lora_alpha", "lora_dropout",
                   "lora_targets", "optim")
+# the model's shape: a resumed or pretrained model's own (block_size: a pretrained one's crops)
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "bias", "block_size")
 
 
 def check_config(cfg):
@@ -100,157 +101,154 @@ def check_config(cfg):
     if cfg["finetune"] == "lora" and cfg["init_from"] == "scratch":
         raise UserError("finetune=lora trains adapters on a pretrained model: set init_from to "
                         "gpt2 ... gpt2-xl, a hub id or a model folder")
-    if (cfg["finetune"] == "lora" and cfg["init_from"] != "resume"
-            and lora.checkpoint_path(cfg["init_from"]) == lora.checkpoint_path(cfg["out_dir"])):
-        raise UserError(f"out_dir={cfg['out_dir']} is init_from's folder: the adapters would overwrite "
-                        "the base model they are for; choose another out_dir")
+    if cfg["init_from"] not in ("scratch", "resume") and \
+            checkpoint.run_folder(cfg["init_from"]) == checkpoint.run_folder(cfg["out_dir"]):
+        raise UserError(f"out_dir={cfg['out_dir']} is init_from's folder: the run would overwrite "
+                        "the model it starts from; choose another out_dir (or init_from=resume)")
     if cfg["compile"] not in (None, True, False):
         raise UserError(f"compile must be True or False, got {cfg['compile']!r}")
     for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd",
                 "gradient_accumulation_steps", "eval_iters", "eval_interval", "log_interval"):
         if cfg[key] < 1:
             raise UserError(f"{key} must be at least 1, got {cfg[key]}")
+    if cfg["optim"] not in ("adamw", "muon"):
+        raise UserError(f"optim must be 'adamw' or 'muon', got {cfg['optim']!r}")
 
 
-def dataset_dir(name):
-    return name if os.sep in name else os.path.join(REPO_DIR, "data", name)
+def override(values, passed, why):
+    """Set the knobs in values (what the checkpoint or the pretrained model says), reporting in
+    one line the ones the user passed that are overridden."""
+    ignored = [f"--{k}={globals()[k]!r}" for k in values if k in passed and globals()[k] != values[k]]
+    globals().update(values)
+    if ignored:
+        print(f"note: {why}: {', '.join(ignored)} ignored")
 
 
-def open_dataset(name, block_size):
-    """Memory-map train.bin / val.bin and read meta.json (vocab size, tokenizer)."""
-    data_dir = dataset_dir(name)
-    meta_path = os.path.join(data_dir, "meta.json")
-    meta = {}
-    if os.path.exists(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    dtype = np.dtype(meta.get("dtype", "uint16"))
-    splits = {}
-    for split in ("train", "val"):
-        path = os.path.join(data_dir, f"{split}.bin")
-        if not os.path.exists(path):
-            prepare = os.path.join("data", name, "prepare.py")
-            raise UserError(f"dataset {name!r} has no {split}.bin in {data_dir}: "
-                            f"run `python {prepare}` first")
-        splits[split] = np.memmap(path, dtype=dtype, mode="r")
-        if len(splits[split]) <= block_size:
-            raise UserError(f"{split}.bin of {name!r} has {len(splits[split])} tokens, "
-                            f"not more than block_size={block_size}: lower --block_size")
-    return splits, meta
+def load_or_build_model(meta, passed):
+    """(model, tokenizer spec, run, base) for init_from: a new GPT of the configured shape, the
+    run in out_dir/ckpt.pt (with its optimizer and counters in `run`), or a pretrained model
+    (GPT-2, a hub id, a folder, a run of ours or nanoGPT's). base: where a LoRA run's base model
+    is, which its checkpoints name. A resumed or pretrained model's shape replaces the flags'."""
+    run, base = None, None
+    if init_from == "resume":
+        model, run = checkpoint.load_run(os.path.join(out_dir, "ckpt.pt"), dropout=dropout)
+        override({k: run["config"][k] for k in KEPT_ON_RESUME if k in run["config"]} |
+                 {k: run["model_args"][k] for k in ARCHITECTURE}, passed,
+                 "a resumed run keeps its checkpoint's settings")
+        return model, run.get("tokenizer") or meta.get("tokenizer"), run, run.get("base")
+    if init_from == "scratch":
+        args = {k: globals()[k] for k in ARCHITECTURE}
+        config = checkpoint.model_config({**args, "dropout": dropout,
+                                          "vocab_size": meta.get("vocab_size", 50304)})
+        return GPT(config), meta.get("tokenizer"), run, base
+    # the architecture is the pretrained model's; dropout applies, block_size crops;
+    # a LoRA run as init_from comes with its adapters merged into the weights
+    model, tokenizer = checkpoint.load_model(init_from, dropout=dropout, block_size=block_size)
+    override({k: getattr(model.config, k) for k in ARCHITECTURE}, passed,
+             f"the architecture is {init_from}'s")
+    if meta.get("vocab_size", 0) > model.config.vocab_size:
+        raise UserError(f"dataset {dataset!r} has {meta['vocab_size']} token ids, more than the "
+                        f"{model.config.vocab_size} of {init_from}: prepare it with the model's tokenizer")
+    return model, tokenizer.spec(), run, init_from if finetune == "lora" else None
+
+
+def setup_finetune(model, mode, freeze_layers=0, lora_settings=None, adapters=None):
+    """Which parameters train: all (mode 'full'); all but the embeddings and the lowest
+    freeze_layers blocks ('freeze'; the output head is tied to the token embedding, so it stays
+    as it is too); or LoRA adapters only ('lora', with lora.apply's settings, starting from
+    saved adapters when resuming). Returns (trainable, total) parameter counts, the tied
+    embedding / head counted once."""
+    if mode == "freeze":
+        blocks = model.transformer.h
+        if not 0 <= freeze_layers <= len(blocks):
+            raise UserError(f"freeze_layers={freeze_layers}, but the model has {len(blocks)} layers: "
+                            f"choose 0 ... {len(blocks)}")
+        for module in (model.transformer.wte, model.transformer.wpe, *blocks[:freeze_layers]):
+            module.requires_grad_(False)
+    elif mode == "lora":
+        lora.apply(model, **lora_settings, adapters=adapters)
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def get_lr(it):
+    """Linear warmup for warmup_iters, then a cosine down to min_lr at lr_decay_iters."""
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def setup_distributed(device_type):
+    """(ddp, rank, local rank, world size): torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 0, 1
+    init_process_group(backend=backend or ("nccl" if device_type == "cuda" else "gloo"))
+    return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
 
 
 def main():
-    cfg = configure(globals())
-    check_config(cfg)
+    defaults = knobs(globals())
+    configure(globals())
+    passed = {k for k, v in knobs(globals()).items() if v != defaults[k]}  # what the user set
+    check_config(knobs(globals()))
 
-    # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
-    ddp = int(os.environ.get("RANK", -1)) != -1
     dev, device_type, precision, autocast = hardware.setup(device, dtype)
-    accum_steps = gradient_accumulation_steps
-    if ddp:
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        world_size = int(os.environ["WORLD_SIZE"])
-        init_process_group(backend=backend or ("nccl" if device_type == "cuda" else "gloo"))
-        if device_type == "cuda":
-            dev = f"cuda:{local_rank}"
-            torch.cuda.set_device(dev)
-        if accum_steps % world_size != 0:
-            raise UserError(f"gradient_accumulation_steps ({accum_steps}) must be divisible "
-                            f"by the number of processes ({world_size})")
-        accum_steps //= world_size  # each process does its share of the micro-steps
-    else:
-        rank, world_size = 0, 1
+    ddp, rank, local_rank, world_size = setup_distributed(device_type)
+    if ddp and device_type == "cuda":
+        dev = f"cuda:{local_rank}"
+        torch.cuda.set_device(dev)
+    if gradient_accumulation_steps % world_size != 0:
+        raise UserError(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be "
+                        f"divisible by the number of processes ({world_size})")
+    accum_steps = gradient_accumulation_steps // world_size  # each process does its share
     master = rank == 0  # only this process logs, evaluates and writes checkpoints
-    tokens_per_iter = accum_steps * world_size * batch_size * block_size
-
     use_compile = compile if compile is not None else device_type == "cuda"
     torch.manual_seed(seed + rank)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
     splits, meta = open_dataset(dataset, block_size)
-
-    # the model: new, restored from out_dir/ckpt.pt with its optimizer and counters, or
-    # pretrained (GPT-2, a hub id, a folder, a nanoGPT run), which brings its own tokenizer
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                      bias=bias, vocab_size=meta.get("vocab_size", 50304), dropout=dropout)
-    tokenizer_spec = meta.get("tokenizer")
-    iter_num, best_val_loss, checkpoint = 0, float("inf"), None
-    base = init_from  # where the weights come from
-    if init_from == "resume":
-        checkpoint = load_checkpoint(ckpt_path, map_location=dev)
-        for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size"):
-            model_args[k] = checkpoint["model_args"][k]  # the architecture is the checkpoint's
-        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        tokenizer_spec = checkpoint.get("tokenizer") or tokenizer_spec
-        # a LoRA run's checkpoint holds only its adapters: its base model is loaded again
-        base = checkpoint.get("base", "resume")
-    if base in ("scratch", "resume"):
-        model = GPT(GPTConfig(**model_args))
-    else:
-        # the architecture is the pretrained model's; dropout applies, block_size crops;
-        # a LoRA run as init_from comes with its adapters merged into the weights
-        model, tokenizer = lora.load_model(base, merge_adapters=True, device=dev, dropout=dropout,
-                                           block_size=model_args["block_size"])
-        model_args = {k: getattr(model.config, k) for k in model_args}
-        tokenizer_spec = tokenizer.spec()
-        if meta.get("vocab_size", 0) > model.config.vocab_size:
-            raise UserError(f"dataset {dataset!r} has {meta['vocab_size']} token ids, more than the "
-                            f"{model.config.vocab_size} of {base}: prepare it with the model's tokenizer")
-    # which parameters train: all, all but the embeddings and lowest blocks, or LoRA adapters
-    # only (the optimizer gets just those); a resumed run keeps its checkpoint's choice
-    if checkpoint is not None:
-        cfg.update({k: v for k, v in checkpoint["config"].items() if k in KEPT_ON_RESUME})
-    if cfg["finetune"] == "freeze":
-        lora.freeze(model, cfg["freeze_layers"])
-    elif cfg["finetune"] == "lora":
-        lora.apply(model, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
-    if checkpoint is not None:
-        if "adapters" in checkpoint:
-            lora.load_adapters(model, checkpoint["adapters"])
-        else:
-            model.load_state_dict(checkpoint["model"])
+    model, tokenizer_spec, run, base = load_or_build_model(meta, passed)
+    trainable, total = setup_finetune(model, finetune, freeze_layers, checkpoint.lora_settings(globals()),
+                                      run and run.get("adapters"))
     model.to(dev)
+    tokens_per_iter = accum_steps * world_size * batch_size * block_size
     if master:
-        trainable, total = lora.count_params(model)
         print(f"{model.get_num_params() / 1e6:.2f}M parameters; {tokens_per_iter:,} tokens per "
               f"iteration; device {dev}, {precision}, compile={use_compile}")
-        print(f"finetune={cfg['finetune']}: {trainable:,} of {total:,} parameters "
+        print(f"finetune={finetune}: {trainable:,} of {total:,} parameters "
               f"train ({100 * trainable / total:.2f}%)")
 
     # float16 needs loss scaling to keep small gradients from flushing to zero
     scaler = torch.amp.GradScaler(device_type, enabled=(precision == "float16"))
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
-                                           cfg["optim"])
+    optimizer = configure_optimizers(model, weight_decay, learning_rate, (beta1, beta2), device_type, optim)
     # batches are drawn from their own generator so its state can be saved and resumed;
     # the same seed on every process, which each takes its own rows of the global batch
     sampler = torch.Generator().manual_seed(seed)
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if "sampler" in checkpoint:
-            sampler.set_state(checkpoint["sampler"])
-            torch.set_rng_state(checkpoint["torch_rng"])
-            if device_type == "cuda" and checkpoint["cuda_rng"]:
-                torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
-    checkpoint = None  # free the memory
+    iter_num, best_val_loss = 0, float("inf")
+    if run is not None:
+        iter_num, best_val_loss = run["iter_num"], run["best_val_loss"]
+        optimizer.load_state_dict(run["optimizer"])
+        if "sampler" in run:  # nanoGPT's checkpoints have no random state
+            sampler.set_state(run["sampler"])
+            torch.set_rng_state(run["torch_rng"])
+            if device_type == "cuda" and run["cuda_rng"]:
+                torch.cuda.set_rng_state_all(run["cuda_rng"])
+    run = None  # free the memory
 
     raw_model = model
     if use_compile:
         model = torch.compile(model)
     if ddp:
-        model = DDP(model, device_ids=[int(dev.split(":")[1])] if device_type == "cuda" else None)
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
-    def get_batch(split, generator, n_rows=batch_size, rows=slice(None)):
-        """Random windows of block_size + 1 tokens, split into inputs and shifted targets.
-        Training draws the global batch (every process draws the same starts) and keeps this
-        process's rows, so N processes see exactly the batch one process would with N times
-        the batch_size."""
-        data = splits[split]
-        starts = torch.randint(len(data) - block_size, (n_rows,), generator=generator)[rows]
-        windows = data[starts.numpy()[:, None] + np.arange(block_size + 1)]
-        windows = torch.from_numpy(windows.astype(np.int64))
-        x, y = windows[:, :-1], windows[:, 1:]
+    def batch(split, generator, n_rows=batch_size, rows=slice(None)):
+        x, y = get_batch(splits[split], block_size, n_rows, generator, rows)
         if device_type == "cuda":  # pinned memory lets the copy overlap with compute
             return x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
         return x.to(dev), y.to(dev)
@@ -260,61 +258,41 @@ def main():
         """Mean loss and next-token accuracy (how often the most likely token is the right
         one) over eval_iters batches of each split; the same batches every time, so successive
         evaluations compare. Runs on the master only, without DDP."""
-        local_model = model.module if ddp else model
-        local_model.eval()
+        raw_model.eval()
         out = {}
         for split in ("train", "val"):
             generator = torch.Generator().manual_seed(seed)
             losses, accuracies = torch.zeros(eval_iters), torch.zeros(eval_iters)
             for k in range(eval_iters):
-                X, Y = get_batch(split, generator)
+                X, Y = batch(split, generator)
                 with autocast:
-                    logits, loss = local_model(X, Y)
+                    logits, loss = raw_model(X, Y)
                 losses[k] = loss.item()
                 accuracies[k] = (logits.argmax(dim=-1) == Y).float().mean().item()
             out[split] = losses.mean().item()
             out[f"{split}_acc"] = accuracies.mean().item()
-        local_model.train()
+        raw_model.train()
         return out
 
-    def get_lr(it):
-        if not decay_lr:
-            return learning_rate
-        if it < warmup_iters:
-            return learning_rate * (it + 1) / (warmup_iters + 1)
-        if it > lr_decay_iters:
-            return min_lr
-        ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
-        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
     def save(val_loss):
-        # a LoRA run saves its adapters and where its base model came from, not the base's weights
-        weights = (lora.checkpoint_entries(raw_model, base) if cfg["finetune"] == "lora"
-                   else {"model": raw_model.state_dict()})
-        save_checkpoint({
-            **weights,
-            "optimizer": optimizer.state_dict(),
-            "model_args": model_args,
-            "iter_num": iter_num,
-            "best_val_loss": best_val_loss,
-            "val_loss": val_loss,
-            "config": cfg,
-            "tokenizer": tokenizer_spec,
+        checkpoint.save_run(
+            ckpt_path, raw_model, optimizer, knobs(globals()), tokenizer_spec, base,
+            iter_num=iter_num, best_val_loss=best_val_loss, val_loss=val_loss,
             # everything random that is still to come, for a bit-exact resume
-            "sampler": sampler.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if device_type == "cuda" else [],
-        }, ckpt_path)
+            sampler=sampler.get_state(), torch_rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state_all() if device_type == "cuda" else [])
 
     runlog = None
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        wandb_config = (wandb_project, wandb_run_name, cfg) if wandb_log else None
+        wandb_config = (wandb_project, wandb_run_name, knobs(globals())) if wandb_log else None
         runlog = RunLog(out_dir, wandb_config, resume=init_from == "resume")
 
     # Ctrl-C asks the run to stop at the end of the current iteration, where the state is
     # whole, and save it; a second Ctrl-C stops at once
-    stop = StopFlag()
+    stop = StopFlag(dev if ddp else None)
     peak = peak_flops or hardware.PEAK_FLOPS[device_type]
     start_iter, train_time, run_start = iter_num, 0.0, time.time()
     while True:
@@ -341,7 +319,7 @@ def main():
                 save(losses["val"])
         if eval_only or iter_num >= max_iters:
             break
-        if stop.requested(ddp):
+        if stop.requested():
             if master:
                 save(None)
                 print(f"interrupted: saved iteration {iter_num} to {ckpt_path}; "
@@ -355,7 +333,7 @@ def main():
         for micro_step in range(accum_steps):
             last = micro_step == accum_steps - 1
             with (model.no_sync() if ddp and not last else nullcontext()):
-                X, Y = get_batch("train", sampler, batch_size * world_size, shard)
+                X, Y = batch("train", sampler, batch_size * world_size, shard)
                 with autocast:
                     _, loss = model(X, Y)
                     loss = loss / accum_steps  # the gradients sum: scale so they average
@@ -398,10 +376,12 @@ def main():
 
 
 class StopFlag:
-    """Turns the first Ctrl-C (SIGINT) into a request to stop at the next safe point."""
+    """Turns the first Ctrl-C (SIGINT) into a request to stop at the next safe point.
+    device: under torchrun, where the process group's collectives run (NCCL takes CUDA
+    tensors only), so that every process stops at the same iteration."""
 
-    def __init__(self):
-        self.flag = False
+    def __init__(self, device=None):
+        self.flag, self.device = False, device
         signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
@@ -410,11 +390,11 @@ class StopFlag:
         self.flag = True
         print("\nstopping after this iteration (Ctrl-C again to quit at once)", flush=True)
 
-    def requested(self, ddp):
-        if not ddp:
+    def requested(self):
+        if self.device is None:
             return self.flag
         # every process must stop at the same iteration, whichever one was interrupted
-        flag = torch.tensor(float(self.flag))
+        flag = torch.tensor(float(self.flag), device=self.device)
         all_reduce(flag, op=ReduceOp.MAX)
         return bool(flag.item())
 

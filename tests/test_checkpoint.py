@@ -7,7 +7,7 @@ import torch
 
 import checkpoint
 from checkpoint import load_checkpoint, save_checkpoint
-from configurator import UserError
+from errors import UserError
 
 
 def test_round_trip(tmp_path):
@@ -38,14 +38,18 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_refuses_to_unpickle_code(tmp_path):
+    marker = tmp_path / "pwned"
+
     class Evil:
         def __reduce__(self):
-            return (os.system, ("echo pwned",))
+            return (os.system, (f"touch {marker}",))
 
     path = str(tmp_path / "ckpt.pt")
     torch.save({"x": Evil()}, path)
-    with pytest.raises(UserError, match="corrupt"):
+    with pytest.raises(UserError, match="refused: loading it could run code") as info:
         load_checkpoint(path)
+    assert path in str(info.value) and "\n" not in str(info.value)
+    assert not marker.exists()
 
 
 def test_missing_checkpoint(tmp_path):

@@ -2,7 +2,8 @@
 
 import pytest
 
-from configurator import UserError, configure
+from configurator import configure
+from errors import UserError
 
 
 def defaults():

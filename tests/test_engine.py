@@ -10,9 +10,9 @@ import torch
 import transformers
 
 import engine
-from configurator import UserError
 from conftest import run_script
-from pretrained import load_pretrained
+from errors import UserError
+from checkpoint import load_model
 
 VOCAB = 50257  # GPT-2's, so the folder gets tiktoken's gpt2 tokenizer
 BLOCK = 32
@@ -44,7 +44,7 @@ def hf(folder):
 
 @pytest.fixture(scope="module")
 def ours(folder):
-    return load_pretrained(folder[0])[0].eval()
+    return load_model(folder[0])[0].eval()
 
 
 def prompts(n, length, seed=0):
@@ -281,8 +281,8 @@ def test_int8_and_bfloat16_weights_stay_close(folder, ours):
     idx = prompts(1, 20)
     with torch.no_grad():
         ref, _ = ours(idx, targets=idx)
-        for model in (engine.quantize_int8(load_pretrained(folder[0])[0].eval()),
-                      load_pretrained(folder[0], dtype="bfloat16")[0].eval()):
+        for model in (engine.quantize_int8(load_model(folder[0])[0].eval()),
+                      load_model(folder[0], dtype="bfloat16")[0].eval()):
             logits, _ = model(idx, targets=idx)
             error = (logits.float() - ref).abs().mean() / ref.std()
             agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean()

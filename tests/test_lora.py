@@ -11,10 +11,13 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import lora
-from configurator import UserError, knobs
+from configurator import knobs
+from checkpoint import load_model
 from conftest import TINY, run_script
+from errors import UserError
 from model import GPT, GPTConfig
-from pretrained import load_pretrained
+from optim import configure_optimizers
+from train import check_config, setup_finetune
 
 RUN = [*TINY, "--eval_interval=10", "--always_save_checkpoint=True"]
 
@@ -30,7 +33,7 @@ def tiny_batch():
 
 
 def train_steps(model, steps=5):
-    optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
+    optimizer = configure_optimizers(model, 0.1, 1e-2, (0.9, 0.95), "cpu")
     x, y = tiny_batch()
     for _ in range(steps):
         _, loss = model(x, y)
@@ -50,7 +53,7 @@ def test_lora_starts_as_the_base_trains_only_adapters_and_merges():
     logits, _ = model(x, y)  # in training mode, adapter dropout on: B = 0 makes the update exactly 0
     assert torch.equal(logits, base_logits)
     # c_attn (32 -> 96) and mlp.c_proj (128 -> 32) in each of the 2 blocks
-    assert lora.count_params(model)[0] == 2 * 4 * ((32 + 96) + (128 + 32))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * 4 * ((32 + 96) + (128 + 32))
     assert sorted(lora.adapters(model)) == sorted(f"transformer.h.{i}.{path}.lora_{m}" for i in range(2)
                                                   for path in ("attn.c_attn", "mlp.c_proj") for m in "AB")
     initial = {k: v.clone() for k, v in lora.adapters(model).items()}
@@ -110,7 +113,7 @@ def test_lora_init_is_peft_s():
 @pytest.mark.parametrize("call, words", [
     (lambda m: lora.apply(m, 4, 8.0, 0.0, "c_attn,q_proj"), ["unknown lora target 'q_proj'"]),
     (lambda m: lora.apply(m, 0, 8.0, 0.0, "c_attn"), ["lora_rank"]),
-    (lambda m: lora.freeze(m, 3), ["freeze_layers=3", "2 layers"]),
+    (lambda m: setup_finetune(m, "freeze", 3), ["freeze_layers=3", "2 layers"]),
 ])
 def test_bad_settings_are_user_errors(call, words):
     with pytest.raises(UserError) as info:
@@ -178,7 +181,7 @@ def test_lora_run_saves_adapters_resumes_exactly_samples_and_exports(trained, ch
     assert all(torch.equal(resumed[k], v) for k, v in ckpt["adapters"].items())
 
     # sample.py loads base + adapters (merged) and decodes as the unmerged adapted model does
-    adapted, tok = lora.load_model(str(whole))
+    adapted, tok = load_model(str(whole), merge_lora=False)
     assert any(isinstance(m, lora.LoRALinear) for m in adapted.modules())
     prompt = torch.tensor([tok.encode("ROMEO:")])
     expected = tok.decode(adapted.eval().generate(prompt, 40, temperature=0)[0].tolist())
@@ -190,7 +193,7 @@ def test_lora_run_saves_adapters_resumes_exactly_samples_and_exports(trained, ch
     # export bakes the adapters in: the exported model computes what base + adapters do
     result = run_script("export_hf.py", f"--out_dir={whole}", f"--export_dir={tmp_path / 'hf'}")
     assert result.returncode == 0, result.stderr
-    exported, _ = load_pretrained(str(tmp_path / "hf"))
+    exported, _ = load_model(str(tmp_path / "hf"))
     idx = torch.randint(adapted.config.vocab_size, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(exported.eval()(idx, idx)[0], adapted.eval()(idx, idx)[0], rtol=0, atol=1e-5)
@@ -205,7 +208,7 @@ def test_bad_finetune_config_is_refused(changes, words):
     import train
     cfg = {**knobs(vars(train)), **changes}
     with pytest.raises(UserError) as info:
-        train.check_config(cfg)
+        check_config(cfg)
     for w in words:
         assert w in str(info.value)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
+from optim import configure_optimizers
 
 
 def tiny(**kw):
@@ -29,7 +30,7 @@ def test_overfits_one_batch(kind):
     model = tiny()
     x = torch.randint(65, (4, 32))
     y = torch.randint(65, (4, 32))
-    optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu", kind)
+    optimizer = configure_optimizers(model, 0.0, 3e-3, (0.9, 0.99), "cpu", kind)
     _, first = model(x, y)
     for _ in range(300):
         _, loss = model(x, y)
@@ -65,7 +66,7 @@ def test_attention_is_causal():
 
 def test_weight_decay_only_on_matrices():
     model = tiny()
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
@@ -75,7 +76,7 @@ def test_weight_decay_only_on_matrices():
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = tiny()
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "muon")
+    opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu", "muon")
     adamw, muon = opt.optimizers
     assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
     blocks = {id(p) for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}

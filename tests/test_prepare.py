@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, SHAKESPEARE, run_script
-from tokenizer import load_tokenizer
+from tokenizer import from_spec
 
 PREPARE = os.path.join("data", "shakespeare_char", "prepare.py")
 
@@ -47,7 +47,7 @@ def test_local_text_round_trips(tmp_path):
     assert len(train) + len(val) == len(text)
     assert len(train) == int(len(text) * 0.9)
     assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(val)
-    tok = load_tokenizer(meta["tokenizer"])
+    tok = from_spec(meta["tokenizer"])
     assert meta["tokenizer"]["chars"] == "".join(sorted(set(text)))
     assert meta["vocab_size"] == len(set(text)) == tok.vocab_size
     assert tok.decode(np.concatenate([train, val]).tolist()) == text

@@ -13,12 +13,13 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BertTokenizer, GPT2Config,
                           GPT2LMHeadModel, pipeline)
 
-from configurator import UserError, configure
+from checkpoint import load_model
+from configurator import configure
+from errors import UserError
+from hf import GPT2_SIZES, tokenizer_files
 from conftest import REPO, run_script, sample_text
-from export_hf import tokenizer_files
 from model import GPT, GPTConfig
-from pretrained import GPT2_SIZES, load_pretrained
-from tokenizer import TiktokenTokenizer, load_tokenizer
+from tokenizer import TiktokenTokenizer, from_spec
 
 GPT2_VOCAB = 50257
 CHINESE = "这是很久之前的事情了，我也不知道。"
@@ -54,9 +55,9 @@ def assert_user_error(result, *words):
 
 
 def assert_load_fails(name_or_path, *words, **kwargs):
-    """load_pretrained refuses with a one-line UserError (which the scripts turn into exit code 2)."""
+    """load_model refuses with a one-line UserError (which the scripts turn into exit code 2)."""
     with pytest.raises(UserError) as info:
-        load_pretrained(str(name_or_path), **kwargs)
+        load_model(str(name_or_path), **kwargs)
     message = str(info.value)
     assert "\n" not in message, message
     for w in words:
@@ -110,7 +111,7 @@ def hub_cache(bin_folder, tmp_path, monkeypatch):
 @pytest.mark.parametrize("layout", ["safetensors", "bin"])
 def test_logits_equal_transformers(layout, hf, safetensors_folder, bin_folder):
     folder = safetensors_folder if layout == "safetensors" else bin_folder
-    model, tokenizer = load_pretrained(str(folder))
+    model, tokenizer = load_model(str(folder))
     idx = torch.randint(GPT2_VOCAB, (2, 40))
     torch.testing.assert_close(our_logits(model, idx), hf_logits(hf, idx), rtol=0, atol=1e-5)
     assert model.lm_head.weight is model.transformer.wte.weight  # still tied
@@ -137,7 +138,7 @@ def test_loaded_without_random_init_with_dtype_dropout_and_crop(hf, safetensors_
             assert tensor.is_meta, "the GPT's random init ran on real memory"
             return _init(tensor, *args, **kwargs)
         monkeypatch.setattr(torch.nn.init, name, on_meta_only)
-    model, _ = load_pretrained(str(safetensors_folder), dtype="bfloat16", dropout=0.25, block_size=16)
+    model, _ = load_model(str(safetensors_folder), dtype="bfloat16", dropout=0.25, block_size=16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.config.dropout == 0.25 and model.transformer.drop.p == 0.25
     assert model.config.block_size == 16 and model.transformer.wpe.weight.shape == (16, 32)
@@ -241,7 +242,7 @@ def test_gpt2_dataset_has_the_char_datasets_split(gpt2_dataset):
     text = sample_text()
     n = int(len(text) * 0.9)  # data/shakespeare_char/prepare.py's split
     meta = json.loads((gpt2_dataset / "meta.json").read_text())
-    tok = load_tokenizer(meta["tokenizer"])
+    tok = from_spec(meta["tokenizer"])
     assert meta["tokenizer"] == {"kind": "tiktoken", "name": "gpt2"} and meta["vocab_size"] == GPT2_VOCAB
     for split, part in (("train", text[:n]), ("val", text[n:])):
         ids = np.fromfile(gpt2_dataset / f"{split}.bin", dtype=np.uint16)
@@ -263,7 +264,7 @@ def test_finetune_then_export_loads_in_transformers(safetensors_folder, gpt2_dat
 
     result = run_script("export_hf.py", f"--out_dir={out_dir}", f"--export_dir={tmp_path / 'hf'}")
     assert result.returncode == 0, result.stderr
-    ours, tok = load_pretrained(str(out_dir / "ckpt.pt"))
+    ours, tok = load_model(str(out_dir / "ckpt.pt"))
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     idx = torch.randint(GPT2_VOCAB, (2, 32))
     torch.testing.assert_close(hf_logits(exported, idx), our_logits(ours, idx), rtol=0, atol=1e-5)
@@ -275,7 +276,7 @@ def test_finetune_then_export_loads_in_transformers(safetensors_folder, gpt2_dat
     ids = ours.eval().generate(torch.tensor([tok.encode("ROMEO:")]), 8, temperature=0)[0].tolist()
     assert out == tok.decode(ids)
 
-    reloaded, _ = load_pretrained(str(tmp_path / "hf"))  # and back again
+    reloaded, _ = load_model(str(tmp_path / "hf"))  # and back again
     torch.testing.assert_close(our_logits(reloaded, idx), our_logits(ours, idx), rtol=0, atol=0)
 
 
@@ -301,7 +302,7 @@ def chinese_folder(tmp_path_factory):
 
 
 def test_bert_vocab_folder_round_trips_chinese_and_exports(chinese_folder, tmp_path):
-    model, tok = load_pretrained(str(chinese_folder))
+    model, tok = load_model(str(chinese_folder))
     oracle = BertTokenizer(str(chinese_folder / "vocab.txt"))
     for text in (CHINESE, "GPTs很久"):
         assert tok.encode(text) == oracle.encode(text, add_special_tokens=False)
@@ -340,7 +341,7 @@ def nanogpt_run(tmp_path):
 
 def test_nanogpt_run_imports_with_its_vocabulary(nanogpt_run):
     root, gpt = nanogpt_run
-    model, tok = load_pretrained(str(root / "out-shakespeare-char"))
+    model, tok = load_model(str(root / "out-shakespeare-char"))
     idx = torch.randint(gpt.config.vocab_size, (2, 32))
     torch.testing.assert_close(our_logits(model, idx), our_logits(gpt, idx), rtol=0, atol=0)
     assert tok.decode(tok.encode("ROMEO: But soft!")) == "ROMEO: But soft!"

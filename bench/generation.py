@@ -2,9 +2,9 @@
 Generation speed: our engine against Hugging Face transformers' generate() and against a
 nanoGPT-style loop without a KV cache, timed in one run on this machine.
 
-$ python bench_generate.py               # needs transformers (pip install -r requirements-test.txt)
-$ python bench_generate.py --repeat=5 --new_tokens=128
-$ python bench_generate.py --parts=char   # part 2 only
+$ python bench/generation.py               # needs transformers (pip install -r requirements-test.txt)
+$ python bench/generation.py --repeat=5 --new_tokens=128
+$ python bench/generation.py --parts=char   # part 2 only
 
 1. A GPT-2 124M-shaped model with random weights; batch 1, a 16-token prompt, new_tokens
    greedy tokens. Ours with float32, bfloat16 and int8 weights; transformers' GPT2LMHeadModel
@@ -29,12 +29,13 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-import engine
-from checkpoint import load_checkpoint
-from configurator import configure, run
-from model import GPT, GPTConfig
-from pretrained import load_pretrained
-from train import open_dataset
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
+import checkpoint  # noqa: E402
+import engine  # noqa: E402
+from configurator import configure, run  # noqa: E402
+from dataset import open_dataset  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 # -----------------------------------------------------------------------------
 repeat = 3  # timed runs of each measurement
@@ -96,7 +97,7 @@ def gpt2_part():
     hf = GPT2LMHeadModel(GPT2Config(bos_token_id=None, eos_token_id=None)).eval()
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
-        ours = load_pretrained(folder)[0].eval()
+        ours = checkpoint.load_model(folder)[0].eval()
     formats = weight_formats(ours)
     prompt = torch.randint(50257, (1, prompt_tokens))
 
@@ -169,9 +170,10 @@ def char_part():
 
 def quality_part():
     path = os.path.join(quality_from, "ckpt.pt")
-    model = load_pretrained(path)[0].eval()
+    model, run = checkpoint.load_run(path)
+    model.eval()
     T = model.config.block_size
-    val = open_dataset(load_checkpoint(path)["config"]["dataset"], T)[0]["val"]
+    val = open_dataset(run["config"]["dataset"], T)[0]["val"]
     n = min(len(val) - 1, 200 * T) // T * T  # up to 200 windows of block_size tokens
     x = torch.from_numpy(val[:n].astype(np.int64)).view(-1, T)
     y = torch.from_numpy(val[1:n + 1].astype(np.int64)).view(-1, T)

@@ -1,9 +1,9 @@
 """
-How much memory and time loading GPT-2 takes: ours (pretrained.load_pretrained) against
+How much memory and time loading GPT-2 takes: ours (checkpoint.load_model) against
 nanoGPT's way (transformers' GPT2LMHeadModel.from_pretrained, then a copy into a GPT).
 
-$ python bench_load.py                            # gpt2-xl: 6.2 GB on disk, ~20 GB of RAM at peak
-$ python bench_load.py --model=gpt2 --repeats=5   # quicker
+$ python bench/loading.py                         # gpt2-xl: 6.2 GB on disk, ~20 GB of RAM at peak
+$ python bench/loading.py --model=gpt2 --repeats=5   # quicker
 
 It writes a checkpoint of the chosen GPT-2 size with random weights, in the hub's layout
 (config.json + model.safetensors, as save_pretrained writes them), to a temporary folder.
@@ -23,7 +23,11 @@ import time
 
 import torch
 
-from configurator import UserError, configure, run
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_DIR)
+
+from configurator import configure, run  # noqa: E402
+from errors import UserError  # noqa: E402
 
 # -----------------------------------------------------------------------------
 model = "gpt2-xl"  # the GPT-2 size whose shape to write: gpt2, gpt2-medium, gpt2-large, gpt2-xl
@@ -33,7 +37,6 @@ folder = ""  # where to write the checkpoint; empty means a temp folder, removed
 
 SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
          "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}  # n_layer, n_head, n_embd
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # the measured programs; each prints {"seconds": load time, "peak": peak RSS in bytes}
 PEAK = """
@@ -48,9 +51,9 @@ def peak():
 """
 OURS = PEAK + """
 import json, time
-from pretrained import load_pretrained
+from checkpoint import load_model
 t0 = time.perf_counter()
-model, tokenizer = load_pretrained(sys.argv[1], dtype=sys.argv[2])
+model, tokenizer = load_model(sys.argv[1], dtype=sys.argv[2])
 print(json.dumps({"seconds": time.perf_counter() - t0, "peak": peak()}))
 """
 # nanoGPT's GPT.from_pretrained: a GPT of the same shape, the transformers model, then a copy
@@ -60,7 +63,7 @@ import json, time
 import torch
 from transformers import GPT2LMHeadModel
 from model import GPT, GPTConfig
-from pretrained import CONV1D
+from hf import CONV1D
 t0 = time.perf_counter()
 with open(sys.argv[1] + "/config.json") as f:
     hf_config = json.load(f)

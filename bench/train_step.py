@@ -1,8 +1,8 @@
 """
 Time the training step alone (forward, backward, optimizer) on synthetic data:
 
-$ python bench.py config/train_shakespeare_char.py            # one setting
-$ python bench.py config/train_shakespeare_char.py --compare=True
+$ python bench/train_step.py config/train_shakespeare_char.py            # one setting
+$ python bench/train_step.py config/train_shakespeare_char.py --compare=True
 
 --compare=True runs the same model under each precision and compile choice of the device,
 and the same shape as Hugging Face's GPT2LMHeadModel (when transformers is installed), in one
@@ -10,13 +10,19 @@ process, and prints each one's speed relative to the first. MFU is reported agai
 matmul peak measured on this machine in the same run.
 """
 
+import os
+import sys
 import time
 
 import torch
 
-import hardware
-from configurator import configure, run
-from model import GPT, GPTConfig
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
+import hardware  # noqa: E402
+from checkpoint import model_config  # noqa: E402
+from configurator import configure, run  # noqa: E402
+from model import GPT  # noqa: E402
+from optim import configure_optimizers  # noqa: E402
 
 # -----------------------------------------------------------------------------
 batch_size = 12
@@ -73,7 +79,7 @@ def ours(config, precision, use_compile, device_type):
     torch.manual_seed(0)
     model = GPT(config)
     step = torch.compile(model) if use_compile else model
-    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type, optim)
+    optimizer = configure_optimizers(model, 0.1, 1e-4, (0.9, 0.95), device_type, optim)
     return (f"ours {precision}, compile={use_compile}", precision, model, optimizer,
             lambda x, y: step(x, y)[1])
 
@@ -98,8 +104,8 @@ def transformers_gpt2(config):
 def main():
     configure(globals(), skip_unknown_file_keys=True)  # train.py's configs give the shape
     dev, device_type, precision, _ = hardware.setup(device, dtype)
-    config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer,
-                       n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias)
+    config = model_config(dict(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer,
+                               n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias))
     peak = measure_matmul_peak(dev)
     flops_per_token = GPT(config).flops_per_token()
     tokens = batch_size * block_size

@@ -2,8 +2,8 @@
 Training-state memory of the three ways to fine-tune, on a gpt2-medium-shaped model (random
 weights), measured in one run:
 
-$ python bench_lora.py                                          # gpt2-medium: 24 x 1024
-$ python bench_lora.py --n_layer=12 --n_head=12 --n_embd=768    # gpt2
+$ python bench/lora_memory.py                                        # gpt2-medium: 24 x 1024
+$ python bench/lora_memory.py --n_layer=12 --n_head=12 --n_embd=768    # gpt2
 
 The training state is what a run holds besides activations: the parameters, their gradients and
 AdamW's two moments. Each way takes an optimizer step on random tokens, then the bytes of those
@@ -11,11 +11,18 @@ tensors are summed: full fine-tuning keeps gradients and moments for every param
 for its adapters only. The last line gives LoRA's state as a fraction of full fine-tuning's.
 """
 
+import os
+import sys
+
 import torch
 
-import lora
-from configurator import configure, run
-from model import GPT, GPTConfig
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
+from checkpoint import model_config  # noqa: E402
+from configurator import configure, run  # noqa: E402
+from model import GPT  # noqa: E402
+from optim import configure_optimizers  # noqa: E402
+from train import setup_finetune  # noqa: E402
 
 # -----------------------------------------------------------------------------
 n_layer = 24  # gpt2-medium's shape
@@ -34,7 +41,7 @@ seed = 1337
 
 def step(model):
     """One AdamW step on random tokens, as train.py takes them; returns the optimizer."""
-    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), "cpu")
+    optimizer = configure_optimizers(model, 0.1, 1e-4, (0.9, 0.95), "cpu")
     x = torch.randint(vocab_size, (1, tokens))
     _, loss = model(x, x)
     loss.backward()
@@ -54,23 +61,24 @@ def state_bytes(model, optimizer):
 def main():
     configure(globals())
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
-                          block_size=block_size, bias=True))
+    model = GPT(model_config(dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
+                                  block_size=block_size, bias=True)))
     frozen = n_layer // 2 if freeze_layers is None else freeze_layers
-    ways = {"full": lambda m: m,
-            f"freeze {frozen}": lambda m: lora.freeze(m, frozen),
-            f"lora r={lora_rank}": lambda m: lora.apply(m, lora_rank, lora_alpha, 0.0, lora_targets)}
+    lora_settings = dict(rank=lora_rank, alpha=lora_alpha, dropout=0.0, targets=lora_targets)
+    ways = {"full": ("full", 0), f"freeze {frozen}": ("freeze", frozen), f"lora r={lora_rank}": ("lora", 0)}
     gib = 2 ** 30
-    print(f"{n_layer} layers x {n_embd}, {lora.count_params(model)[1] / 1e6:.1f}M parameters, float32; "
+    total = sum(p.numel() for p in model.parameters())
+    print(f"{n_layer} layers x {n_embd}, {total / 1e6:.1f}M parameters, float32; "
           f"one step of {tokens} tokens\n")
     print(f"{'finetune':>12} {'trainable':>12} {'params':>9} {'grads':>9} {'AdamW':>9} {'total':>9}")
     totals = {}
-    for name, setup in ways.items():
-        setup(model.requires_grad_(True))  # every way starts from the whole model, trainable
+    for name, (mode, layers) in ways.items():
+        # every way starts from the whole model, trainable
+        trainable, _ = setup_finetune(model.requires_grad_(True), mode, layers, lora_settings)
         optimizer = step(model)
         sizes = state_bytes(model, optimizer)
         totals[name] = sum(sizes)
-        print(f"{name:>12} {lora.count_params(model)[0]:>12,} "
+        print(f"{name:>12} {trainable:>12,} "
               + " ".join(f"{b / gib:>5.2f} GiB" for b in (*sizes, totals[name])))
         del optimizer
         model.zero_grad(set_to_none=True)  # free this way's state before the next one

@@ -1,0 +1,92 @@
+"""
+A dataset on disk, both ways: what every data/<name>/prepare.py writes and what train.py reads.
+
+A dataset is a folder holding
+    train.bin, val.bin  token ids, one after another, as uint16 (uint32 for vocabularies over
+                        65,536 tokens)
+    meta.json           vocab_size, the tokenizer spec (tokenizer.py), the ids' dtype, the source
+JSON instead of nanoGPT's meta.pkl, so reading a dataset never unpickles anything.
+
+    read_text(path)                                  # a preparer's UTF-8 input
+    write_dataset(folder, tokenizer, train_ids, val_ids, source)
+    splits, meta = open_dataset("shakespeare_char", block_size)   # memory-mapped
+    x, y = get_batch(splits["train"], block_size, rows, generator)
+"""
+
+import json
+import os
+
+import numpy as np
+
+from atomic import atomic_write
+from errors import UserError
+
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_text(path):
+    """The text of a UTF-8 file exactly as it is on disk (newline="" keeps \\r)."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"cannot read --input={path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--input={path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def write_dataset(folder, tokenizer, train_ids, val_ids, source=""):
+    """Write train.bin, val.bin and meta.json into folder; return meta."""
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+    train_ids, val_ids = np.asarray(train_ids, dtype=dtype), np.asarray(val_ids, dtype=dtype)
+    meta = {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.spec(), "dtype": dtype.name,
+            "source": source, "train_tokens": len(train_ids), "val_tokens": len(val_ids)}
+    try:
+        os.makedirs(folder, exist_ok=True)
+        atomic_write(os.path.join(folder, "train.bin"), train_ids.tofile)
+        atomic_write(os.path.join(folder, "val.bin"), val_ids.tofile)
+        # meta.json last: a folder with a fresh meta.json has fresh .bin files too
+        meta_bytes = (json.dumps(meta, indent=2) + "\n").encode("utf-8")
+        atomic_write(os.path.join(folder, "meta.json"), lambda f: f.write(meta_bytes))
+    except OSError as e:
+        raise UserError(f"cannot write the dataset to {folder}: {e.strerror}") from None
+    return meta
+
+
+def dataset_dir(name):
+    """A dataset's folder: a path, or the name of a folder under the repo's data/."""
+    return name if os.sep in name else os.path.join(REPO_DIR, "data", name)
+
+
+def open_dataset(name, block_size):
+    """({"train": ids, "val": ids}, meta) of a prepared dataset, the ids memory-mapped."""
+    folder = dataset_dir(name)
+    meta_path = os.path.join(folder, "meta.json")
+    meta = {}
+    if os.path.exists(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    dtype = np.dtype(meta.get("dtype", "uint16"))
+    splits = {}
+    for split in ("train", "val"):
+        path = os.path.join(folder, f"{split}.bin")
+        if not os.path.exists(path):
+            prepare = os.path.join("data", name, "prepare.py")
+            raise UserError(f"dataset {name!r} has no {split}.bin in {folder}: "
+                            f"run `python {prepare}` first")
+        splits[split] = np.memmap(path, dtype=dtype, mode="r")
+        if len(splits[split]) <= block_size:
+            raise UserError(f"{split}.bin of {name!r} has {len(splits[split])} tokens, "
+                            f"not more than block_size={block_size}: lower --block_size")
+    return splits, meta
+
+
+def get_batch(data, block_size, n_rows, generator, rows=slice(None)):
+    """Random windows of block_size + 1 tokens of data, as inputs and the targets shifted by one
+    ((rows, block_size) int64 tensors each). n_rows starts are drawn and `rows` of them kept, so
+    every process of a distributed run draws the same global batch and takes its own share."""
+    import torch  # the preparers import this module too, and need no torch
+    starts = torch.randint(len(data) - block_size, (n_rows,), generator=generator)[rows]
+    windows = data[starts.numpy()[:, None] + np.arange(block_size + 1)]
+    windows = torch.from_numpy(windows.astype(np.int64))
+    return windows[:, :-1], windows[:, 1:]

@@ -1,0 +1,9 @@
+"""
+The one exception type for mistakes made at the keyboard: a bad flag, a missing file, a
+checkpoint that is not one. Every script's `configurator.run(main)` prints it as one line,
+`error: ...`, and exits with code 2, without a traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line, exit code 2."""
