@@ -183,6 +183,28 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
+@torch.no_grad()
+def estimate_loss(model, batch, autocast):
+    """Mean loss and next-token accuracy (how often the most likely token is the right one)
+    over eval_iters batches of each split, batch(split, generator) drawing them; the same
+    batches every time, so successive evaluations compare. Runs on the master only, without DDP."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        generator = torch.Generator().manual_seed(seed)
+        losses, accuracies = torch.zeros(eval_iters), torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            X, Y = batch(split, generator)
+            with autocast:
+                logits, loss = model(X, Y)
+            losses[k] = loss.item()
+            accuracies[k] = (logits.argmax(dim=-1) == Y).float().mean().item()
+        out[split] = losses.mean().item()
+        out[f"{split}_acc"] = accuracies.mean().item()
+    model.train()
+    return out
+
+
 def setup_distributed(device_type):
     """(ddp, rank, local rank, world size): torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
     if int(os.environ.get("RANK", -1)) == -1:
@@ -253,27 +275,6 @@ def main():
             return x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
         return x.to(dev), y.to(dev)
 
-    @torch.no_grad()
-    def estimate_loss():
-        """Mean loss and next-token accuracy (how often the most likely token is the right
-        one) over eval_iters batches of each split; the same batches every time, so successive
-        evaluations compare. Runs on the master only, without DDP."""
-        raw_model.eval()
-        out = {}
-        for split in ("train", "val"):
-            generator = torch.Generator().manual_seed(seed)
-            losses, accuracies = torch.zeros(eval_iters), torch.zeros(eval_iters)
-            for k in range(eval_iters):
-                X, Y = batch(split, generator)
-                with autocast:
-                    logits, loss = raw_model(X, Y)
-                losses[k] = loss.item()
-                accuracies[k] = (logits.argmax(dim=-1) == Y).float().mean().item()
-            out[split] = losses.mean().item()
-            out[f"{split}_acc"] = accuracies.mean().item()
-        raw_model.train()
-        return out
-
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
     def save(val_loss):
@@ -303,7 +304,7 @@ def main():
         # evaluate, and save a checkpoint; not again at the iteration a resumed run starts from
         at_eval = iter_num % eval_interval == 0 or iter_num == max_iters
         if master and at_eval and (iter_num != start_iter or iter_num == 0 or eval_only):
-            losses = estimate_loss()
+            losses = estimate_loss(raw_model, batch, autocast)
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                   f"val acc {losses['val_acc']:.4f}")
             runlog.log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
