@@ -139,7 +139,7 @@ class DecodingOptions:
     presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far
     frequency_penalty: float = 0.0  # ... times the number of times it was generated
     no_repeat_ngram_size: int = 0  # n > 0: a row never repeats an n-gram (n tokens in a row)
-    num_beams: int = 1  # > 1: beam search, which is deterministic (temperature 0)
+    num_beams: int = 1  # > 1: beam search, deterministic (temperature 0; top_k, top_p, min_p ignored)
     length_penalty: float = 1.0  # beams are ranked by log-probability / length ** length_penalty
     early_stopping: Union[bool, str] = False  # beams: True, False or "never", as Hugging Face's
     num_return_sequences: int = 1  # results per prompt: samples, or the best beams
@@ -181,9 +181,11 @@ class DecodingOptions:
                 raise UserError(f"num_return_sequences ({self.num_return_sequences}) cannot "
                                 f"exceed num_beams ({self.num_beams}): beam search keeps "
                                 "num_beams sequences")
-            if self.sampling or self.top_k or self.top_p < 1 or self.min_p > 0:
+            # the sampling filters (top_k, top_p, min_p) do not apply: beams rank every token,
+            # and Hugging Face ignores them too
+            if self.sampling:
                 raise UserError(f"num_beams={self.num_beams} is beam search, which does not "
-                                "sample: set temperature=0 and leave top_k, top_p and min_p unset")
+                                f"sample: leave temperature unset (or 0), got {self.temperature}")
 
     @property
     def sampling(self):
@@ -307,28 +309,36 @@ def as_token_lists(prompts):
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, stop_tokens=(), logits_processors=(), on_token=None,
-             **options):
+def generate(model, prompts, max_new_tokens, stop_tokens=(), stop_strings=(), tokenizer=None,
+             pad_token_id=None, logits_processors=(), on_token=None, **options):
     """Continue each prompt (a (B, T) tensor, or lists of token ids of any lengths) by up to
     max_new_tokens tokens, decoding as `options` (DecodingOptions' fields) say.
 
-    stop_tokens: ids that end a row (e.g. the tokenizer's end-of-text); logits_processors:
-    callables (ids, logits) -> logits, applied after the built-in penalties (ids: the tokens
-    so far, (rows, T), left-padded with PAD = -1); on_token(row, token): called with each new
-    token of each row as it is picked, stop tokens aside; returning True ends that row (stop
-    strings, streaming), except in beam search, which picks its sequences at the end.
+    stop_tokens: ids that end a row (Hugging Face's eos_token_id: the tokenizer's end-of-text,
+    or a list such as Qwen's); stop_strings: texts that end a row once a new token completes
+    one, even one begun in the prompt (tokenizer: what decodes the ids, needed for them);
+    pad_token_id: what fills a row after it ended (the first stop token by default; without
+    one a row repeats its last token); logits_processors: callables (ids, logits) -> logits,
+    applied after the built-in penalties (ids: the tokens so far, (rows, T), left-padded with
+    PAD = -1); on_token(row, token): called with each new token of each row as it is picked,
+    stop tokens aside (streaming); returning True ends that row. Beam search picks its
+    sequences at the end and calls no on_token.
 
     Returns a (rows, width) tensor: prompt i's num_return_sequences results are rows
     i * num_return_sequences onwards; prompts shorter than the longest are left-padded with
-    PAD, and a row that ended early repeats its last token (its stop token, say) to the end,
-    as Hugging Face's rows repeat their padding."""
+    PAD, and a row that ended early is filled with pad_token_id to the end."""
     opts = DecodingOptions(max_new_tokens, **options)
     prompts = as_token_lists(prompts)
+    stop_strings = check_stop_strings(stop_strings)
+    if stop_strings and tokenizer is None:
+        raise UserError("stop_strings need the tokenizer that decodes the ids (tokenizer=...)")
     use_thin_linears(model)
     if opts.num_beams > 1:
-        return beam_search(model, prompts, opts, stop_tokens, logits_processors)[0]
+        return beam_search(model, prompts, opts, stop_tokens, logits_processors, stop_strings,
+                           tokenizer, pad_token_id)[0]
 
     device = model.transformer.wte.weight.device
+    pad_token_id = default_pad(pad_token_id, stop_tokens)
     total = max(map(len, prompts)) + max_new_tokens
     ids, width = left_pad(prompts, opts.num_return_sequences, total)
     ids = ids.to(device)
@@ -347,26 +357,64 @@ def generate(model, prompts, max_new_tokens, stop_tokens=(), logits_processors=(
             token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
         else:
             token = logits.argmax(dim=-1)
-        ids[:, t] = torch.where(done, ids[:, t - 1], token)  # an ended row repeats its last token
+        # an ended row is padded, or (with no pad token) repeats its last token
+        ids[:, t] = torch.where(done, ids[:, t - 1] if pad_token_id is None else pad_token_id, token)
         stopped = torch.isin(token, stops) & ~done
-        if on_token is not None:
-            for row in (~done & ~stopped).nonzero()[:, 0].tolist():
-                if on_token(row, token[row].item()):
-                    stopped[row] = True
+        for row in (~done & ~stopped).nonzero()[:, 0].tolist():
+            ended = bool(stop_strings) and completes_stop_string(tokenizer, ids[row, :t + 1], stop_strings)
+            if on_token is not None and on_token(row, token[row].item()):
+                ended = True
+            if ended:
+                stopped[row] = True
         done |= stopped
         if done.all() or t + 1 == total:
             return ids[:, :t + 1]
         logits = next_logits(model, cache, ids, t + 1, opts.context_shift)
 
 
+def default_pad(pad_token_id, stop_tokens):
+    """What fills a row after it ended: pad_token_id, else the first stop token (Hugging Face's
+    default), else None."""
+    if pad_token_id is None and len(stop_tokens):
+        return list(stop_tokens)[0]
+    return pad_token_id
+
+
+def check_stop_strings(stop_strings):
+    """stop_strings as a list of non-empty strings (a lone string is one)."""
+    stops = [stop_strings] if isinstance(stop_strings, str) else stop_strings or []
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+        raise UserError(f"stop must be a non-empty string or a list of them, got {stop_strings!r}")
+    return list(stops)
+
+
+def find_stop_string(text, before, stop_strings):
+    """Where the first stop string starts among those that occur in text and end past its first
+    `before` characters (that is, overlap the newest token's text); -1 if none does."""
+    starts = [text.find(s, max(0, before - len(s) + 1)) for s in stop_strings]
+    return min((i for i in starts if i >= 0), default=-1)
+
+
+def completes_stop_string(tokenizer, ids, stop_strings):
+    """Whether the last of ids (a row, PAD allowed on the left) completes a stop string: the
+    string occurs in the text and overlaps the last token's text, as Hugging Face's
+    StopStringCriteria decides. Only the last few tokens are decoded: a stop string of n
+    characters overlaps at most n + 1 tokens."""
+    tail = [i for i in ids[-(max(map(len, stop_strings)) + 2):].tolist() if i != PAD]
+    text = tokenizer.decode(tail)
+    return find_stop_string(text, len(tokenizer.decode(tail[:-1])), stop_strings) >= 0
+
+
 # -----------------------------------------------------------------------------
 # Beam search
 
 @torch.no_grad()
-def beam_search(model, prompts, opts, stop_tokens=(), logits_processors=()):
+def beam_search(model, prompts, opts, stop_tokens=(), logits_processors=(), stop_strings=(),
+                tokenizer=None, pad_token_id=None):
     """Hugging Face's beam search: each prompt keeps the num_beams most likely sequences (by
     summed log-probability), extends each by every token, and keeps the best num_beams again.
-    A sequence that picks a stop token, or reaches max_new_tokens, is finished: it joins the
+    A sequence that picks a stop token, completes a stop string or reaches max_new_tokens is
+    finished: it joins the
     prompt's num_beams best finished ones, ranked by log-probability / generated length **
     length_penalty. The search stops when no running beam can beat the finished ones (the
     estimate depends on early_stopping), or with early_stopping=True as soon as num_beams
@@ -382,8 +430,9 @@ def beam_search(model, prompts, opts, stop_tokens=(), logits_processors=()):
     if max_new_tokens == 0:
         return ids.view(P, K, -1)[:, :n].reshape(P * n, -1), torch.zeros(P * n, device=device)
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
-    # a finished sequence is padded with the first stop token, as Hugging Face pads with eos
-    fill_token = stop_tokens[0] if len(stop_tokens) else PAD
+    # a finished sequence is padded with pad_token_id, as Hugging Face's (the first eos by default)
+    pad_token_id = default_pad(pad_token_id, stop_tokens)
+    fill_token = PAD if pad_token_id is None else pad_token_id
     cache = KVCache(model, P * K, min(model.config.block_size, total))
     logits = fill(model, cache, ids, width)
 
@@ -395,8 +444,9 @@ def beam_search(model, prompts, opts, stop_tokens=(), logits_processors=()):
     finished = torch.full((P, K), -1e9, device=device)  # length-penalised scores
     is_finished = torch.zeros(P, K, dtype=torch.bool, device=device)
     improvable = torch.ones(P, 1, dtype=torch.bool, device=device)
-    # candidates per step: twice the beams, so that num_beams remain if half of them stop
-    n_candidates = 2 * K
+    # candidates per step, as Hugging Face keeps them: num_beams more than could end on a stop
+    # token (each beam's best continuations may be every stop token), and at least twice the beams
+    n_candidates = max(2, 1 + len(stop_tokens)) * K
     top_k_mask = torch.arange(n_candidates, device=device) < K
     offsets = torch.arange(P, device=device)[:, None] * K
 
@@ -411,6 +461,9 @@ def beam_search(model, prompts, opts, stop_tokens=(), logits_processors=()):
         cand_ids = ids[parent.view(-1)].view(P, n_candidates, total)
         cand_ids[:, :, t] = token
         ends = torch.isin(token, stops) | (t + 1 == total)
+        if stop_strings:
+            ends |= torch.tensor([completes_stop_string(tokenizer, row[:t + 1], stop_strings)
+                                  for row in cand_ids.view(-1, total)], device=device).view_as(ends)
 
         # the best candidates that go on become the running beams
         going = cand_scores - 1e9 * ends.float()
@@ -555,17 +608,20 @@ class TextStream:
     def __init__(self, decode, prompt, stop_strings=()):
         self.decode, self.tokens, self.stop_strings = decode, list(prompt), list(stop_strings)
         self.text = decode(self.tokens)
-        self.start = len(self.text)  # stop strings are looked for in the new text only
+        self.start = len(self.text)  # where the new text starts
         self.shown = 0  # characters returned so far
         self.stopped = False
 
     def add(self, token):
+        before = len(self.text)
         self.tokens.append(token)
         self.text = self.decode(self.tokens)
-        hits = [i for i in (self.text.find(s, self.start) for s in self.stop_strings) if i >= 0]
-        if hits:
+        # a stop string counts once a new token completes it, even one begun in the prompt
+        # (as generate() decides); the prompt itself is never cut
+        hit = find_stop_string(self.text, before, self.stop_strings)
+        if hit >= 0:
             self.stopped = True
-            self.text = self.text[:min(hits)]
+            self.text = self.text[:max(hit, self.start)]
             return self.flush()
         end = len(self.text.rstrip("\ufffd"))
         held = max((n for s in self.stop_strings for n in range(1, len(s))

@@ -127,7 +127,8 @@ def model_args(hf, name, dropout=None):
         raise UserError(f"{name}: config.json lacks {', '.join(missing)}")
     n_embd = hf["n_embd"]
     # GPT-2's settings (with transformers' defaults for absent keys) and the values we accept
-    required = {"activation_function": ("gelu_new", ("gelu_new", "gelu_pytorch_tanh")),
+    activations = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+    required = {"activation_function": ("gelu_new", tuple(activations)),
                 "layer_norm_epsilon": (1e-5, (1e-5,)),
                 "n_inner": (None, (None, 4 * n_embd) if isinstance(n_embd, int) else (None,)),
                 "tie_word_embeddings": (True, (True,)),
@@ -141,6 +142,7 @@ def model_args(hf, name, dropout=None):
     return dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd,
                 block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
                 vocab_size=hf["vocab_size"], bias=True,
+                activation=activations[hf.get("activation_function", "gelu_new")],
                 dropout=hf.get("resid_pdrop", 0.1) if dropout is None else dropout)
 
 
@@ -257,7 +259,8 @@ def export_config(config, tokenizer):
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "vocab_size": config.vocab_size, "n_positions": config.block_size,
             "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
-            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+            "activation_function": "gelu_new" if config.activation == "gelu_tanh" else "gelu",
+            "layer_norm_epsilon": 1e-5,
             "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
             "tie_word_embeddings": True,
             "bos_token_id": tokenizer.eot_token, "eos_token_id": tokenizer.eot_token}

@@ -1,9 +1,10 @@
 """
 A GPT language model in one file, exactly the GPT-2 architecture:
 learned position embeddings, pre-LayerNorm transformer blocks, causal
-self-attention, a tanh-approximate GELU MLP, and an output head tied to the
-token embedding. Parameter names follow OpenAI's / Hugging Face's GPT-2 so
-their checkpoints map onto ours one to one.
+self-attention, a GELU MLP (tanh-approximate as GPT-2's, or exact as
+nanoGPT's), and an output head tied to the token embedding. Parameter names
+follow OpenAI's / Hugging Face's GPT-2 so their checkpoints map onto ours
+one to one.
 
 References:
 1) OpenAI's GPT-2 release: https://github.com/openai/gpt-2/blob/master/src/model.py
@@ -27,6 +28,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True        # biases in Linears and LayerNorms, as GPT-2; False is a bit better and faster
+    activation: str = "gelu_tanh"  # GPT-2's tanh-approximate GELU; "gelu" is exact (nanoGPT's nn.GELU())
 
 
 class CausalSelfAttention(nn.Module):
@@ -64,7 +66,8 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 was trained with the tanh approximation
+        # OpenAI trained GPT-2 with the tanh approximation; nanoGPT's runs use the exact GELU
+        self.gelu = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

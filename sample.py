@@ -20,7 +20,7 @@ import torch
 import checkpoint
 import engine
 import hardware
-from configurator import configure, run
+from configurator import configure, knobs, run
 from errors import UserError
 
 # -----------------------------------------------------------------------------
@@ -37,12 +37,13 @@ repetition_penalty = 1.0  # > 1 makes tokens already in the text less likely (Hu
 presence_penalty = 0.0  # OpenAI's: subtracted from the logit of every token generated so far
 frequency_penalty = 0.0  # OpenAI's: subtracted once per time the token was generated
 no_repeat_ngram_size = 0  # n > 0: no n tokens in a row appear twice in a sample
-num_beams = 1  # > 1: beam search, deterministic: with temperature=0, top_k=None and num_samples=1
+num_beams = 1  # > 1: beam search (deterministic: the sampling options left at their defaults do not apply)
 length_penalty = 1.0  # beam search ranks by log-probability / length**length_penalty
 early_stopping = False  # beam search: stop as soon as num_beams sequences are finished
 num_return_sequences = 1  # beam search: print this many of the best beams
 context_shift = False  # past the context: True drops its older half at once (much faster), False crops per token as nanoGPT
-stop = None  # a string, or a list of strings, that ends a sample (it is not printed)
+stop = None  # a string, or a list of strings, that ends a sample (it is not printed); special tokens count
+skip_special_tokens = False  # True: special tokens (<|endoftext|>, [CLS], ...) are not printed
 stream = True  # print a lone sample as it is produced
 seed = 1337
 device = None  # None picks cuda, then mps, then cpu
@@ -86,6 +87,8 @@ def read_prompts(text):
 
 def encode_prompt(tokenizer, text):
     ids = tokenizer.encode(text)
+    if tokenizer.bos_token is not None:  # BERT vocabularies: [CLS] starts a text
+        return [tokenizer.bos_token] + ids
     if ids:
         return ids
     if tokenizer.eot_token is None:
@@ -94,40 +97,41 @@ def encode_prompt(tokenizer, text):
     return [tokenizer.eot_token]  # GPT-2 samples unconditionally after its end-of-text token
 
 
-def decoding_options():
+def decoding_options(passed):
     """The decoding flags as engine.DecodingOptions, which checks them. num_samples is what the
-    engine (and Hugging Face) call num_return_sequences when sampling."""
-    if num_samples < 1:
-        raise UserError(f"num_samples must be >= 1, got {num_samples}")
-    if num_beams > 1 and num_samples != 1:
+    engine (and Hugging Face) call num_return_sequences when sampling. Beam search runs from
+    --num_beams=N alone: the sampling flags left at their (nanoGPT) defaults do not apply to it;
+    one the user set (passed) that conflicts with it is an error."""
+    samples, temp = num_samples, temperature
+    if num_beams > 1:
+        samples = num_samples if "num_samples" in passed else 1
+        temp = temperature if "temperature" in passed else 0.0
+    if samples < 1:
+        raise UserError(f"num_samples must be >= 1, got {samples}")
+    if num_beams > 1 and samples != 1:
         raise UserError(f"num_beams={num_beams} is beam search, which gives num_return_sequences "
-                        "results per prompt, not samples: set num_samples=1")
+                        "results per prompt, not samples: leave num_samples unset (or 1)")
     if num_beams == 1 and num_return_sequences != 1:
         raise UserError("num_return_sequences counts the beams to print (with num_beams > 1); "
                         "for several samples per prompt set num_samples")
     return engine.DecodingOptions(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        max_new_tokens=max_new_tokens, temperature=temp, top_k=top_k, top_p=top_p,
         min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
         num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-        num_return_sequences=num_samples if num_beams == 1 else num_return_sequences, seed=seed,
+        num_return_sequences=samples if num_beams == 1 else num_return_sequences, seed=seed,
         context_shift=context_shift)
 
 
-def stop_strings():
-    stops = [stop] if isinstance(stop, str) else stop or []
-    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
-        raise UserError(f"stop must be a non-empty string or a list of them, got {stop!r}")
-    return stops
-
-
 def main():
+    defaults = knobs(globals())
     configure(globals())
+    passed = {k for k, v in knobs(globals()).items() if v != defaults[k]}  # what the user set
     if not init_from:
         raise UserError("init_from must be 'resume', a GPT-2 size (gpt2 ... gpt2-xl), a hub id, "
                         "a model folder or a nanoGPT ckpt.pt")
-    options = decoding_options()
-    stops = stop_strings()
+    options = decoding_options(passed)
+    stops = engine.check_stop_strings(stop)
     if quantize not in (None, "int8"):
         raise UserError(f"quantize must be None or 'int8', got {quantize!r}")
     texts = read_prompts(start)
@@ -145,7 +149,10 @@ def main():
 
     # each prompt has options.num_return_sequences rows of output, and each row a TextStream
     # that finds the stop strings (and, for a lone sample, prints the text as it comes)
-    streams = [engine.TextStream(tokenizer.decode, p, stops)
+    def decode(ids):
+        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    streams = [engine.TextStream(decode, p, stops)
                for p in prompts for _ in range(options.num_return_sequences)]
     live = stream and len(streams) == 1 and num_beams == 1
     if live:
@@ -158,8 +165,9 @@ def main():
         return streams[row].stopped
 
     stop_tokens = [] if tokenizer.eot_token is None else [tokenizer.eot_token]
-    out = engine.generate(model, prompts, stop_tokens=stop_tokens,
-                          on_token=None if num_beams > 1 else on_token, **vars(options))
+    out = engine.generate(model, prompts, stop_tokens=stop_tokens, stop_strings=stops,
+                          tokenizer=tokenizer, on_token=None if num_beams > 1 else on_token,
+                          **vars(options))
     if num_beams > 1:  # beam search chooses its sequences at the end: read them now
         width = max(map(len, prompts))
         for row, tokens in enumerate(out[:, width:].tolist()):

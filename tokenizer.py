@@ -22,7 +22,7 @@ class CharTokenizer:
         self.chars = chars
         self.stoi = {ch: i for i, ch in enumerate(chars)}
         self.vocab_size = len(chars)
-        self.eot_token = None  # char corpora have no end-of-text token
+        self.eot_token = self.bos_token = None  # char corpora have no end-of-text token
 
     @classmethod
     def from_text(cls, text):
@@ -39,8 +39,8 @@ class CharTokenizer:
                             " (use only characters the model was trained on)")
         return [self.stoi[c] for c in text]
 
-    def decode(self, ids):
-        return "".join(self.chars[i] for i in ids)
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.chars[i] for i in ids)  # a char vocabulary has no special tokens
 
 
 class TiktokenTokenizer:
@@ -59,6 +59,7 @@ class TiktokenTokenizer:
                             "with its files") from None
         self.vocab_size = self.enc.n_vocab
         self.eot_token = self.enc.eot_token
+        self.bos_token = None  # GPT-2's texts start without a token of their own
 
     def spec(self):
         return {"kind": "tiktoken", "name": self.name}
@@ -66,7 +67,9 @@ class TiktokenTokenizer:
     def encode(self, text):
         return self.enc.encode(text, allowed_special={"<|endoftext|>"})
 
-    def decode(self, ids):
+    def decode(self, ids, skip_special_tokens=False):
+        if skip_special_tokens:
+            ids = [i for i in ids if i != self.eot_token]
         return self.enc.decode(ids)
 
 
@@ -81,8 +84,12 @@ class HFTokenizer:
             reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
             raise UserError(f"the tokenizer.json is unreadable ({reason})") from None
         self.vocab_size = self.tok.get_vocab_size()
-        self.eot_token = self.tok.token_to_id("<|endoftext|>")  # None in vocabularies without it
         self.wordpiece = isinstance(self.tok.model, models.WordPiece)
+        # a text's end: GPT-2's end-of-text; BERT vocabularies (the Chinese GPT-2s) wrap each text
+        # as [CLS] ... [SEP], as their users and transformers' pipeline do; None in vocabularies
+        # without either
+        self.eot_token = self.tok.token_to_id("[SEP]" if self.wordpiece else "<|endoftext|>")
+        self.bos_token = self.tok.token_to_id("[CLS]") if self.wordpiece else None
 
     @classmethod
     def from_file(cls, path):
@@ -110,15 +117,17 @@ class HFTokenizer:
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids):
+    def decode(self, ids, skip_special_tokens=False):
+        """The text of ids, special tokens included unless skip_special_tokens (as transformers'
+        decode does)."""
         if not self.wordpiece:
-            return self.tok.decode(ids)
+            return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
         # WordPiece's own decoder puts a space between all tokens, so Chinese comes out as
         # "这 是 ..."; join the pieces ourselves and put no space next to a wide (CJK) character
         special = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
         text = ""
         for piece in (self.tok.id_to_token(i) for i in ids):
-            if piece is None or piece in special:
+            if piece is None or (skip_special_tokens and piece in special):
                 continue
             if piece.startswith("##"):
                 text += piece[2:]  # the rest of the word begun by the previous piece
