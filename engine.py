@@ -144,6 +144,11 @@ class DecodingOptions:
     early_stopping: Union[bool, str] = False  # beams: True, False or "never", as Hugging Face's
     num_return_sequences: int = 1  # results per prompt: samples, or the best beams
     seed: Optional[int] = None  # seeds the sampling; None draws from torch's global generator
+    do_sample: Optional[bool] = None  # False: greedy whatever the temperature; None: temperature > 0
+    typical_p: float = 1.0  # ... from the tokens closest to the expected surprise, adding up to typical_p
+    min_new_tokens: int = 0  # the stop tokens are banned until a row has this many new tokens
+    bad_words_ids: tuple = ()  # token sequences a row never completes (a lone id is never picked)
+    suppress_tokens: tuple = ()  # ids never picked
     # past block_size: False keeps the last block_size tokens at every step, exactly as nanoGPT
     # crops (each token then costs a forward pass over the whole window); True drops the older
     # half of the window when it is full, which decodes many times faster but gives each token
@@ -176,6 +181,23 @@ class DecodingOptions:
                             f"got {self.early_stopping!r}")
         if self.context_shift not in (True, False):
             raise UserError(f"context_shift must be True or False, got {self.context_shift!r}")
+        if self.do_sample not in (None, True, False):
+            raise UserError(f"do_sample must be True or False, got {self.do_sample!r}")
+        if self.do_sample and self.temperature == 0:
+            raise UserError("do_sample=True samples, which needs temperature > 0 (0 is greedy)")
+        if not 0 < self.typical_p <= 1:
+            raise UserError(f"typical_p must be in (0, 1] (1 keeps all tokens), got {self.typical_p}")
+        if self.min_new_tokens < 0:
+            raise UserError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if not all(isinstance(w, (list, tuple)) and w and all(isinstance(i, int) for i in w)
+                   for w in self.bad_words_ids):
+            raise UserError(f"bad_words_ids must be lists of token ids, got {self.bad_words_ids!r}")
+        if not all(isinstance(i, int) for i in self.suppress_tokens):
+            raise UserError(f"suppress_tokens must be token ids, got {self.suppress_tokens!r}")
+        if self.num_beams == 1 and not self.sampling and self.num_return_sequences > 1:
+            raise UserError(f"greedy decoding gives one result per prompt, not "
+                            f"num_return_sequences={self.num_return_sequences}: sample "
+                            "(temperature > 0) or use beams (num_beams > 1)")
         if self.num_beams > 1:
             if self.num_return_sequences > self.num_beams:
                 raise UserError(f"num_return_sequences ({self.num_return_sequences}) cannot "
@@ -189,7 +211,7 @@ class DecodingOptions:
 
     @property
     def sampling(self):
-        return self.temperature > 0
+        return self.temperature > 0 if self.do_sample is None else self.do_sample
 
 
 # -----------------------------------------------------------------------------
@@ -237,6 +259,30 @@ def no_repeat_ngram(ids, logits, n):
     return logits.masked_fill(banned[:, :vocab_size], -float("inf"))
 
 
+def ban(logits, token_ids):
+    """Make the given tokens impossible (ids outside the vocabulary are ignored)."""
+    banned = torch.tensor([i for i in token_ids if 0 <= i < logits.size(-1)], dtype=torch.long,
+                          device=logits.device)
+    return logits.index_fill(-1, banned, -float("inf"))
+
+
+def bad_words(ids, logits, words):
+    """Ban the token that would complete any of the words (token sequences) in each row: a
+    word's last token is banned where the row ends with the rest of it (always, for a word of
+    one token), as Hugging Face's NoBadWordsLogitsProcessor does."""
+    banned = torch.zeros_like(logits, dtype=torch.bool)
+    for word in words:
+        *prefix, last = word
+        if not 0 <= last < logits.size(-1):
+            continue
+        if not prefix:
+            banned[:, last] = True
+        elif ids.size(1) >= len(prefix):
+            tail = ids[:, ids.size(1) - len(prefix):]
+            banned[:, last] |= (tail == torch.tensor(prefix, device=ids.device)).all(dim=1)
+    return logits.masked_fill(banned, -float("inf"))
+
+
 def top_k_filter(logits, k):
     """Keep the k largest logits of each row (ties with the k-th included)."""
     kth = torch.topk(logits, min(k, logits.size(-1))).values[:, -1:]
@@ -253,17 +299,33 @@ def top_p_filter(logits, p):
     return logits.masked_fill(drop.scatter(1, order, drop), -float("inf"))
 
 
+def typical_filter(logits, mass):
+    """Locally typical sampling (Meister et al. 2022): keep the tokens whose surprise is closest
+    to the distribution's entropy, fewest first, until their probabilities add up to mass;
+    always the closest one."""
+    log_probs = logits.log_softmax(dim=-1)
+    entropy = -(log_probs.exp() * log_probs).nansum(dim=-1, keepdim=True)
+    distance, order = torch.sort((-log_probs - entropy).abs(), dim=-1)
+    cumulative = logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+    # the last kept token is the first at which the kept probability reaches mass
+    last = (cumulative < mass).sum(dim=-1, keepdim=True).clamp(max=logits.size(-1) - 1)
+    drop = distance > distance.gather(-1, last)
+    drop[:, 0] = False
+    return logits.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+
+
 def min_p_filter(logits, p):
     """Keep the tokens at least p times as likely as the most likely one (Nguyen et al. 2024)."""
     probs = logits.softmax(dim=-1)
     return logits.masked_fill(probs < p * probs.amax(dim=-1, keepdim=True), -float("inf"))
 
 
-def process_logits(ids, logits, prompt_width, opts, processors=()):
+def process_logits(ids, logits, prompt_width, opts, processors=(), stop_tokens=()):
     """Apply the decoding options to next-token logits, in Hugging Face's order: penalties and
     bans, then the caller's processors (callables (ids, logits) -> logits), then, when
-    sampling, temperature -> top-k -> top-p -> min-p. ids: the tokens so far (rows, T), left-
-    padded with PAD; the generated ones start at column prompt_width."""
+    sampling, temperature -> top-k -> top-p -> min-p -> typical. ids: the tokens so far (rows,
+    T), left-padded with PAD; the generated ones start at column prompt_width. stop_tokens:
+    what min_new_tokens holds back."""
     if opts.repetition_penalty != 1:
         logits = repetition_penalty(ids, logits, opts.repetition_penalty)
     if opts.presence_penalty or opts.frequency_penalty:
@@ -271,6 +333,12 @@ def process_logits(ids, logits, prompt_width, opts, processors=()):
                                             opts.presence_penalty, opts.frequency_penalty)
     if opts.no_repeat_ngram_size:
         logits = no_repeat_ngram(ids, logits, opts.no_repeat_ngram_size)
+    if opts.bad_words_ids:
+        logits = bad_words(ids, logits, opts.bad_words_ids)
+    if opts.min_new_tokens and ids.size(1) - prompt_width < opts.min_new_tokens and len(stop_tokens):
+        logits = ban(logits, list(stop_tokens))
+    if opts.suppress_tokens:
+        logits = ban(logits, list(opts.suppress_tokens))
     for processor in processors:
         logits = processor(ids, logits)
     if not opts.sampling:
@@ -283,6 +351,8 @@ def process_logits(ids, logits, prompt_width, opts, processors=()):
         logits = top_p_filter(logits, opts.top_p)
     if opts.min_p > 0:
         logits = min_p_filter(logits, opts.min_p)
+    if opts.typical_p < 1:
+        logits = typical_filter(logits, opts.typical_p)
     return logits
 
 
@@ -352,7 +422,7 @@ def generate(model, prompts, max_new_tokens, stop_tokens=(), stop_strings=(), to
     cache = KVCache(model, ids.size(0), min(model.config.block_size, total))
     logits = fill(model, cache, ids, width)
     for t in range(width, total):
-        logits = process_logits(ids[:, :t], logits, width, opts, logits_processors)
+        logits = process_logits(ids[:, :t], logits, width, opts, logits_processors, stop_tokens)
         if opts.sampling:
             token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
         else:
@@ -452,7 +522,7 @@ def beam_search(model, prompts, opts, stop_tokens=(), logits_processors=(), stop
 
     for t in range(width, total):
         log_probs = F.log_softmax(logits, dim=-1)
-        log_probs = process_logits(ids[:, :t], log_probs, width, opts, logits_processors)
+        log_probs = process_logits(ids[:, :t], log_probs, width, opts, logits_processors, stop_tokens)
         vocab_size = log_probs.size(-1)
         scores = (log_probs.view(P, K, vocab_size) + running[:, :, None]).view(P, K * vocab_size)
         cand_scores, flat = torch.topk(scores, n_candidates)  # (P, 2K), best first
@@ -605,16 +675,19 @@ class TextStream:
     end that could be the start of a stop string. When a stop string appears, the text up to
     it is final, `stopped` is set, and the stop string itself is never returned."""
 
-    def __init__(self, decode, prompt, stop_strings=()):
+    def __init__(self, decode, prompt, stop_strings=(), show_prompt=True):
         self.decode, self.tokens, self.stop_strings = decode, list(prompt), list(stop_strings)
         self.text = decode(self.tokens)
         self.start = len(self.text)  # where the new text starts
-        self.shown = 0  # characters returned so far
+        self.first = 0 if show_prompt else self.start  # where the text shown starts
+        self.shown = self.first  # characters returned so far
+        self.new_tokens = 0
         self.stopped = False
 
     def add(self, token):
         before = len(self.text)
         self.tokens.append(token)
+        self.new_tokens += 1
         self.text = self.decode(self.tokens)
         # a stop string counts once a new token completes it, even one begun in the prompt
         # (as generate() decides); the prompt itself is never cut
@@ -631,6 +704,10 @@ class TextStream:
     def flush(self):
         """All the text not yet returned (at the end of a row)."""
         return self._take(len(self.text))
+
+    def shown_text(self):
+        """The row's whole text as shown: with the prompt or without, the stop string cut off."""
+        return self.text[self.first:]
 
     def _take(self, end):
         new = self.text[self.shown:end] if end > self.shown else ""

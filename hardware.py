@@ -64,7 +64,7 @@ def setup(device, dtype, training=True):
     """Resolve device=None / dtype=None to the best choice for this machine, for training or
     (training=False) for decoding.
     Returns (device, device_type, dtype name, autocast context)."""
-    dev = device or default_device()
+    dev = default_device() if device in (None, "auto") else device
     device_type = "cuda" if dev.startswith("cuda") else dev.split(":")[0]
     if device_type not in ("cpu", "cuda", "mps"):
         raise UserError(f"device must be cpu, cuda, cuda:N or mps, got {dev!r}")
@@ -72,7 +72,7 @@ def setup(device, dtype, training=True):
         raise UserError("device is cuda but no CUDA GPU is available: use --device=cpu")
     if device_type == "mps" and not torch.backends.mps.is_available():
         raise UserError("device is mps but MPS is not available: use --device=cpu")
-    precision = check_dtype(dtype or default_dtype(device_type, training))
+    precision = check_dtype(default_dtype(device_type, training) if dtype in (None, "auto") else dtype)
     autocast = (nullcontext() if precision == "float32"
                 else torch.autocast(device_type=device_type, dtype=DTYPES[precision]))
     return dev, device_type, precision, autocast

@@ -14,6 +14,8 @@ The checkpoint carries its tokenizer, so no data folder is needed.
 
 import json
 import os
+import sys
+import time
 
 import torch
 
@@ -29,14 +31,20 @@ out_dir = "out"
 start = "\n"  # the prompt; "FILE:prompts.txt" has one prompt a line, "FILE:prompts.jsonl" one JSON string a line
 num_samples = 10  # samples per prompt, drawn together as one batch
 max_new_tokens = 500
+max_length = None  # Hugging Face's: the prompt and the new tokens together (replaces max_new_tokens)
+min_new_tokens = 0  # the end-of-text token is held back until a sample has this many new tokens
 temperature = 0.8  # 1.0 samples the model's distribution, lower is more conservative, 0 is greedy
+do_sample = None  # False: greedy whatever the temperature; True: sample; None: temperature decides
 top_k = 200  # sample from the top_k most likely tokens only; None or 0 keeps all
 top_p = 1.0  # ... from the most likely tokens whose probabilities add up to top_p (nucleus)
 min_p = 0.0  # ... from tokens at least min_p times as likely as the most likely one
+typical_p = 1.0  # ... from the tokens whose surprise is closest to the entropy (typical sampling)
 repetition_penalty = 1.0  # > 1 makes tokens already in the text less likely (Hugging Face's)
 presence_penalty = 0.0  # OpenAI's: subtracted from the logit of every token generated so far
 frequency_penalty = 0.0  # OpenAI's: subtracted once per time the token was generated
 no_repeat_ngram_size = 0  # n > 0: no n tokens in a row appear twice in a sample
+bad_words = None  # a string or list of strings (or token-id lists) a sample never contains
+suppress_tokens = None  # a list of token ids (or strings, each one token) never generated
 num_beams = 1  # > 1: beam search (deterministic: the sampling options left at their defaults do not apply)
 length_penalty = 1.0  # beam search ranks by log-probability / length**length_penalty
 early_stopping = False  # beam search: stop as soon as num_beams sequences are finished
@@ -44,10 +52,11 @@ num_return_sequences = 1  # beam search: print this many of the best beams
 context_shift = False  # past the context: True drops its older half at once (much faster), False crops per token as nanoGPT
 stop = None  # a string, or a list of strings, that ends a sample (it is not printed); special tokens count
 skip_special_tokens = False  # True: special tokens (<|endoftext|>, [CLS], ...) are not printed
+return_full_text = True  # False: print the generated text only, not the prompt before it
 stream = True  # print a lone sample as it is produced
 seed = 1337
-device = None  # None picks cuda, then mps, then cpu
-dtype = None  # weights in 'float32', 'bfloat16' or 'float16'; None: float32 on CPUs (fastest there), else the GPU's best
+device = None  # None (or 'auto') picks cuda, then mps, then cpu
+dtype = None  # weights in 'float32', 'bfloat16' or 'float16'; None (or 'auto'): float32 on CPUs (fastest there), else the GPU's best
 quantize = None  # 'int8': int8 weights in every matmul, for fast decoding on a CPU
 compile = False  # torch.compile the model (pays off only for long generations on CUDA)
 merge_lora = True  # a LoRA run: bake its adapters into the base weights, to decode at the base's speed
@@ -97,15 +106,18 @@ def encode_prompt(tokenizer, text):
     return [tokenizer.eot_token]  # GPT-2 samples unconditionally after its end-of-text token
 
 
-def decoding_options(passed):
+def decoding_options(passed, tokenizer, prompt_width):
     """The decoding flags as engine.DecodingOptions, which checks them. num_samples is what the
-    engine (and Hugging Face) call num_return_sequences when sampling. Beam search runs from
-    --num_beams=N alone: the sampling flags left at their (nanoGPT) defaults do not apply to it;
-    one the user set (passed) that conflicts with it is an error."""
+    engine (and Hugging Face) call num_return_sequences when sampling. Beam search and greedy
+    decoding run from --num_beams=N or --temperature=0 alone: the sampling flags left at their
+    (nanoGPT) defaults do not apply to them; one the user set (passed) that conflicts is an
+    error. Words and tokens given as text are encoded with the model's tokenizer."""
     samples, temp = num_samples, temperature
     if num_beams > 1:
-        samples = num_samples if "num_samples" in passed else 1
         temp = temperature if "temperature" in passed else 0.0
+    greedy = not (temp > 0 if do_sample is None else do_sample)
+    if (num_beams > 1 or greedy) and "num_samples" not in passed:
+        samples = 1
     if samples < 1:
         raise UserError(f"num_samples must be >= 1, got {samples}")
     if num_beams > 1 and samples != 1:
@@ -114,13 +126,36 @@ def decoding_options(passed):
     if num_beams == 1 and num_return_sequences != 1:
         raise UserError("num_return_sequences counts the beams to print (with num_beams > 1); "
                         "for several samples per prompt set num_samples")
+    new_tokens = max_new_tokens
+    if max_length is not None:
+        if max_length <= prompt_width:
+            raise UserError(f"max_length={max_length} leaves no room after the {prompt_width}-token "
+                            "prompt: it counts the prompt and the new tokens together")
+        new_tokens = max_length - prompt_width
     return engine.DecodingOptions(
-        max_new_tokens=max_new_tokens, temperature=temp, top_k=top_k, top_p=top_p,
+        max_new_tokens=new_tokens, temperature=temp, top_k=top_k, top_p=top_p,
         min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
         num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
         num_return_sequences=samples if num_beams == 1 else num_return_sequences, seed=seed,
-        context_shift=context_shift)
+        context_shift=context_shift, do_sample=do_sample, typical_p=typical_p,
+        min_new_tokens=min_new_tokens, bad_words_ids=token_lists(bad_words, tokenizer, "bad_words"),
+        suppress_tokens=tuple(i for ids in token_lists(suppress_tokens, tokenizer, "suppress_tokens")
+                              for i in ids))
+
+
+def token_lists(words, tokenizer, name):
+    """A flag of words (a string, or a list of strings and token-id lists) as token-id tuples."""
+    words = [words] if isinstance(words, (str, int)) else words or []
+    if not isinstance(words, (list, tuple)):
+        raise UserError(f"{name} must be a string, a token id, or a list of them, got {words!r}")
+    out = []
+    for word in words:
+        ids = tokenizer.encode(word) if isinstance(word, str) else [word] if isinstance(word, int) else word
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise UserError(f"{name}: {word!r} is not text or token ids")
+        out.append(tuple(ids))
+    return tuple(out)
 
 
 def main():
@@ -130,7 +165,6 @@ def main():
     if not init_from:
         raise UserError("init_from must be 'resume', a GPT-2 size (gpt2 ... gpt2-xl), a hub id, "
                         "a model folder or a nanoGPT ckpt.pt")
-    options = decoding_options(passed)
     stops = engine.check_stop_strings(stop)
     if quantize not in (None, "int8"):
         raise UserError(f"quantize must be None or 'int8', got {quantize!r}")
@@ -141,6 +175,7 @@ def main():
     source = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
     model, tokenizer = checkpoint.load_model(source, dev, precision, merge_lora=merge_lora)
     prompts = [encode_prompt(tokenizer, text) for text in texts]
+    options = decoding_options(passed, tokenizer, max(map(len, prompts)))
     model.eval().to(dev)
     if quantize == "int8":
         engine.quantize_int8(model)
@@ -148,11 +183,11 @@ def main():
         model = torch.compile(model)
 
     # each prompt has options.num_return_sequences rows of output, and each row a TextStream
-    # that finds the stop strings (and, for a lone sample, prints the text as it comes)
+    # that hides the stop strings (and, for a lone sample, prints the text as it comes)
     def decode(ids):
         return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    streams = [engine.TextStream(decode, p, stops)
+    streams = [engine.TextStream(decode, p, stops, show_prompt=return_full_text)
                for p in prompts for _ in range(options.num_return_sequences)]
     live = stream and len(streams) == 1 and num_beams == 1
     if live:
@@ -165,19 +200,24 @@ def main():
         return streams[row].stopped
 
     stop_tokens = [] if tokenizer.eot_token is None else [tokenizer.eot_token]
+    t0 = time.perf_counter()
     out = engine.generate(model, prompts, stop_tokens=stop_tokens, stop_strings=stops,
                           tokenizer=tokenizer, on_token=None if num_beams > 1 else on_token,
                           **vars(options))
+    seconds = time.perf_counter() - t0
     if num_beams > 1:  # beam search chooses its sequences at the end: read them now
         width = max(map(len, prompts))
         for row, tokens in enumerate(out[:, width:].tolist()):
             for token in tokens:
-                if token in stop_tokens or streams[row].stopped:
+                if token in stop_tokens or token == engine.PAD or streams[row].stopped:
                     break
                 on_token(row, token)
     for s in streams:
-        print(s.flush() if live else s.text)
+        print(s.flush() if live else s.shown_text())
         print("---------------")
+    new = sum(s.new_tokens for s in streams)
+    print(f"{len(prompts)} prompt(s) of {sum(map(len, prompts))} tokens; {new} tokens generated "
+          f"in {seconds:.2f} s, {new / max(seconds, 1e-9):.1f} tok/s", file=sys.stderr)
 
 
 if __name__ == "__main__":

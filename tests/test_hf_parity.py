@@ -187,3 +187,56 @@ def test_beam_search_from_num_beams_alone_prints_transformers_beams(folder, pair
     assert got == texts and len(set(got)) == 5
     # the Python API too: the sampling filters do not apply to beams, as in transformers
     engine.DecodingOptions(10, num_beams=3, temperature=0, top_k=50, top_p=0.9)
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face's option names
+
+def test_typical_min_new_tokens_bad_words_and_suppress_equal_transformers_processors():
+    from transformers.generation import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor,
+                                         NoBadWordsLogitsProcessor, SuppressTokensLogitsProcessor,
+                                         TemperatureLogitsWarper, TypicalLogitsWarper)
+    torch.manual_seed(0)
+    vocab, prompt_width = 40, 5
+    ids = torch.randint(vocab, (4, 8))
+    ids[1, 6:] = torch.tensor([7, 8])  # row 1 ends with the start of the bad word (7, 8, 9)
+    logits = torch.randn(4, vocab) * 3
+    cases = [
+        (dict(typical_p=0.7, temperature=0.9),
+         [TemperatureLogitsWarper(0.9), TypicalLogitsWarper(mass=0.7)]),
+        (dict(min_new_tokens=5, temperature=0), [MinNewTokensLengthLogitsProcessor(prompt_width, 5, [3, 4])]),
+        (dict(bad_words_ids=((7, 8, 9), (11,)), temperature=0), [NoBadWordsLogitsProcessor([[7, 8, 9], [11]])]),
+        (dict(suppress_tokens=(2, 5), temperature=0), [SuppressTokensLogitsProcessor([2, 5])]),
+    ]
+    for options, processors in cases:
+        expected = LogitsProcessorList(processors)(ids, logits.clone())
+        ours = engine.process_logits(ids, logits.clone(), prompt_width, engine.DecodingOptions(1, **options),
+                                     stop_tokens=[3, 4])
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6, msg=str(options))
+        assert torch.isinf(ours).any()  # each case filtered something
+
+
+def test_do_sample_false_is_greedy_and_greedy_gives_one_result(pair):
+    theirs, ours, _, tok = pair
+    prompt = [tok.encode("to be or")]
+    greedy = engine.generate(ours, prompt, 10, temperature=0)
+    assert torch.equal(engine.generate(ours, prompt, 10, temperature=0.8, do_sample=False), greedy)
+    assert generated(greedy, 8) == generated(hf_generate(theirs, prompt, max_new_tokens=10,
+                                                         temperature=0.8, eos_token_id=None,
+                                                         pad_token_id=0), 8)
+    with pytest.raises(engine.UserError, match="greedy decoding gives one result"):
+        engine.generate(ours, prompt, 10, temperature=0, num_return_sequences=2)
+
+
+def test_sample_takes_hugging_face_s_names(folder, pair):
+    _, ours, _, tok = pair
+    prompt = tok.encode("to be or")
+    free = tok.decode(generated(engine.generate(ours, [prompt], 6, temperature=0,
+                                                stop_tokens=[tok.eot_token]), len(prompt))[0])
+    result = run_script("sample.py", f"--init_from={folder}", "--device=auto", "--dtype=auto",
+                        "--start=to be or", f"--max_length={len(prompt) + 6}", "--do_sample=False",
+                        "--return_full_text=False", "--stream=False")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == free.split(EOT)[0] + "\n---------------\n"
+    summary = result.stderr.strip().splitlines()[-1]
+    assert f"1 prompt(s) of {len(prompt)} tokens" in summary and "tok/s" in summary
