@@ -76,6 +76,8 @@ def model_config(args, source=None):
             raise UserError(f"{where}{key} must be a positive integer, got {value!r}")
     if args["n_embd"] % args["n_head"] != 0:
         raise UserError(f"{where}n_embd ({args['n_embd']}) must be divisible by n_head ({args['n_head']})")
+    if args.get("activation", "gelu_tanh") not in ("gelu_tanh", "gelu"):
+        raise UserError(f"{where}activation must be 'gelu_tanh' or 'gelu', got {args['activation']!r}")
     dropout = args.get("dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise UserError(f"{where}dropout must be in [0, 1), got {dropout!r}")
@@ -91,15 +93,49 @@ def save_run(path, model, optimizer, config, tokenizer_spec, base=None, **progre
     tokens (None if its dataset names none). base: where a LoRA run's base model comes from
     (a name, a hub id, or a path, stored absolute so the run loads from anywhere); such a run
     saves its adapters, not the base's weights. progress: iter_num, best_val_loss, val_loss
-    and the sampler / RNG states, stored as they are."""
+    and the sampler / RNG states, stored as they are. Weights (or adapters) or optimizer state
+    holding a NaN or an infinity are refused with a UserError, the file at path untouched: a
+    diverged run never replaces a good checkpoint."""
     if base is None:
         weights = {"model": model.state_dict()}
     else:
         weights = {"adapters": lora.adapters(model),
                    "base": os.path.abspath(base) if os.path.exists(base) else base}
-    save_checkpoint({**weights, "optimizer": optimizer.state_dict(),
+    optimizer_state = optimizer.state_dict()
+    bad = nonfinite(weights.get("model", weights.get("adapters")))
+    bad = bad or nonfinite(dict(named_tensors(optimizer_state, "the optimizer's state")))
+    if bad is not None:
+        where = f" at iteration {progress['iter_num']}" if "iter_num" in progress else ""
+        raise UserError(f"{bad} holds NaN or infinite values{where}: the training diverged (try a "
+                        f"lower learning_rate); not saved, {path} left as it was")
+    save_checkpoint({**weights, "optimizer": optimizer_state,
                      "model_args": dataclasses.asdict(model.config), "config": config,
                      "tokenizer": tokenizer_spec, **progress}, path)
+
+
+def nonfinite(tensors):
+    """The name of the first floating-point tensor of {name: tensor} that holds a NaN or an
+    infinity, or None if all are finite: one pass over each, and a single synchronisation with
+    the device for all of them."""
+    floats = [(name, t) for name, t in tensors.items() if t.is_floating_point()]
+    if not floats:
+        return None
+    finite = torch.stack([torch.isfinite(t).all() for _, t in floats])
+    if bool(finite.all()):
+        return None
+    return floats[int((~finite).nonzero()[0, 0])][0]
+
+
+def named_tensors(obj, name):
+    """(name.key.key..., tensor) of every tensor in nested dicts and lists (a state dict)."""
+    if isinstance(obj, torch.Tensor):
+        yield name, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from named_tensors(value, f"{name}.{key}")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from named_tensors(value, f"{name}.{i}")
 
 
 def load_run(path, device="cpu", dtype=torch.float32, dropout=None, _loading=()):
@@ -112,6 +148,9 @@ def load_run(path, device="cpu", dtype=torch.float32, dropout=None, _loading=())
             not isinstance(run.get("model", run.get("adapters")), dict):
         raise UserError(f"{path} is not a checkpoint of a run (no model / model_args)")
     args = dict(run["model_args"])
+    # runs of ours from before the activation was recorded used GPT-2's tanh GELU; nanoGPT's
+    # model.py (whose checkpoints have no tokenizer key) uses the exact one
+    args.setdefault("activation", "gelu_tanh" if "tokenizer" in run else "gelu")
     if dropout is not None:
         args["dropout"] = dropout
     config = model_config(args, path)

@@ -296,6 +296,7 @@ def main():
     stop = StopFlag(dev if ddp else None)
     peak = peak_flops or hardware.PEAK_FLOPS[device_type]
     start_iter, train_time, run_start = iter_num, 0.0, time.time()
+    last_loss = None  # the last step's loss, a tensor (reading it would wait for the device)
     while True:
         lr = get_lr(iter_num)
         for group in optimizer.param_groups:
@@ -322,6 +323,12 @@ def main():
             break
         if stop.requested():
             if master:
+                # the weights are checked in save_run; the loss of the last step too, as only
+                # logged iterations check theirs
+                if last_loss is not None and not math.isfinite(last_loss.item()):
+                    raise UserError(f"interrupted at iteration {iter_num}, but its loss is "
+                                    f"{last_loss.item()}: the training diverged (try a lower "
+                                    f"learning_rate); not saved, {ckpt_path} left as it was")
                 save(None)
                 print(f"interrupted: saved iteration {iter_num} to {ckpt_path}; "
                       "continue with --init_from=resume")
@@ -346,6 +353,7 @@ def main():
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
+        last_loss = loss.detach()
 
         if iter_num % log_interval == 0:
             # the last micro-step's loss (averaged over processes) as an estimate of the batch's
