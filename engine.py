@@ -22,6 +22,7 @@ References: Hugging Face transformers, generation/utils.py and generation/logits
 OpenAI's API reference for the presence and frequency penalties.
 """
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -42,18 +43,28 @@ class KVCache:
 
     GPT.forward reads three things from it: `positions` of the tokens it is fed, `mask` (which
     cached tokens each of them may attend to) and `layers[i].append(k, v)`, which stores layer
-    i's new keys and values and returns all of the layer's keys and values so far."""
+    i's new keys and values and returns the layer's keys and values to attend over.
 
-    def __init__(self, model, rows, length):
+    static=False: attention runs over the slots filled so far, a key length that grows by one
+    each step (the least work, the CPU's choice). static=True: over the whole buffer, the
+    unfilled slots masked out, so every step has the same shapes: no kernel is planned anew per
+    length on a GPU, and a compiled step (generate(compile=True)) is traced once. Inside the
+    model's forward the cache is read only through tensors (slots, positions, mask), never a
+    Python counter, so a compiled step does not depend on how full the cache is."""
+
+    def __init__(self, model, rows, length, static=False):
         cfg = model.config
-        dtype, device = model.transformer.wte.weight.dtype, model.transformer.wte.weight.device
+        dtype, device = float_weight(model).dtype, float_weight(model).device
         shape = (rows, cfg.n_head, length, cfg.n_embd // cfg.n_head)
-        self.layers = [LayerCache(self, torch.empty(shape, dtype=dtype, device=device),
-                                  torch.empty(shape, dtype=dtype, device=device))
+        # zeros, not empty: the masked slots of a static cache must hold finite numbers (a NaN
+        # times an attention weight of 0 is still NaN)
+        self.layers = [LayerCache(self, torch.zeros(shape, dtype=dtype, device=device),
+                                  torch.zeros(shape, dtype=dtype, device=device))
                        for _ in range(cfg.n_layer)]
         self.length = length  # slots per row
+        self.static = static
         self.size = 0  # slots filled
-        self.pad = self.positions = self.mask = None  # set by reset() and feed()
+        self.pad = self.slots = self.positions = self.mask = None  # set by reset() and feed()
 
     def reset(self, pad):
         """Empty the cache, for rows that start with pad[i] padding tokens."""
@@ -64,8 +75,9 @@ class KVCache:
         values are cached, and the logits after the last of them returned (rows, vocab)."""
         T = idx.size(1)
         new = torch.arange(self.size, self.size + T, device=idx.device)  # the slots they fill
+        self.slots = new
         self.positions = (new - self.pad[:, None]).clamp(min=0)
-        slots = torch.arange(self.size + T, device=idx.device)
+        slots = torch.arange(self.length if self.static else self.size + T, device=idx.device)
         # causal, and not padding
         visible = (slots <= new[:, None]) & (slots >= self.pad[:, None, None])
         # a padding token attends to itself alone: its output is never used, but with nothing
@@ -84,6 +96,12 @@ class KVCache:
         self.pad = self.pad[rows]
 
 
+def float_weight(model):
+    """The model's first floating-point parameter (the token embedding): its dtype and device
+    are the activations', whatever quantize_int8 did to the Linear layers."""
+    return next(p for p in model.parameters() if p.is_floating_point())
+
+
 class LayerCache:
     """One layer's slice of the cache, handed to its attention by GPT.forward."""
 
@@ -95,10 +113,11 @@ class LayerCache:
         return self.cache.mask
 
     def append(self, k, v):
-        start = self.cache.size
-        end = start + k.size(2)
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
+        self.k.index_copy_(2, self.cache.slots, k)
+        self.v.index_copy_(2, self.cache.slots, v)
+        if self.cache.static:
+            return self.k, self.v
+        end = self.cache.size + k.size(2)
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
@@ -113,14 +132,32 @@ def fill(model, cache, ids, end, keep=None):
     return cache.feed(model, window.clamp(min=0))  # padding goes in as token 0, masked out
 
 
-def next_logits(model, cache, ids, end, context_shift=False):
-    """Logits of the token after ids[:, :end], when the cache holds ids[:, :end - 1].
+def next_logits(model, cache, ids, end, context_shift=False, step=None):
+    """Logits of the token after ids[:, :end], when the cache holds ids[:, :end - 1]; step: what
+    runs the one-token forward passes (the model, or its compiled decode step).
     With the cache full, nanoGPT's exact cropping re-reads the whole window for every token;
     context_shift instead drops the older half of the window once and re-reads the newer half,
     after which block_size / 2 tokens decode from the cache again (llama.cpp's context shift)."""
     if cache.size < cache.length:
-        return cache.feed(model, ids[:, end - 1:end])
+        return cache.feed(model if step is None else step, ids[:, end - 1:end])
     return fill(model, cache, ids, end, max(1, cache.length // 2) if context_shift else None)
+
+
+_compiled_steps = weakref.WeakKeyDictionary()
+
+
+def decode_step(model, compile):
+    """What runs the one-token steps of decoding: the model itself, or (compile=True) the model
+    compiled once for the static cache's fixed shapes, kept for the model's lifetime; on CUDA
+    as CUDA graphs (mode="reduce-overhead", gpt-fast's way), which replay a whole step in one
+    launch. Prompts and re-reads of a cropped window run eagerly: their shapes vary."""
+    if not compile:
+        return model
+    if model not in _compiled_steps:
+        cuda = float_weight(model).device.type == "cuda"
+        _compiled_steps[model] = torch.compile(model, mode="reduce-overhead" if cuda else None,
+                                               dynamic=False)
+    return _compiled_steps[model]
 
 
 # -----------------------------------------------------------------------------
@@ -380,7 +417,7 @@ def as_token_lists(prompts):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, stop_tokens=(), stop_strings=(), tokenizer=None,
-             pad_token_id=None, logits_processors=(), on_token=None, **options):
+             pad_token_id=None, logits_processors=(), on_token=None, compile=False, **options):
     """Continue each prompt (a (B, T) tensor, or lists of token ids of any lengths) by up to
     max_new_tokens tokens, decoding as `options` (DecodingOptions' fields) say.
 
@@ -392,7 +429,8 @@ def generate(model, prompts, max_new_tokens, stop_tokens=(), stop_strings=(), to
     applied after the built-in penalties (ids: the tokens so far, (rows, T), left-padded with
     PAD = -1); on_token(row, token): called with each new token of each row as it is picked,
     stop tokens aside (streaming); returning True ends that row. Beam search picks its
-    sequences at the end and calls no on_token.
+    sequences at the end and calls no on_token. compile: run the one-token steps compiled
+    (decode_step), with results identical to the eager ones.
 
     Returns a (rows, width) tensor: prompt i's num_return_sequences results are rows
     i * num_return_sequences onwards; prompts shorter than the longest are left-padded with
@@ -405,9 +443,9 @@ def generate(model, prompts, max_new_tokens, stop_tokens=(), stop_strings=(), to
     use_thin_linears(model)
     if opts.num_beams > 1:
         return beam_search(model, prompts, opts, stop_tokens, logits_processors, stop_strings,
-                           tokenizer, pad_token_id)[0]
+                           tokenizer, pad_token_id, compile)[0]
 
-    device = model.transformer.wte.weight.device
+    device = float_weight(model).device
     pad_token_id = default_pad(pad_token_id, stop_tokens)
     total = max(map(len, prompts)) + max_new_tokens
     ids, width = left_pad(prompts, opts.num_return_sequences, total)
@@ -419,7 +457,14 @@ def generate(model, prompts, max_new_tokens, stop_tokens=(), stop_strings=(), to
     generator = None
     if opts.seed is not None:
         generator = torch.Generator(device).manual_seed(opts.seed)
-    cache = KVCache(model, ids.size(0), min(model.config.block_size, total))
+    cache = KVCache(model, ids.size(0), min(model.config.block_size, total),
+                    static=compile or device.type == "cuda")
+    step = decode_step(model, compile)
+    # whether every row has ended is asked of the device every `check_every` steps only (each
+    # ask waits for it), unless tokens go to the host anyway (streaming, stop strings)
+    host_work = on_token is not None or bool(stop_strings)
+    check_every = 1 if host_work or device.type == "cpu" else 8
+    last_live = torch.tensor(width, device=device)  # the last step at which a row was live
     logits = fill(model, cache, ids, width)
     for t in range(width, total):
         logits = process_logits(ids[:, :t], logits, width, opts, logits_processors, stop_tokens)
@@ -429,17 +474,18 @@ def generate(model, prompts, max_new_tokens, stop_tokens=(), stop_strings=(), to
             token = logits.argmax(dim=-1)
         # an ended row is padded, or (with no pad token) repeats its last token
         ids[:, t] = torch.where(done, ids[:, t - 1] if pad_token_id is None else pad_token_id, token)
+        last_live = torch.where(done.all(), last_live, t)
         stopped = torch.isin(token, stops) & ~done
-        for row in (~done & ~stopped).nonzero()[:, 0].tolist():
+        for row in (~done & ~stopped).nonzero()[:, 0].tolist() if host_work else ():
             ended = bool(stop_strings) and completes_stop_string(tokenizer, ids[row, :t + 1], stop_strings)
             if on_token is not None and on_token(row, token[row].item()):
                 ended = True
             if ended:
                 stopped[row] = True
         done |= stopped
-        if done.all() or t + 1 == total:
-            return ids[:, :t + 1]
-        logits = next_logits(model, cache, ids, t + 1, opts.context_shift)
+        if t + 1 == total or ((t + 1 - width) % check_every == 0 and done.all()):
+            return ids[:, :int(last_live) + 1]
+        logits = next_logits(model, cache, ids, t + 1, opts.context_shift, step)
 
 
 def default_pad(pad_token_id, stop_tokens):
@@ -480,7 +526,7 @@ def completes_stop_string(tokenizer, ids, stop_strings):
 
 @torch.no_grad()
 def beam_search(model, prompts, opts, stop_tokens=(), logits_processors=(), stop_strings=(),
-                tokenizer=None, pad_token_id=None):
+                tokenizer=None, pad_token_id=None, compile=False):
     """Hugging Face's beam search: each prompt keeps the num_beams most likely sequences (by
     summed log-probability), extends each by every token, and keeps the best num_beams again.
     A sequence that picks a stop token, completes a stop string or reaches max_new_tokens is
@@ -492,7 +538,7 @@ def beam_search(model, prompts, opts, stop_tokens=(), logits_processors=(), stop
     Returns (sequences, scores): the num_return_sequences best finished sequences of each
     prompt, best first, laid out as generate's, and their scores."""
     P, K, max_new_tokens = len(prompts), opts.num_beams, opts.max_new_tokens
-    device = model.transformer.wte.weight.device
+    device = float_weight(model).device
     ids, width = left_pad(prompts, K, max(map(len, prompts)) + max_new_tokens)
     ids = ids.to(device)
     total = ids.size(1)
@@ -503,7 +549,9 @@ def beam_search(model, prompts, opts, stop_tokens=(), logits_processors=(), stop
     # a finished sequence is padded with pad_token_id, as Hugging Face's (the first eos by default)
     pad_token_id = default_pad(pad_token_id, stop_tokens)
     fill_token = PAD if pad_token_id is None else pad_token_id
-    cache = KVCache(model, P * K, min(model.config.block_size, total))
+    cache = KVCache(model, P * K, min(model.config.block_size, total),
+                    static=compile or device.type == "cuda")
+    step = decode_step(model, compile)
     logits = fill(model, cache, ids, width)
 
     # the beams of all prompts run as rows P * K; only the first starts live, so that step
@@ -570,7 +618,7 @@ def beam_search(model, prompts, opts, stop_tokens=(), logits_processors=(), stop
         all_full = is_finished.all() and opts.early_stopping is True
         if not improvable.any() or all_full or ends.all():
             break
-        logits = next_logits(model, cache, ids, t + 1, opts.context_shift)
+        logits = next_logits(model, cache, ids, t + 1, opts.context_shift, step)
 
     # the best num_return_sequences of each prompt, cut to the longest of them; the slots
     # after a sequence's end still hold PAD, and take the fill token
@@ -612,7 +660,7 @@ def use_thin_linears(model):
     """Give every plain nn.Linear of a CPU model ThinLinear's route, in place (merged LoRA layers
     included). The parameters stay the very same tensors, under the same names, so ties, state
     dicts and training are unchanged."""
-    if model.transformer.wte.weight.device.type != "cpu":
+    if float_weight(model).device.type != "cpu":
         return model
     for module in list(model.modules()):
         for name, child in module.named_children():
@@ -657,7 +705,7 @@ class Int8Linear(nn.Module):
 def quantize_int8(model):
     """Replace every Linear of the model (the output head included) by an Int8Linear, in
     place. The token embedding keeps its own weights: a lookup reads one row per token."""
-    if model.transformer.wte.weight.device.type != "cpu":
+    if float_weight(model).device.type != "cpu":
         raise UserError("quantize=int8 uses PyTorch's CPU kernel: run it with --device=cpu")
     for module in list(model.modules()):
         for name, child in module.named_children():

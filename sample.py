@@ -17,7 +17,6 @@ import os
 import sys
 import time
 
-import torch
 
 import checkpoint
 import engine
@@ -58,7 +57,7 @@ seed = 1337
 device = None  # None (or 'auto') picks cuda, then mps, then cpu
 dtype = None  # weights in 'float32', 'bfloat16' or 'float16'; None (or 'auto'): float32 on CPUs (fastest there), else the GPU's best
 quantize = None  # 'int8': int8 weights in every matmul, for fast decoding on a CPU
-compile = False  # torch.compile the model (pays off only for long generations on CUDA)
+compile = False  # compile the one-token decode step (CUDA graphs on a GPU); pays off for long generations
 merge_lora = True  # a LoRA run: bake its adapters into the base weights, to decode at the base's speed
 # -----------------------------------------------------------------------------
 
@@ -179,8 +178,6 @@ def main():
     model.eval().to(dev)
     if quantize == "int8":
         engine.quantize_int8(model)
-    if compile:
-        model = torch.compile(model)
 
     # each prompt has options.num_return_sequences rows of output, and each row a TextStream
     # that hides the stop strings (and, for a lone sample, prints the text as it comes)
@@ -203,7 +200,7 @@ def main():
     t0 = time.perf_counter()
     out = engine.generate(model, prompts, stop_tokens=stop_tokens, stop_strings=stops,
                           tokenizer=tokenizer, on_token=None if num_beams > 1 else on_token,
-                          **vars(options))
+                          compile=compile, **vars(options))
     seconds = time.perf_counter() - t0
     if num_beams > 1:  # beam search chooses its sequences at the end: read them now
         width = max(map(len, prompts))

@@ -1,0 +1,60 @@
+"""The decode paths made for GPUs, checked on the CPU: the static (fixed-shape) KV cache, the
+compiled one-token step, and collectives on the process group's device."""
+
+import pytest
+import torch
+
+import engine
+from model import GPT, GPTConfig
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=65, bias=True)).eval()
+
+
+def step_logits(model, ids, static):
+    """The logits of every position of ids (rows, T), fed one token at a time through a cache."""
+    cache = engine.KVCache(model, ids.size(0), ids.size(1), static=static)
+    cache.reset(torch.zeros(ids.size(0), dtype=torch.long))
+    with torch.no_grad():
+        return torch.stack([cache.feed(model, ids[:, t:t + 1]) for t in range(ids.size(1))], dim=1)
+
+
+def test_static_cache_logits_equal_the_growing_cache_and_a_full_forward(model):
+    ids = torch.randint(65, (3, 24))
+    with torch.no_grad():
+        full = model(ids, ids)[0]
+    growing, static = step_logits(model, ids, False), step_logits(model, ids, True)
+    torch.testing.assert_close(static, growing, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(static, full, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_decode_step_gives_the_eager_tokens(model):
+    """Greedy, seeded sampling and beams, with left-padded prompts and past block_size; every
+    case has 2 rows of the same length, so the step is compiled once (a compile takes ~40 s on
+    a 2-core CPU)."""
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    cases = [dict(temperature=0), dict(temperature=0.9, top_k=20, seed=3),
+             dict(temperature=0, num_beams=2, num_return_sequences=1)]
+    for options in cases:
+        beams = options.get("num_beams", 1) > 1
+        rows = prompts[:1] if beams else prompts  # 1 prompt x 2 beams: 2 rows too
+        eager = engine.generate(model, rows, 30, **options)
+        compiled = engine.generate(model, rows, 30, compile=True, **options)
+        assert torch.equal(compiled, eager), options
+        assert eager.size(1) > model.config.block_size  # the window was cropped on the way
+
+
+def test_stop_flag_all_reduces_on_the_process_group_s_device(monkeypatch):
+    """NCCL takes CUDA tensors only: the Ctrl-C flag must travel on the device the run was told,
+    not the CPU (torchrun on CUDA crashed there)."""
+    import train
+    seen = []
+    monkeypatch.setattr(train, "all_reduce", lambda tensor, op=None: seen.append(tensor.device))
+    monkeypatch.setattr(train.signal, "signal", lambda *args: None)
+    flag = train.StopFlag(torch.device("meta"))  # any device but the CPU shows where it goes
+    with pytest.raises(RuntimeError, match="meta"):  # .item() of a meta tensor: the reduce ran first
+        flag.requested()
+    assert seen == [torch.device("meta")]
