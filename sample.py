@@ -17,7 +17,6 @@ import os
 import sys
 import time
 
-
 import checkpoint
 import engine
 import hardware
