@@ -1,10 +1,11 @@
 """
 Which device to run on, at which precision, and how fast that device can go.
 
-Shared by train.py, sample.py and bench.py so that `device=None` and
+Shared by train.py, sample.py and bench/ so that `device=None` and
 `dtype=None` mean the same thing everywhere.
 """
 
+import time
 from contextlib import nullcontext
 
 import torch
@@ -13,10 +14,54 @@ from errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Peak FLOP/s used for model FLOPs utilisation (MFU) when the config gives none. CPU: the
-# fp32 matmul rate of the 2-core machine the README's figures come from (bench.py measures it
-# afresh); MFU above 100% on a CPU means bfloat16 beat the fp32 peak. cuda: an A100's bf16.
-PEAK_FLOPS = {"cuda": 312e12, "cpu": 175e9, "mps": 10e12}
+# Dense (no sparsity) peak FLOP/s of common GPUs by the precision of their matmuls, from the
+# vendors' datasheets, for model FLOPs utilisation (MFU); "tf32" is float32 with TF32 tensor
+# cores on (train.py turns them on). Matched against torch.cuda.get_device_name(), most
+# specific name first. Devices not listed (CPUs, MPS, other GPUs) get a matmul rate measured
+# in the run's precision; `peak_flops` in train.py overrides either.
+GPU_PEAK_FLOPS = [
+    # name,        bfloat16, float16,  tf32,     float32
+    ("H200 NVL",   835e12,   835e12,   418e12,   60e12),
+    ("H200",       989e12,   989e12,   495e12,   67e12),
+    ("H100 NVL",   835e12,   835e12,   418e12,   60e12),
+    ("H100 PCIe",  756e12,   756e12,   378e12,   51e12),
+    ("H100",       989e12,   989e12,   495e12,   67e12),  # SXM (HBM3)
+    ("A100",       312e12,   312e12,   156e12,   19.5e12),
+    ("L40S",       362e12,   362e12,   183e12,   91.6e12),
+    ("L4",         121e12,   121e12,   60e12,    30.3e12),
+    ("A10",        125e12,   125e12,   62.5e12,  31.2e12),  # A10G too: A10's datasheet figures
+    ("RTX 4090",   165e12,   165e12,   82.6e12,  82.6e12),  # GeForce: fp32 accumulation rate
+    ("RTX 3090",   71e12,    71e12,    35.6e12,  35.6e12),
+    ("V100",       None,     125e12,   None,     15.7e12),
+    ("T4",         None,     65e12,    None,     8.1e12),
+]
+
+
+def peak_flops(device, precision):
+    """The peak FLOP/s of device's matmuls in precision (a DTYPES name): the table's figure for
+    a GPU it lists, else a rate measured here and now."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        kind = "tf32" if precision == "float32" and torch.backends.cuda.matmul.allow_tf32 else precision
+        column = ("bfloat16", "float16", "tf32", "float32").index(kind) + 1
+        for row in GPU_PEAK_FLOPS:
+            if row[0] in name and row[column] is not None:
+                return row[column]
+    return measure_matmul_flops(device, precision)
+
+
+def measure_matmul_flops(device, precision, size=2048, repeats=4):
+    """The FLOP/s of a square matmul in precision on device: the ceiling MFU is measured
+    against where no datasheet figure is known (well under a second on a CPU)."""
+    a, b = (torch.randn(size, size, device=device, dtype=DTYPES[precision]) for _ in range(2))
+    a @ b  # warm up
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
 
 
 def default_device():

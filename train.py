@@ -82,7 +82,7 @@ device = None  # 'cpu', 'cuda', 'cuda:1', 'mps'; None picks the best available
 dtype = None  # 'float32', 'bfloat16' or 'float16'; None picks the device's best
 compile = None  # torch.compile the model; None compiles on CUDA only
 seed = 1337
-peak_flops = None  # the device's peak FLOP/s, for MFU; None uses a figure known for it
+peak_flops = None  # the peak FLOP/s of the device in dtype, for MFU; None: a datasheet figure, else measured
 # -----------------------------------------------------------------------------
 # a resumed run keeps its checkpoint's values of these: they decide what the checkpoint holds
 KEPT_ON_RESUME = ("finetune", "freeze_layers", "lora_rank", "lora_alpha", "lora_dropout",
@@ -294,7 +294,7 @@ def main():
     # Ctrl-C asks the run to stop at the end of the current iteration, where the state is
     # whole, and save it; a second Ctrl-C stops at once
     stop = StopFlag(dev if ddp else None)
-    peak = peak_flops or hardware.PEAK_FLOPS[device_type]
+    peak = peak_flops or hardware.peak_flops(dev, precision)  # in the precision the matmuls run in
     start_iter, train_time, run_start = iter_num, 0.0, time.time()
     last_loss = None  # the last step's loss, a tensor (reading it would wait for the device)
     while True:
