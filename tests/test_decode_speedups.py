@@ -63,9 +63,13 @@ def test_stop_flag_all_reduces_on_the_process_group_s_device(monkeypatch):
 def test_peak_flops_come_from_the_datasheet_or_a_measurement(monkeypatch):
     import hardware
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert hardware.peak_flops("cuda", "bfloat16") == 989e12
-    assert hardware.peak_flops("cuda", "float32") == 495e12  # TF32 tensor cores
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert hardware.peak_flops("cuda", "bfloat16") == 989e12
+        assert hardware.peak_flops("cuda", "float32") == 495e12  # TF32 tensor cores
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
     assert hardware.peak_flops("cuda", "float16") == 756e12
     # a CPU's is measured: a bfloat16 or float32 training step of ours cannot beat it
