@@ -37,6 +37,34 @@ GPU_PEAK_FLOPS = [
 ]
 
 
+# memory bandwidth of the same GPUs (bytes/s, the datasheets'), for decoding, which streams
+# every weight once per token; devices not listed get a copy rate measured here and now
+GPU_BANDWIDTH = [("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),
+                 ("A100-SXM4-80GB", 2.04e12), ("A100 80GB PCIe", 1.94e12), ("A100", 1.56e12),
+                 ("L40S", 0.864e12), ("L4", 0.3e12), ("A10", 0.6e12), ("RTX 4090", 1.01e12),
+                 ("RTX 3090", 0.936e12), ("V100", 0.9e12), ("T4", 0.32e12)]
+
+
+def memory_bandwidth(device):
+    """Bytes/s device's memory delivers: the table's for a GPU it lists, else measured (a copy
+    of 256 MiB reads and writes each byte once)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, bandwidth in GPU_BANDWIDTH:
+            if fragment in name:
+                return bandwidth
+    src = torch.empty(2 ** 28, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm up
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(4):
+        dst.copy_(src)
+    synchronize(device)
+    return 2 * src.numel() * 4 / (time.perf_counter() - start)
+
+
 def peak_flops(device, precision):
     """The peak FLOP/s of device's matmuls in precision (a DTYPES name): the table's figure for
     a GPU it lists, else a rate measured here and now."""

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import checkpoint  # noqa: E402
 import engine  # noqa: E402
+import hardware  # noqa: E402
 from configurator import configure, run  # noqa: E402
 from dataset import open_dataset  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -46,6 +47,9 @@ char_tokens = 500
 seed = 0
 quality_from = ""  # an out_dir: report its model's val loss with each kind of weights
 parts = "gpt2,char"  # which of parts 1 and 2 to run
+device = None  # where to run: None (or 'auto') picks cuda, then mps, then cpu
+dtype = None  # the weights' dtype on a GPU (None: its best); a CPU times float32, bfloat16 and int8
+compile = False  # also time our engine with its compiled one-token step (generate(compile=True))
 # -----------------------------------------------------------------------------
 
 
@@ -89,7 +93,7 @@ def report(times, tokens, baseline):
               f"{best[baseline] / best[name]:17.2f}x")
 
 
-def gpt2_part():
+def gpt2_part(dev, precision):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -97,23 +101,35 @@ def gpt2_part():
     hf = GPT2LMHeadModel(GPT2Config(bos_token_id=None, eos_token_id=None)).eval()
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
-        ours = checkpoint.load_model(folder)[0].eval()
-    formats = weight_formats(ours)
-    prompt = torch.randint(50257, (1, prompt_tokens))
+        ours = checkpoint.load_model(folder, dev, "float32" if on_cpu(dev) else precision)[0].eval()
+    formats = weight_formats(ours) if on_cpu(dev) else {f"{precision} weights": ours}
+    hf.to(dev, hardware.DTYPES["float32" if on_cpu(dev) else precision])
+    prompt = torch.randint(50257, (1, prompt_tokens), device=dev)
 
-    def ours_run(model):
-        return lambda n: engine.generate(model, prompt, n, temperature=0)
+    def timed(fn):
+        def run(n):
+            fn(n)
+            hardware.synchronize(dev)  # a GPU's queued work counts in the time
+        return run
 
-    runs = {f"ours, {name}": ours_run(model) for name, model in formats.items()}
+    runs = {f"ours, {name}": timed(lambda n, m=model: engine.generate(m, prompt, n, temperature=0))
+            for name, model in formats.items()}
+    if compile:
+        runs["ours, compiled step"] = timed(lambda n: engine.generate(ours, prompt, n, temperature=0,
+                                                                      compile=True))
     runs.update({
-        "transformers generate": lambda n: hf.generate(
+        "transformers generate": timed(lambda n: hf.generate(
             prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
-            pad_token_id=0),
-        "no-cache loop (nanoGPT)": lambda n: no_cache_generate(ours, prompt, n),
+            pad_token_id=0)),
+        "no-cache loop (nanoGPT)": timed(lambda n: no_cache_generate(ours, prompt, n)),
     })
     print(f"GPT-2 124M shape, random weights: batch 1, {prompt_tokens}-token prompt, {new_tokens} "
-          f"new tokens, greedy, {torch.get_num_threads()} threads")
-    report(time_all(runs, new_tokens), new_tokens, "transformers generate")
+          f"new tokens, greedy, on {dev} ({torch.get_num_threads()} CPU threads)")
+    times = time_all(runs, new_tokens)
+    report(times, new_tokens, "transformers generate")
+    bandwidth_use(ours, times, dev)
+    if not on_cpu(dev):
+        return
 
     # quality cost: logits over a whole sequence, against float32's
     text = engine.generate(ours, prompt, new_tokens, temperature=0)
@@ -125,6 +141,25 @@ def gpt2_part():
             agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
             print(f"{name}: logit error max {err.max():.4f}, mean {err.mean():.4f} (logits' std "
                   f"{ref.std():.3f}); same top token at {100 * agree:.1f}% of positions")
+
+
+def on_cpu(dev):
+    return torch.device(dev).type == "cpu"
+
+
+def bandwidth_use(model, times, dev):
+    """Decoding reads every weight and the whole cache once per token: how close to the
+    device's memory bandwidth each run of ours comes (weights + cache bytes per token x tok/s)."""
+    bandwidth = hardware.memory_bandwidth(dev)
+    cfg = model.config
+    mean_context = prompt_tokens + new_tokens / 2
+    per_token = {name: 2 * cfg.n_layer * cfg.n_embd * mean_context * 4 + sum(
+        p.numel() * (1 if "int8" in name else 2 if "bfloat16" in name else p.element_size())
+        for p in model.parameters()) for name in times if name.startswith("ours")}
+    for name, nbytes in per_token.items():
+        rate = nbytes * new_tokens / min(times[name])
+        print(f"{name}: reads {rate / 1e9:,.1f} GB/s, {100 * rate / bandwidth:.1f}% of the "
+              f"device's {bandwidth / 1e9:,.0f} GB/s")
 
 
 def weight_formats(model):
@@ -187,9 +222,10 @@ def quality_part():
 
 def main():
     configure(globals())
+    dev, _, precision, _ = hardware.setup(device, dtype, training=False)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}\n")
     if "gpt2" in parts.split(","):
-        gpt2_part()
+        gpt2_part(dev, precision)
     if "char" in parts.split(","):
         char_part()
     if quality_from:
