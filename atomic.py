@@ -4,11 +4,14 @@ one: the bytes go to a temporary file beside the target, are flushed to disk, an
 file is renamed over the target (a rename is atomic on POSIX and Windows), then the folder is
 flushed so the rename itself survives a power cut.
 
-Checkpoints, datasets and the loss plot are all written through atomic_write.
+Checkpoints, datasets and the loss plot are all written through atomic_write. A folder of files
+(a Hugging Face export) is written the same way by replace_folder: into a temporary folder
+beside it, swapped in whole once complete.
 """
 
 import glob
 import os
+import shutil
 
 
 def atomic_write(path, write):
@@ -37,3 +40,50 @@ def sync_folder(folder):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def replace_folder(folder, write):
+    """Call write(tmp) on a new, empty folder that becomes `folder` only once write has returned:
+    its files are flushed to disk, the old folder (if any) is renamed aside, the new one renamed
+    into its place, and the old one removed. A failure while writing (a full disk) leaves the old
+    folder exactly as it was, and no temporary folder behind."""
+    folder = os.path.abspath(folder)
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    clear_stale(folder)
+    tmp, old = f"{folder}.tmp.{os.getpid()}", f"{folder}.old.{os.getpid()}"
+    os.mkdir(tmp)
+    try:
+        write(tmp)
+        for name in os.listdir(tmp):
+            fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        sync_folder(tmp)
+        if os.path.lexists(folder):
+            os.rename(folder, old)
+        try:
+            os.rename(tmp, folder)
+        except BaseException:
+            if os.path.lexists(old):
+                os.rename(old, folder)  # put the old one back
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    sync_folder(parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def clear_stale(folder):
+    """What an earlier replace_folder of folder killed part way left: its temporary folders
+    (removed) and, if it died between its two renames, the old folder (renamed back)."""
+    for kind in ("tmp", "old"):
+        for stale in sorted(glob.glob(glob.escape(folder) + f".{kind}.*")):
+            if not stale.rsplit(".", 1)[1].isdigit() or not os.path.isdir(stale):
+                continue
+            if kind == "old" and not os.path.lexists(folder):
+                os.rename(stale, folder)
+            else:
+                shutil.rmtree(stale)

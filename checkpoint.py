@@ -115,15 +115,16 @@ def save_run(path, model, optimizer, config, tokenizer_spec, base=None, **progre
 
 def nonfinite(tensors):
     """The name of the first floating-point tensor of {name: tensor} that holds a NaN or an
-    infinity, or None if all are finite: one pass over each, and a single synchronisation with
-    the device for all of them."""
-    floats = [(name, t) for name, t in tensors.items() if t.is_floating_point()]
+    infinity, or None if all are finite. Cheap: one sum per tensor (a NaN or an infinity makes
+    the sum non-finite) and a single synchronisation with the device for all of them; only then
+    is each tensor looked at (a sum can also overflow, of finite values past 3e38)."""
+    floats = [(name, t) for name, t in tensors.items() if t.is_floating_point() and t.numel()]
     if not floats:
         return None
-    finite = torch.stack([torch.isfinite(t).all() for _, t in floats])
-    if bool(finite.all()):
+    sums = torch.stack([t.sum(dtype=torch.float32) for _, t in floats])
+    if bool(sums.isfinite().all()):
         return None
-    return floats[int((~finite).nonzero()[0, 0])][0]
+    return next((name for name, t in floats if not bool(torch.isfinite(t).all())), None)
 
 
 def named_tensors(obj, name):
@@ -299,7 +300,7 @@ def load_hf(name_or_path, device, dtype, dropout):
         tensors = torch_tensors(load_checkpoint(files[0]))
     else:
         tensors = (t for path in files for t in hf.safetensors_tensors(path))
-    return fill_model(config, tensors, hf.rename, device, dtype, name_or_path), tokenizer
+    return fill_model(config, tensors, hf.renamer(config, name_or_path), device, dtype, name_or_path), tokenizer
 
 
 def load_tokenizer(source):

@@ -312,19 +312,40 @@ def char_tokenizer_json(chars):
 def export(model, tokenizer, folder):
     """Write model and tokenizer into folder as config.json, model.safetensors and the
     tokenizer's files; returns the names of the tokenizer's files (none if it has no
-    Hugging Face form)."""
+    Hugging Face form). The files are written into a temporary folder beside it, which replaces
+    the folder whole once complete (atomic.replace_folder): a failure part way, a full disk,
+    leaves the previous export as it was. A folder that holds anything but an export's files
+    is refused, as the export would delete them."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
+
+    from atomic import replace_folder
     files = tokenizer_files(tokenizer, model.config.block_size)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+    exported = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                *GPT2_TOKENIZER_FILES}
+    if os.path.lexists(folder):
+        if not os.path.isdir(folder) or os.path.islink(folder):
+            raise UserError(f"cannot export to {folder}: it is a file or a link, not a folder")
+        others = sorted(set(os.listdir(folder)) - exported)
+        if others:
+            raise UserError(f"cannot export to {folder}: it holds {', '.join(others[:3])}"
+                            f"{', ...' if len(others) > 3 else ''}, which are not an export's files "
+                            "and would be deleted; choose a new or empty folder")
+
+    def write(tmp):
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(export_config(model.config, tokenizer), f, indent=2)
         # "format": "pt" is the metadata transformers expects of a PyTorch safetensors file
-        save_file(export_tensors(model), os.path.join(folder, "model.safetensors"),
+        save_file(export_tensors(model), os.path.join(tmp, "model.safetensors"),
                   metadata={"format": "pt"})
         for name, data in files.items():
-            with open(os.path.join(folder, name), "wb") as f:
+            with open(os.path.join(tmp, name), "wb") as f:
                 f.write(data)
-    except OSError as e:
-        raise UserError(f"cannot write the export to {folder}: {e.strerror}") from None
+
+    try:
+        replace_folder(folder, write)
+    except (OSError, SafetensorError) as e:
+        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+        raise UserError(f"cannot write the export to {folder} ({reason}); "
+                        "any previous export there is left as it was") from None
     return list(files)

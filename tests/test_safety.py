@@ -130,3 +130,119 @@ def test_nonfinite_optimizer_state_is_never_saved(path, actions, stop, run_copy,
     assert_user_error(result, "exp_avg_sq", "NaN or infinite values at iteration 22", "left as it was")
     assert "iter 22: loss" in result.stdout  # the loss stayed finite: only the save path saw it
     assert digests(run_copy)["ckpt.pt"] == before["ckpt.pt"]
+
+
+# -----------------------------------------------------------------------------
+# A2. an export never replaces a model the run is made of
+
+@pytest.fixture(scope="module")
+def lora_chain(trained, char_dataset, tmp_path_factory):
+    """root/lora2, a LoRA run on root/lora1, a LoRA run on root/hfbase, an export of a run."""
+    root = tmp_path_factory.mktemp("chain")
+    result = run_script("export_hf.py", f"--out_dir={trained[0]}", f"--export_dir={root / 'hfbase'}")
+    assert result.returncode == 0, result.stderr
+    for run, base in (("lora1", root / "hfbase"), ("lora2", root / "lora1")):
+        result = run_script("train.py", *TINY, f"--dataset={char_dataset}", f"--out_dir={root / run}",
+                            f"--init_from={base}", "--finetune=lora", "--lora_rank=2",
+                            "--max_iters=2", "--eval_interval=2")
+        assert result.returncode == 0, result.stderr
+    return root
+
+
+@pytest.mark.parametrize("export_dir, words", [
+    ("lora2", ["is the run's own folder"]),
+    ("lora1", ["is the folder of", "lora2", "LoRA base"]),
+    ("hfbase", ["is the folder of", "lora1", "LoRA base"]),  # the base of the base
+    (".", ["holds", "which the export would delete"]),
+])
+def test_export_refuses_a_folder_the_run_is_made_of(export_dir, words, lora_chain):
+    before = digests(lora_chain)
+    result = run_script("export_hf.py", f"--out_dir={lora_chain / 'lora2'}",
+                        f"--export_dir={lora_chain / export_dir}")
+    assert_user_error(result, *words)
+    assert digests(lora_chain) == before
+
+
+def test_export_refuses_a_folder_of_other_files(trained, tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "todo.txt").write_text("keep me")
+    result = run_script("export_hf.py", f"--out_dir={trained[0]}", f"--export_dir={folder}")
+    assert_user_error(result, "todo.txt", "not an export's files")
+    assert os.listdir(folder) == ["todo.txt"]
+
+
+# -----------------------------------------------------------------------------
+# A5. an export is swapped in whole: a failure part way leaves the previous one intact
+
+# export_hf.py with the disk full at one point of the export: part way through the weights, or
+# when the written files are flushed (where a full disk shows with delayed allocation)
+DISK_FULL = """
+import errno, os, sys
+import configurator, export_hf, safetensors.torch
+def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+def half_then_full(tensors, path, metadata=None):
+    with open(path, "wb") as f:
+        f.write(safetensors.torch.save(tensors, metadata)[:1000])
+    full()
+if sys.argv[1] == "weights":
+    safetensors.torch.save_file = half_then_full
+else:
+    os.fsync = full
+sys.argv = ["export_hf.py", *sys.argv[2:]]
+configurator.run(export_hf.main)
+"""
+
+
+def assert_previous_export_intact(folder, before, model):
+    from checkpoint import load_model
+    assert digests(folder) == before
+    assert sorted(os.listdir(os.path.dirname(folder))) == ["hf"]  # no temporary folder left
+    loaded, _ = load_model(str(folder))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.fixture
+def exported(trained, tmp_path):
+    """(folder, digests, model) of a good export of the trained run, in tmp_path/exports/hf."""
+    from checkpoint import load_model
+    folder = tmp_path / "exports" / "hf"
+    result = run_script("export_hf.py", f"--out_dir={trained[0]}", f"--export_dir={folder}")
+    assert result.returncode == 0, result.stderr
+    return folder, digests(folder), load_model(str(folder))[0]
+
+
+@pytest.mark.parametrize("where", ["weights", "flush"])
+def test_a_failed_export_leaves_the_previous_one(where, exported, trained):
+    folder, before, model = exported
+    result = run_script("-c", DISK_FULL, where, f"--out_dir={trained[0]}", f"--export_dir={folder}")
+    assert_user_error(result, "cannot write the export", "No space left on device", "left as it was")
+    assert_previous_export_intact(folder, before, model)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 160 KiB at tmp_path/disk: room for one tiny export, not two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("a real full disk needs a tmpfs, which only root can mount (the simulated one runs)")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); the simulated full disk runs")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_real_full_disk_leaves_the_previous_export(small_disk, trained):
+    from checkpoint import load_model
+    folder = small_disk / "hf"
+    result = run_script("export_hf.py", f"--out_dir={trained[0]}", f"--export_dir={folder}")
+    assert result.returncode == 0, result.stderr
+    before, model = digests(folder), load_model(str(folder))[0]
+    assert 80_000 < sum(os.path.getsize(folder / name) for name in before) < 160_000  # one fits, two do not
+    result = run_script("export_hf.py", f"--out_dir={trained[0]}", f"--export_dir={folder}")
+    assert_user_error(result, "cannot write the export", "No space left on device", "left as it was")
+    assert_previous_export_intact(folder, before, model)
