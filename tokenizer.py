@@ -3,20 +3,30 @@ Tokenizers, described by a small JSON-able spec so a checkpoint can carry its ow
 
     {"kind": "char", "chars": "\\n !$&',-.3:;?ABC..."}   # a character vocabulary
     {"kind": "tiktoken", "name": "gpt2"}                  # a tiktoken encoding
-    {"kind": "tokenizers", "json": "{...}"}               # a Hugging Face tokenizer.json
+    {"kind": "tokenizers", "json": "{...}",               # a Hugging Face tokenizer.json,
+     "chat_template": "{% for ... %}", "special_tokens": {"eos_token": "<|im_end|>", ...}}
 
 `from_spec(spec)` turns a spec back into an object with encode/decode.
-The tokenizer.json is embedded whole, so a model fine-tuned from a hub
-checkpoint samples without the hub.
+The tokenizer.json and the chat template are embedded whole, so a model
+fine-tuned from a hub checkpoint samples and chats without the hub.
+
+A chat template (tokenizer_config.json's chat_template, or chat_template.jinja)
+is rendered as transformers' apply_chat_template renders it: jinja2's sandbox,
+trim_blocks and lstrip_blocks, the same helpers (raise_exception, strftime_now,
+a tojson that keeps non-ASCII) and variables (messages, add_generation_prompt,
+tools, the special tokens' texts), so the prompt ids are the same.
 """
 
+import json
 import unicodedata
+from datetime import datetime
 
 from errors import UserError
 
 
 class CharTokenizer:
     """One token per character, ids in the order of `chars`."""
+    chat_template = None
 
     def __init__(self, chars):
         self.chars = chars
@@ -45,6 +55,7 @@ class CharTokenizer:
 
 class TiktokenTokenizer:
     """A byte-pair encoding from tiktoken, e.g. GPT-2's."""
+    chat_template = None
 
     def __init__(self, name):
         import requests
@@ -76,7 +87,7 @@ class TiktokenTokenizer:
 class HFTokenizer:
     """A tokenizer of the `tokenizers` library: a model's tokenizer.json, or a BERT vocab.txt."""
 
-    def __init__(self, json_text):
+    def __init__(self, json_text, chat_template=None, special_tokens=None):
         from tokenizers import Tokenizer, models
         try:
             self.tok = Tokenizer.from_str(json_text)
@@ -85,6 +96,8 @@ class HFTokenizer:
             raise UserError(f"the tokenizer.json is unreadable ({reason})") from None
         self.vocab_size = self.tok.get_vocab_size()
         self.wordpiece = isinstance(self.tok.model, models.WordPiece)
+        self.chat_template = chat_template
+        self.special_tokens = dict(special_tokens or {})  # {"bos_token": text, ...} for the template
         # a text's end: GPT-2's end-of-text; BERT vocabularies (the Chinese GPT-2s) wrap each text
         # as [CLS] ... [SEP], as their users and transformers' pipeline do; None in vocabularies
         # without either
@@ -112,7 +125,19 @@ class HFTokenizer:
         return cls(tok.to_str())
 
     def spec(self):
-        return {"kind": "tokenizers", "json": self.tok.to_str()}
+        spec = {"kind": "tokenizers", "json": self.tok.to_str()}
+        if self.chat_template is not None:
+            spec.update(chat_template=self.chat_template, special_tokens=self.special_tokens)
+        return spec
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tools=None):
+        """The text of a conversation ([{"role": ..., "content": ...}, ...]) as the model's chat
+        template writes it; add_generation_prompt: end with the start of an assistant turn."""
+        if self.chat_template is None:
+            raise UserError("this model's tokenizer has no chat template (a base model?): "
+                            "give it plain text to continue")
+        return render_chat_template(self.chat_template, messages, add_generation_prompt, tools,
+                                    self.special_tokens)
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -149,5 +174,35 @@ def from_spec(spec):
     if kind == "tiktoken":
         return TiktokenTokenizer(spec["name"])
     if kind == "tokenizers":
-        return HFTokenizer(spec["json"])
+        return HFTokenizer(spec["json"], spec.get("chat_template"), spec.get("special_tokens"))
     raise UserError(f"unknown tokenizer spec {spec!r}")
+
+
+def render_chat_template(template, messages, add_generation_prompt=False, tools=None,
+                         special_tokens=None):
+    """A chat template rendered as transformers renders it (see the top of this file)."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # jinja's own tojson escapes HTML characters; transformers' does not
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+        raise UserError("a conversation is a list of {\"role\": ..., \"content\": ...} messages")
+    try:
+        return env.from_string(template).render(
+            messages=messages, tools=tools, documents=None,
+            add_generation_prompt=add_generation_prompt, **(special_tokens or {}))
+    except jinja2.exceptions.TemplateError as e:
+        raise UserError(f"the chat template refused the conversation: {e}") from None

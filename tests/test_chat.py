@@ -1,0 +1,67 @@
+"""Chat templates rendered as transformers' apply_chat_template renders them."""
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from conftest import sample_text
+from errors import UserError
+from tokenizer import HFTokenizer, from_spec
+
+# a ChatML template in the style of Qwen2.5's: a default system prompt, <|im_start|> turns
+CHATML = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role != 'system' or not loop.first %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content | trim + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CONVERSATIONS = [
+    [{"role": "user", "content": "Who wrote Hamlet?"}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Who wrote Hamlet? "}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Tell me of Denmark, «très» vite."}],
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizers_pair():
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([sample_text()], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    special = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    ours = HFTokenizer(tok.to_str(), CHATML, special)
+    theirs = PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHATML, **special)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_template_text_and_ids_equal_apply_chat_template(tokenizers_pair, conversation, add_generation_prompt):
+    ours, theirs = tokenizers_pair
+    text = ours.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+    assert text == theirs.apply_chat_template(conversation, tokenize=False,
+                                              add_generation_prompt=add_generation_prompt)
+    expected = theirs.apply_chat_template(conversation, tokenize=True, return_dict=False,
+                                          add_generation_prompt=add_generation_prompt)
+    assert ours.encode(text) == list(expected)
+    # the template travels with the tokenizer's spec, as checkpoints carry it
+    assert from_spec(ours.spec()).apply_chat_template(conversation) == ours.apply_chat_template(conversation)
+
+
+def test_templates_run_sandboxed_and_errors_are_one_line(tokenizers_pair):
+    ours, _ = tokenizers_pair
+    evil = HFTokenizer(ours.tok.to_str(), "{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(Exception) as info:
+        evil.apply_chat_template(CONVERSATIONS[0])
+    assert "unsafe" in str(info.value) or "SecurityError" in type(info.value).__name__
+    strict = HFTokenizer(ours.tok.to_str(), "{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(UserError, match="roles must alternate"):
+        strict.apply_chat_template(CONVERSATIONS[0])
+    with pytest.raises(UserError, match="no chat template"):
+        HFTokenizer(ours.tok.to_str()).apply_chat_template(CONVERSATIONS[0])
