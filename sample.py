@@ -59,6 +59,12 @@ quantize = None  # 'int8': int8 weights in every matmul, for fast decoding on a 
 compile = False  # compile the one-token decode step (CUDA graphs on a GPU); pays off for long generations
 merge_lora = True  # a LoRA run: bake its adapters into the base weights, to decode at the base's speed
 # -----------------------------------------------------------------------------
+# the decoding flags, which chat.py takes too
+DECODING = ("num_samples", "max_new_tokens", "max_length", "min_new_tokens", "temperature",
+            "do_sample", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
+            "presence_penalty", "frequency_penalty", "no_repeat_ngram_size", "bad_words",
+            "suppress_tokens", "num_beams", "length_penalty", "early_stopping",
+            "num_return_sequences", "context_shift", "stop", "seed")
 
 
 def read_prompts(text):
@@ -104,42 +110,42 @@ def encode_prompt(tokenizer, text):
     return [tokenizer.eot_token]  # GPT-2 samples unconditionally after its end-of-text token
 
 
-def decoding_options(passed, tokenizer, prompt_width):
-    """The decoding flags as engine.DecodingOptions, which checks them. num_samples is what the
-    engine (and Hugging Face) call num_return_sequences when sampling. Beam search and greedy
-    decoding run from --num_beams=N or --temperature=0 alone: the sampling flags left at their
-    (nanoGPT) defaults do not apply to them; one the user set (passed) that conflicts is an
-    error. Words and tokens given as text are encoded with the model's tokenizer."""
-    samples, temp = num_samples, temperature
-    if num_beams > 1:
-        temp = temperature if "temperature" in passed else 0.0
-    greedy = not (temp > 0 if do_sample is None else do_sample)
-    if (num_beams > 1 or greedy) and "num_samples" not in passed:
+def decoding_options(cfg, passed, tokenizer, prompt_width):
+    """The decoding flags of cfg (the knobs named in DECODING) as engine.DecodingOptions, which
+    checks them. num_samples is what the engine (and Hugging Face) call num_return_sequences
+    when sampling. Beam search and greedy decoding run from --num_beams=N or --temperature=0
+    alone: the sampling flags left at their (nanoGPT) defaults do not apply to them; one the
+    user set (passed) that conflicts is an error. Words given as text are encoded with the
+    model's tokenizer. chat.py decodes with the same flags."""
+    beams, samples, temp = cfg["num_beams"], cfg["num_samples"], cfg["temperature"]
+    if beams > 1 and "temperature" not in passed:
+        temp = 0.0
+    greedy = not (temp > 0 if cfg["do_sample"] is None else cfg["do_sample"])
+    if (beams > 1 or greedy) and "num_samples" not in passed:
         samples = 1
     if samples < 1:
         raise UserError(f"num_samples must be >= 1, got {samples}")
-    if num_beams > 1 and samples != 1:
-        raise UserError(f"num_beams={num_beams} is beam search, which gives num_return_sequences "
+    if beams > 1 and samples != 1:
+        raise UserError(f"num_beams={beams} is beam search, which gives num_return_sequences "
                         "results per prompt, not samples: leave num_samples unset (or 1)")
-    if num_beams == 1 and num_return_sequences != 1:
+    if beams == 1 and cfg["num_return_sequences"] != 1:
         raise UserError("num_return_sequences counts the beams to print (with num_beams > 1); "
                         "for several samples per prompt set num_samples")
-    new_tokens = max_new_tokens
+    new_tokens, max_length = cfg["max_new_tokens"], cfg["max_length"]
     if max_length is not None:
         if max_length <= prompt_width:
             raise UserError(f"max_length={max_length} leaves no room after the {prompt_width}-token "
                             "prompt: it counts the prompt and the new tokens together")
         new_tokens = max_length - prompt_width
+    same = ("top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "presence_penalty",
+            "frequency_penalty", "no_repeat_ngram_size", "length_penalty", "early_stopping", "seed",
+            "context_shift", "do_sample", "min_new_tokens")
+    suppressed = token_lists(cfg["suppress_tokens"], tokenizer, "suppress_tokens")
     return engine.DecodingOptions(
-        max_new_tokens=new_tokens, temperature=temp, top_k=top_k, top_p=top_p,
-        min_p=min_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-        num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-        num_return_sequences=samples if num_beams == 1 else num_return_sequences, seed=seed,
-        context_shift=context_shift, do_sample=do_sample, typical_p=typical_p,
-        min_new_tokens=min_new_tokens, bad_words_ids=token_lists(bad_words, tokenizer, "bad_words"),
-        suppress_tokens=tuple(i for ids in token_lists(suppress_tokens, tokenizer, "suppress_tokens")
-                              for i in ids))
+        max_new_tokens=new_tokens, temperature=temp, num_beams=beams,
+        num_return_sequences=samples if beams == 1 else cfg["num_return_sequences"],
+        bad_words_ids=token_lists(cfg["bad_words"], tokenizer, "bad_words"),
+        suppress_tokens=tuple(i for ids in suppressed for i in ids), **{k: cfg[k] for k in same})
 
 
 def token_lists(words, tokenizer, name):
@@ -173,7 +179,7 @@ def main():
     source = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
     model, tokenizer = checkpoint.load_model(source, dev, precision, merge_lora=merge_lora)
     prompts = [encode_prompt(tokenizer, text) for text in texts]
-    options = decoding_options(passed, tokenizer, max(map(len, prompts)))
+    options = decoding_options(knobs(globals()), passed, tokenizer, max(map(len, prompts)))
     model.eval().to(dev)
     if quantize == "int8":
         engine.quantize_int8(model)
