@@ -65,3 +65,60 @@ def test_templates_run_sandboxed_and_errors_are_one_line(tokenizers_pair):
         strict.apply_chat_template(CONVERSATIONS[0])
     with pytest.raises(UserError, match="no chat template"):
         HFTokenizer(ours.tok.to_str()).apply_chat_template(CONVERSATIONS[0])
+
+
+# -----------------------------------------------------------------------------
+# chat.py
+
+@pytest.fixture(scope="module")
+def chat_run(tokenizers_pair, tmp_path_factory):
+    """A run of ours whose tokenizer carries the chat template: a tiny random GPT."""
+    import torch
+
+    import checkpoint
+    from model import GPT, GPTConfig
+    from optim import configure_optimizers
+    ours, _ = tokenizers_pair
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=96, vocab_size=ours.vocab_size))
+    out_dir = tmp_path_factory.mktemp("chat-run")
+    checkpoint.save_run(str(out_dir / "ckpt.pt"), model, configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu"),
+                        {}, ours.spec(), iter_num=0, best_val_loss=9.9)
+    return out_dir, model
+
+
+def test_chat_prompt_keeps_the_history_and_drops_the_oldest_turns(tokenizers_pair, chat_run):
+    import chat
+    import engine
+    ours, theirs = tokenizers_pair
+    options = engine.DecodingOptions(8, temperature=0)
+    talk = chat.Chat(chat_run[1].eval(), ours, options, chat.stop_tokens_of(ours), system_prompt="Be brief.")
+    first, _, _ = talk.reply("Who wrote Hamlet?")
+    ids, dropped = talk.prompt_ids("And Macbeth?")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who wrote Hamlet?"},
+                {"role": "assistant", "content": first.strip()}, {"role": "user", "content": "And Macbeth?"}]
+    assert dropped == 0 and ids == list(theirs.apply_chat_template(messages, add_generation_prompt=True,
+                                                                    return_dict=False))
+    talk.history = talk.history * 6  # six exchanges: more than 96 - 8 tokens
+    ids, dropped = talk.prompt_ids("And Macbeth?")
+    assert dropped > 0 and len(ids) <= 96 - 8 and len(talk.history) == 2 * (6 - dropped)
+
+
+def test_chat_script_answers_once_and_in_a_repl(chat_run):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    out_dir = chat_run[0]
+    once = subprocess.run([sys.executable, "chat.py", f"--out_dir={out_dir}", "--prompt=Who wrote Hamlet?",
+                           "--device=cpu", "--temperature=0", "--max_new_tokens=8"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert once.returncode == 0, once.stderr
+    assert once.stdout.strip() and "tokens in" in once.stderr and "tok/s" in once.stderr
+    talk = subprocess.run([sys.executable, "chat.py", f"--out_dir={out_dir}", "--device=cpu",
+                           "--temperature=0", "--max_new_tokens=8"],
+                          input="Who wrote Hamlet?\n/system Answer in one word.\nAnd Macbeth?\n/exit\n",
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert talk.returncode == 0, talk.stderr
+    assert talk.stdout.count("> ") == 4 and "(a new conversation)" in talk.stderr  # 4 inputs read
+    assert talk.stdout.split("> ")[1].strip() == once.stdout.strip()  # greedy: the same first answer

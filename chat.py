@@ -1,0 +1,151 @@
+"""
+Chat with a model in the terminal, through its chat template:
+
+$ python chat.py --init_from=Qwen/Qwen2.5-0.5B-Instruct
+$ python chat.py --init_from=Qwen/Qwen2.5-0.5B-Instruct --prompt="Who wrote Hamlet?"   # one answer
+$ python chat.py --out_dir=out-chat-lora --system="Answer in one word."
+
+Each turn renders the whole conversation with the tokenizer's chat template (as transformers'
+apply_chat_template does), generates the assistant's reply, streams it, and keeps it in the
+history. When the conversation outgrows the model's context, the oldest turns are dropped (and
+a note says so). In the REPL: /reset forgets the conversation, /system <text> sets the system
+prompt (and resets), /exit (or Ctrl-D) quits. --prompt answers once and exits: the reply on
+stdout, the token count and tok/s on stderr. A model without a chat template (a base model)
+continues the text as it is, with a note. The decoding flags are sample.py's.
+"""
+
+import os
+import sys
+import time
+
+import checkpoint
+import engine
+import hardware
+import sample
+from configurator import configure, knobs, run
+from errors import UserError
+
+# -----------------------------------------------------------------------------
+init_from = "resume"  # 'resume' loads out_dir/ckpt.pt; or a hub id, a folder, a run's out_dir
+out_dir = "out"
+prompt = ""  # answer this one message and exit; empty: an interactive chat
+system = ""  # the system prompt; empty: the template's default, if it has one
+device = None  # None (or 'auto') picks cuda, then mps, then cpu
+dtype = None  # the weights' dtype; None (or 'auto'): float32 on CPUs, else the GPU's best
+# the decoding flags and their defaults are sample.py's, as a chat's reply is one sample
+globals().update({k: getattr(sample, k) for k in sample.DECODING})
+max_new_tokens = 512  # the longest reply
+# -----------------------------------------------------------------------------
+
+
+class Chat:
+    """A conversation with a model: the messages so far, and how to answer the next one."""
+
+    def __init__(self, model, tokenizer, options, stop_tokens, stop_strings=(), system_prompt=""):
+        self.model, self.tokenizer, self.options = model, tokenizer, options
+        self.stop_tokens, self.stop_strings, self.system = stop_tokens, stop_strings, system_prompt
+        self.history = []  # user and assistant messages, oldest first
+
+    def prompt_ids(self, user):
+        """The ids of the conversation with the user's new message and the start of the
+        assistant's turn, dropping the oldest turns while it does not fit the context with room
+        for the reply. Returns (ids, turns dropped)."""
+        if self.tokenizer.chat_template is None:  # a base model continues the text
+            return self.tokenizer.encode(user), 0
+        room = self.model.config.block_size - self.options.max_new_tokens
+        history, dropped = list(self.history), 0
+        while True:
+            system = [{"role": "system", "content": self.system}] if self.system else []
+            messages = system + history + [{"role": "user", "content": user}]
+            ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            if len(ids) <= room or not history:
+                break
+            history, dropped = history[2:], dropped + 1  # a user message and its answer
+        if len(ids) > room:
+            raise UserError(f"the message takes {len(ids)} tokens with the template, more than the "
+                            f"{room} the context ({self.model.config.block_size}) leaves beside "
+                            f"max_new_tokens={self.options.max_new_tokens}: shorten it")
+        self.history = history
+        return ids, dropped
+
+    def reply(self, user, on_text=None):
+        """The assistant's answer to the user's message, streamed to on_text(piece) as it comes;
+        it joins the history. Returns (reply, tokens generated, seconds)."""
+        ids, dropped = self.prompt_ids(user)
+        if dropped:
+            print(f"note: the conversation outgrew the context; dropped its {dropped} oldest turn(s)",
+                  file=sys.stderr)
+        stream = engine.TextStream(lambda t: self.tokenizer.decode(t, skip_special_tokens=True), ids,
+                                   show_prompt=False)
+
+        def on_token(row, token):
+            text = stream.add(token)
+            if on_text is not None:
+                on_text(text)
+
+        start = time.perf_counter()
+        engine.generate(self.model, [ids], stop_tokens=self.stop_tokens, stop_strings=self.stop_strings,
+                        tokenizer=self.tokenizer, on_token=on_token, **vars(self.options))
+        seconds = time.perf_counter() - start
+        if on_text is not None:
+            on_text(stream.flush())
+        answer = stream.shown_text()
+        self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": answer.strip()}]
+        return answer, stream.new_tokens, seconds
+
+
+def stop_tokens_of(tokenizer):
+    """The ids that end a reply: the end-of-text token and the template's end-of-turn token."""
+    ids = {tokenizer.eot_token}
+    eos = (getattr(tokenizer, "special_tokens", None) or {}).get("eos_token")
+    if eos is not None:
+        ids.add(tokenizer.tok.token_to_id(eos))
+    return sorted(i for i in ids if i is not None)
+
+
+def repl(chat):
+    print("chat: /reset forgets, /system <text> sets the system prompt, /exit quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            return
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset" or line.startswith("/system"):
+            chat.history = []
+            if line.startswith("/system"):
+                chat.system = line[len("/system"):].strip()
+            print("(a new conversation)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        chat.reply(line, on_text=lambda text: print(text, end="", flush=True))
+        print()
+
+
+def main():
+    defaults = knobs(globals())
+    cfg = configure(globals())
+    passed = {k for k, v in cfg.items() if v != defaults[k]}
+    dev, _, precision, _ = hardware.setup(device, dtype, training=False)
+    source = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
+    model, tokenizer = checkpoint.load_model(source, dev, precision)
+    model.eval()
+    # a reply is one sequence: no num_samples, and the defaults decide greedy or sampling
+    options = sample.decoding_options({**cfg, "num_samples": 1}, passed - {"num_samples"}, tokenizer, 0)
+    if options.num_beams > 1:
+        raise UserError("chat.py streams one reply at a time: beam search (num_beams > 1) is for sample.py")
+    if tokenizer.chat_template is None:
+        print(f"note: {source} has no chat template (a base model?): each message is continued "
+              "as plain text", file=sys.stderr)
+    chat = Chat(model, tokenizer, options, stop_tokens_of(tokenizer), engine.check_stop_strings(cfg["stop"]), system)
+    if not prompt:
+        return repl(chat)
+    answer, tokens, seconds = chat.reply(prompt)
+    print(answer.strip())
+    print(f"{tokens} tokens in {seconds:.2f} s, {tokens / max(seconds, 1e-9):.1f} tok/s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run(main)
