@@ -230,9 +230,12 @@ def main():
     accum_steps = gradient_accumulation_steps // world_size  # each process does its share
     master = rank == 0  # only this process logs, evaluates and writes checkpoints
     use_compile = compile if compile is not None else device_type == "cuda"
-    torch.manual_seed(seed + rank)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    # the peak is measured (random matrices) where no datasheet figure is known: before the
+    # seeding, so that it draws none of the run's random numbers (a resume restores them)
+    peak = peak_flops or hardware.peak_flops(dev, precision)  # in the precision the matmuls run in
+    torch.manual_seed(seed + rank)
 
     splits, meta = open_dataset(dataset, block_size)
     model, tokenizer_spec, run, base = load_or_build_model(meta, passed)
@@ -294,7 +297,6 @@ def main():
     # Ctrl-C asks the run to stop at the end of the current iteration, where the state is
     # whole, and save it; a second Ctrl-C stops at once
     stop = StopFlag(dev if ddp else None)
-    peak = peak_flops or hardware.peak_flops(dev, precision)  # in the precision the matmuls run in
     start_iter, train_time, run_start = iter_num, 0.0, time.time()
     last_loss = None  # the last step's loss, a tensor (reading it would wait for the device)
     while True:
