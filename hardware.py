@@ -82,7 +82,10 @@ def peak_flops(device, precision):
 def measure_matmul_flops(device, precision, size=2048, repeats=4):
     """The FLOP/s of a square matmul in precision on device: the ceiling MFU is measured
     against where no datasheet figure is known (well under a second on a CPU)."""
-    a, b = (torch.randn(size, size, device=device, dtype=DTYPES[precision]) for _ in range(2))
+    # its own generator: measuring leaves the global random state (which a resume restores) as it was
+    generator = torch.Generator(device).manual_seed(0)
+    a, b = (torch.randn(size, size, device=device, dtype=DTYPES[precision], generator=generator)
+            for _ in range(2))
     a @ b  # warm up
     synchronize(device)
     start = time.perf_counter()
