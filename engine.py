@@ -55,7 +55,7 @@ class KVCache:
     def __init__(self, model, rows, length, static=False):
         cfg = model.config
         dtype, device = float_weight(model).dtype, float_weight(model).device
-        shape = (rows, cfg.n_head, length, cfg.n_embd // cfg.n_head)
+        shape = (rows, cfg.kv_heads, length, cfg.head_size)  # the un-repeated key / value heads
         # zeros, not empty: the masked slots of a static cache must hold finite numbers (a NaN
         # times an attention weight of 0 is still NaN)
         self.layers = [LayerCache(self, torch.zeros(shape, dtype=dtype, device=device),
