@@ -300,7 +300,7 @@ def load_hf(name_or_path, device, dtype, dropout):
         tensors = torch_tensors(load_checkpoint(files[0]))
     else:
         tensors = (t for path in files for t in hf.safetensors_tensors(path))
-    return fill_model(config, tensors, hf.rename, device, dtype, name_or_path), tokenizer
+    return fill_model(config, tensors, hf.renamer(config, name_or_path), device, dtype, name_or_path), tokenizer
 
 
 def load_tokenizer(source):

@@ -1,6 +1,8 @@
 """
 Hugging Face's model format, both ways: hub downloads, config.json, the tokenizer's files,
 safetensors read at 1x the weights' memory, and export to a folder transformers loads.
+Two families: GPT-2 (model_type "gpt2") and the Llama-style models ("llama", "mistral",
+"qwen2"), which model.py builds as GPTConfig(family="llama").
 
     folder = locate("gpt2-xl")            # a GPT-2 size, a hub id, or a local folder
     args = model_args(read_config(folder), "gpt2-xl")   # our GPTConfig's fields
@@ -14,6 +16,7 @@ HF_HUB_OFFLINE and progress bars all apply.
 
 Hugging Face's GPT-2 uses the same parameter names as ours; its Conv1D layers store their
 weights as (in, out), the transpose of nn.Linear's, so those four are transposed both ways.
+The Llama-style models use transformers' names and layouts as they are.
 """
 
 import functools
@@ -33,9 +36,17 @@ GPT2_SIZES = {name: f"openai-community/{name}"
 GPT2_VOCAB_SIZE = 50257  # tiktoken's "gpt2" encoding
 # what a hub download fetches: the config, the weights, the tokenizer; pytorch_model.bin
 # only when there is no safetensors file, since many repos hold both
-HUB_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json",
-             "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+HUB_FILES = ["config.json", "generation_config.json", "model*.safetensors",
+             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# the Llama-style model_types, one architecture in model.py, and their transformers classes
+LLAMA_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+               "qwen2": "Qwen2ForCausalLM"}
+MODEL_TYPES = ("gpt2", *LLAMA_TYPES)
+# transformers' defaults for the keys of theirs that a config.json may leave out
+LLAMA_DEFAULTS = {"llama": dict(max_position_embeddings=2048, num_key_value_heads=None),
+                  "mistral": dict(max_position_embeddings=4096 * 32, num_key_value_heads=8),
+                  "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32)}
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                       "BF16": torch.bfloat16}
 # tiktoken builds its "gpt2" encoding from OpenAI's two GPT-2 files, which are also Hugging
@@ -110,18 +121,28 @@ def read_json(path):
 
 
 def read_config(folder, name):
+    """config.json, its eos_token_id replaced by generation_config.json's where that names one:
+    those are the ids transformers' generate() stops at (an instruct model's end of turn, say)."""
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
         raise UserError(f"{name} has no config.json: not a Hugging Face model folder")
-    return read_json(config_path)
+    config = read_json(config_path)
+    generation_path = os.path.join(folder, "generation_config.json")
+    if os.path.exists(generation_path):
+        eos = read_json(generation_path).get("eos_token_id")
+        if eos is not None:
+            config["eos_token_id"] = eos
+    return config
 
 
 def model_args(hf, name, dropout=None):
     """Our GPTConfig's fields for a Hugging Face config.json; refuses what our GPT would compute
     otherwise."""
+    if hf.get("model_type") in LLAMA_TYPES:
+        return llama_args(hf, name, dropout)
     if hf.get("model_type") != "gpt2":
-        raise UserError(f"{name} is a {hf.get('model_type')!r} model, not GPT-2: "
-                        "only GPT-2-architecture models (model_type 'gpt2') can be loaded")
+        raise UserError(f"{name} is a {hf.get('model_type')!r} model, not GPT-2 or a Llama-style "
+                        f"one: the model_types that load are {', '.join(map(repr, MODEL_TYPES))}")
     missing = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size") if k not in hf]
     if missing:
         raise UserError(f"{name}: config.json lacks {', '.join(missing)}")
@@ -146,6 +167,120 @@ def model_args(hf, name, dropout=None):
                 dropout=hf.get("resid_pdrop", 0.1) if dropout is None else dropout)
 
 
+def llama_args(hf, name, dropout=None):
+    """GPTConfig's fields (family "llama") for the config.json of a Llama, Mistral or Qwen2
+    model, with transformers' defaults for the keys it leaves out; refuses what model.py would
+    compute otherwise (another activation, RoPE variant or head size, a sliding window that
+    would matter)."""
+    model_type = hf["model_type"]
+    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads")
+    missing = [k for k in sizes if k not in hf]
+    if missing:
+        raise UserError(f"{name} is a {model_type!r} model (not GPT-2), but its config.json lacks "
+                        f"{', '.join(missing)}")
+    for key in sizes:
+        if isinstance(hf[key], bool) or not isinstance(hf[key], int) or hf[key] < 1:
+            raise UserError(f"{name}: config.json's {key} must be a positive integer, got {hf[key]!r}")
+
+    def refuse(key, value, accepted):
+        raise UserError(f"{name} has {key}={value!r}, which our Llama-style model does not "
+                        f"implement (it has {accepted})")
+
+    defaults = LLAMA_DEFAULTS[model_type]
+    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    n_kv_head = hf.get("num_key_value_heads", defaults["num_key_value_heads"]) or n_head
+    block_size = hf.get("max_position_embeddings", defaults["max_position_embeddings"])
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", hf["hidden_act"], "'silu'")
+    if n_embd % n_head != 0 or hf.get("head_dim") not in (None, n_embd // n_head):
+        refuse("head_dim", hf.get("head_dim"), "hidden_size / num_attention_heads")
+    if isinstance(n_kv_head, bool) or not isinstance(n_kv_head, int) or n_kv_head < 1 or \
+            n_head % n_kv_head != 0:
+        raise UserError(f"{name}: num_key_value_heads ({n_kv_head!r}) must divide "
+                        f"num_attention_heads ({n_head})")
+    if (n_embd // n_head) % 2 != 0:
+        refuse("head_dim", n_embd // n_head, "an even size, which rotary embeddings need")
+    window = sliding_window(hf, model_type)
+    if window is not None and window < block_size:
+        raise UserError(f"{name} has sliding_window={window}, shorter than its context "
+                        f"(max_position_embeddings={block_size}): sliding-window attention is "
+                        "not implemented, only a window that spans the whole context (or null)")
+    rope_theta, rope_scaling = rope_args(hf, name, block_size)
+    eos = hf.get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
+    if eos is not None and not (isinstance(eos, list) and
+                                all(isinstance(i, int) and not isinstance(i, bool) for i in eos)):
+        raise UserError(f"{name}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    return dict(family="llama", hf_model_type=model_type, n_layer=hf["num_hidden_layers"],
+                n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
+                mlp_hidden=hf["intermediate_size"], block_size=block_size,
+                vocab_size=hf["vocab_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope_theta=rope_theta, rope_scaling=rope_scaling,
+                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                qkv_bias=model_type == "qwen2",
+                attn_bias=model_type == "llama" and bool(hf.get("attention_bias", False)),
+                mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
+                bias=False, eos_token_id=eos or None,
+                dropout=hf.get("attention_dropout", 0.0) if dropout is None else dropout)
+
+
+def sliding_window(hf, model_type):
+    """The attention window of the config's sliding layers as transformers reads it; None if
+    no layer slides. Mistral slides in every layer; Qwen2 only with use_sliding_window, in the
+    layers its layer_types say (by default those from max_window_layers on)."""
+    window = hf.get("sliding_window", 4096)
+    if model_type == "llama" or window is None:
+        return None
+    if model_type == "qwen2":
+        if not hf.get("use_sliding_window", False):
+            return None
+        layers = hf.get("num_hidden_layers")
+        types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28)
+                                          else "full_attention" for i in range(layers)]
+        if "sliding_attention" not in types:
+            return None
+    return window
+
+
+def rope_args(hf, name, block_size):
+    """(rope_theta, rope_scaling) of a config.json: transformers 5 writes rope_parameters,
+    older configs rope_theta and rope_scaling. rope_scaling comes out None, or complete, as
+    GPTConfig takes it (Llama 3.1's original_max_position_embeddings filled in as transformers
+    does, so that a later crop of block_size does not change it)."""
+    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        raise UserError(f"{name} has rope parameters per layer type ({params!r}), which our "
+                        "Llama-style model does not implement")
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+        raise UserError(f"{name}: rope_theta must be a positive number, got {theta!r}")
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise UserError(f"{name} has partial_rotary_factor={partial!r}: only rotary embeddings "
+                        "over the whole head (1.0) are implemented")
+    kind = params.get("rope_type", params.get("type", "default"))
+    keys = {"default": (), "linear": ("factor",),
+            "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                       "original_max_position_embeddings")}
+    if kind not in keys:
+        raise UserError(f"{name} has RoPE scaling of type {kind!r}, which is not implemented: "
+                        "the types that load are 'default', 'linear' and 'llama3'")
+    if kind == "default":
+        return float(theta), None
+    scaling = {"rope_type": kind, **{k: params[k] for k in keys[kind] if k in params}}
+    if kind == "llama3":
+        scaling.setdefault("original_max_position_embeddings",
+                           hf.get("original_max_position_embeddings", block_size))
+    for key in keys[kind]:
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise UserError(f"{name}: its {kind} RoPE scaling needs a positive {key}, got {value!r}")
+    if kind == "llama3" and scaling["high_freq_factor"] == scaling["low_freq_factor"]:
+        raise UserError(f"{name}: its llama3 RoPE scaling needs high_freq_factor != low_freq_factor")
+    return float(theta), scaling
+
+
 def folder_tokenizer(folder, name, vocab_size):
     """The checkpoint's tokenizer: tiktoken's gpt2 for OpenAI's sizes, else the folder's
     tokenizer.json or BERT vocab.txt, else GPT-2's if the vocabulary is GPT-2's size."""
@@ -154,7 +289,13 @@ def folder_tokenizer(folder, name, vocab_size):
     tokenizer_json = os.path.join(folder, "tokenizer.json")
     vocab_txt = os.path.join(folder, "vocab.txt")
     if os.path.exists(tokenizer_json):
-        return HFTokenizer.from_file(tokenizer_json)
+        tokenizer = HFTokenizer.from_file(tokenizer_json)
+        config_path = os.path.join(folder, "config.json")
+        if os.path.exists(config_path):
+            config = read_config(folder, name)
+            if config.get("model_type") in LLAMA_TYPES:
+                llama_special_tokens(tokenizer, config)
+        return tokenizer
     if os.path.exists(vocab_txt):
         settings_path = os.path.join(folder, "tokenizer_config.json")
         settings = read_json(settings_path) if os.path.exists(settings_path) else {}
@@ -163,6 +304,23 @@ def folder_tokenizer(folder, name, vocab_size):
         return TiktokenTokenizer("gpt2")  # e.g. a GPT-2 fine-tune saved without its tokenizer
     raise UserError(f"{name} has no tokenizer.json or vocab.txt, and its {vocab_size}-token "
                     "vocabulary is not GPT-2's: add the tokenizer's files to the folder")
+
+
+def llama_special_tokens(tokenizer, config):
+    """A Llama-style model's tokenizer ends a text where its config says, not at GPT-2's
+    <|endoftext|>: eot_token becomes the first of eos_token_id (generation_config.json's or
+    config.json's, see read_config), and eos_tokens all of them (an instruct model has several).
+    bos_token is the token that the tokenizer.json puts before every text (Llama's <s> or
+    <|begin_of_text|>; Qwen2 has none), which transformers' tokenizer adds and sample.py too."""
+    eos = config.get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
+    if eos:
+        tokenizer.eot_token = eos[0]
+    tokenizer.eos_tokens = eos or ([] if tokenizer.eot_token is None else [tokenizer.eot_token])
+    plain = tokenizer.tok.encode("a", add_special_tokens=False).ids
+    marked = tokenizer.tok.encode("a", add_special_tokens=True).ids
+    if len(marked) == len(plain) + 1 and marked[1:] == plain:
+        tokenizer.bos_token = marked[0]
 
 
 # -----------------------------------------------------------------------------
@@ -190,6 +348,14 @@ def weight_files(folder, name):
                     f"in {folder}")
 
 
+def renamer(config, name):
+    """The rename function (file's tensor name -> (our name, transpose) or None to skip it)
+    for checkpoints of config's family (a GPTConfig)."""
+    if config.family == "gpt2":
+        return rename
+    return functools.partial(llama_rename, expected=llama_names(config), config=config, source=name)
+
+
 def rename(name):
     """(our parameter name, whether to transpose) for a tensor of a GPT-2 checkpoint;
     None for tensors that are not parameters of ours."""
@@ -197,6 +363,39 @@ def rename(name):
     if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
         return None  # the head is tied to wte; old checkpoints saved the causal masks
     return "transformer." + name, name.endswith(CONV1D)
+
+
+def llama_names(config):
+    """The names of a Llama-style checkpoint's tensors for config, as transformers saves them
+    (a tied lm_head is not saved)."""
+    qkv_bias = config.qkv_bias or config.attn_bias
+    per_layer = ["input_layernorm.weight", "post_attention_layernorm.weight",
+                 *(f"self_attn.{p}_proj.{kind}" for p in "qkv"
+                   for kind in ("weight", "bias") if kind == "weight" or qkv_bias),
+                 "self_attn.o_proj.weight", *(["self_attn.o_proj.bias"] if config.attn_bias else []),
+                 *(f"mlp.{p}_proj.{kind}" for p in ("gate", "up", "down")
+                   for kind in ("weight", "bias") if kind == "weight" or config.mlp_bias)]
+    names = {"model.embed_tokens.weight", "model.norm.weight",
+             *(f"model.layers.{i}.{n}" for i in range(config.n_layer) for n in per_layer)}
+    if not config.tie_embeddings:
+        names.add("lm_head.weight")
+    return names
+
+
+def llama_rename(name, expected, config, source):
+    """(our name, False) for a tensor of a Llama-style checkpoint: transformers' names are
+    ours. A model saved without its head (LlamaModel) lacks the "model." prefix; old
+    checkpoints saved the rotary embedding's inv_freq, which we compute; a tied head stored
+    anyway is the embedding again. Anything else is refused here, naming the family."""
+    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_embeddings):
+        return None
+    if not name.startswith("model.") and name != "lm_head.weight":
+        name = "model." + name
+    if name not in expected:
+        raise UserError(f"{source} has a tensor {name} that a {config.hf_model_type or 'llama'} "
+                        f"model of its config.json does not: another architecture, or a "
+                        f"config.json that does not match the weights")
+    return name, False
 
 
 def safetensors_tensors(path):
@@ -255,7 +454,9 @@ def read_tensor(f, buffer, offset, nbytes, dtype, shape, out, transpose):
 # Export: our GPT as a folder transformers loads as GPT-2
 
 def export_config(config, tokenizer):
-    """transformers' GPT2Config (as JSON) of our GPTConfig."""
+    """transformers' config (as JSON) of our GPTConfig: GPT2Config, or the Llama-style one."""
+    if config.family == "llama":
+        return llama_export_config(config, tokenizer)
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "vocab_size": config.vocab_size, "n_positions": config.block_size,
             "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
@@ -266,9 +467,54 @@ def export_config(config, tokenizer):
             "bos_token_id": tokenizer.eot_token, "eos_token_id": tokenizer.eot_token}
 
 
+def llama_export_type(config):
+    """The model_type an export of a Llama-style config is: the one it was loaded as, if that
+    can hold its biases, else the first that can (qkv_bias alone is Qwen2's)."""
+    no_bias = not (config.qkv_bias or config.attn_bias or config.mlp_bias)
+    fits = {"llama": config.attn_bias or not config.qkv_bias,  # attention_bias covers all four
+            "qwen2": config.qkv_bias and not config.attn_bias and not config.mlp_bias,
+            "mistral": no_bias}
+    for model_type in (config.hf_model_type, "llama", "qwen2"):
+        if fits.get(model_type):
+            return model_type
+    raise UserError("no Hugging Face model_type has biases on q, k and v and in the MLP but "
+                    "not on o_proj (qkv_bias and mlp_bias without attn_bias): cannot export")
+
+
+def llama_export_config(config, tokenizer):
+    """transformers' LlamaConfig, MistralConfig or Qwen2Config (as JSON) of our GPTConfig."""
+    model_type = llama_export_type(config)
+    eos = config.eos_token_id or ([] if tokenizer.eot_token is None else [tokenizer.eot_token])
+    rope = {"rope_type": "default"} if config.rope_scaling is None else dict(config.rope_scaling)
+    out = {"architectures": [LLAMA_TYPES[model_type]], "model_type": model_type,
+           "vocab_size": config.vocab_size, "hidden_size": config.n_embd,
+           "intermediate_size": config.mlp_hidden or 4 * config.n_embd,
+           "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+           "num_key_value_heads": config.kv_heads, "head_dim": config.head_size,
+           "hidden_act": "silu", "max_position_embeddings": config.block_size,
+           "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
+           # transformers 5 reads rope_parameters; older versions rope_theta and rope_scaling
+           "rope_parameters": {**rope, "rope_theta": config.rope_theta},
+           "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling,
+           "attention_dropout": config.dropout,
+           "bos_token_id": getattr(tokenizer, "bos_token", None),
+           "eos_token_id": (eos[0] if len(eos) == 1 else eos) if eos else None}
+    if model_type == "llama":
+        out.update(attention_bias=config.attn_bias, mlp_bias=config.mlp_bias)
+    elif model_type == "mistral":
+        out.update(sliding_window=None)
+    else:
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layer)
+    return out
+
+
 def export_tensors(model):
-    """Our parameters under GPT2LMHeadModel's names (the same as ours) and layout (Conv1D
-    weights transposed); the head is tied to wte, so transformers needs only wte."""
+    """Our parameters under the names and layout transformers loads. GPT-2: GPT2LMHeadModel's
+    names (the same as ours) and layout (Conv1D weights transposed); the head is tied to wte,
+    so transformers needs only wte. Llama-style: ours are transformers' as they are, a tied
+    head saved once, as the embedding."""
+    if model.config.family == "llama":
+        return {name: p.detach().contiguous() for name, p in model.named_parameters()}
     tensors = {}
     for name, p in model.named_parameters():
         tensor = p.detach().t() if name.endswith(CONV1D) else p.detach()
