@@ -96,7 +96,7 @@ class Chat:
 
 def stop_tokens_of(tokenizer):
     """The ids that end a reply: the end-of-text token and the template's end-of-turn token."""
-    ids = {tokenizer.eot_token}
+    ids = {tokenizer.eot_token, *getattr(tokenizer, "eos_tokens", [])}  # a config's eos ids too
     eos = (getattr(tokenizer, "special_tokens", None) or {}).get("eos_token")
     if eos is not None:
         ids.add(tokenizer.tok.token_to_id(eos))

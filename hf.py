@@ -289,7 +289,8 @@ def folder_tokenizer(folder, name, vocab_size):
     tokenizer_json = os.path.join(folder, "tokenizer.json")
     vocab_txt = os.path.join(folder, "vocab.txt")
     if os.path.exists(tokenizer_json):
-        tokenizer = HFTokenizer.from_file(tokenizer_json)
+        with open(tokenizer_json, encoding="utf-8") as f:
+            tokenizer = HFTokenizer(f.read(), *chat_template(folder))
         config_path = os.path.join(folder, "config.json")
         if os.path.exists(config_path):
             config = read_config(folder, name)
@@ -304,6 +305,31 @@ def folder_tokenizer(folder, name, vocab_size):
         return TiktokenTokenizer("gpt2")  # e.g. a GPT-2 fine-tune saved without its tokenizer
     raise UserError(f"{name} has no tokenizer.json or vocab.txt, and its {vocab_size}-token "
                     "vocabulary is not GPT-2's: add the tokenizer's files to the folder")
+
+
+def chat_template(folder):
+    """(template, {"bos_token": text, ...}) of a folder: tokenizer_config.json's chat_template
+    (a string, or a list of named ones: the "default"), or chat_template.jinja, with the
+    special tokens' texts the template may use; (None, None) without one."""
+    settings_path = os.path.join(folder, "tokenizer_config.json")
+    settings = read_json(settings_path) if os.path.exists(settings_path) else {}
+    template = settings.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template
+                         if isinstance(t, dict) and t.get("name") == "default"), None)
+    jinja_path = os.path.join(folder, "chat_template.jinja")
+    if template is None and os.path.exists(jinja_path):
+        with open(jinja_path, encoding="utf-8") as f:
+            template = f.read()
+    if not isinstance(template, str):
+        return None, None
+    special = {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = settings.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            special[key] = value
+    return template, special
 
 
 def llama_special_tokens(tokenizer, config):

@@ -122,3 +122,34 @@ def test_chat_script_answers_once_and_in_a_repl(chat_run):
     assert talk.returncode == 0, talk.stderr
     assert talk.stdout.count("> ") == 4 and "(a new conversation)" in talk.stderr  # 4 inputs read
     assert talk.stdout.split("> ")[1].strip() == once.stdout.strip()  # greedy: the same first answer
+
+
+def test_a_hugging_face_folder_brings_its_template_and_chats(tokenizers_pair, tmp_path):
+    """A tiny Qwen2 saved by transformers, tokenizer and template included: loaded, its
+    template renders as transformers' does, and chat.py answers through it, stopping at
+    <|im_end|>."""
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from checkpoint import load_model
+    from conftest import REPO
+    ours, theirs = tokenizers_pair
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=ours.vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True,
+                         eos_token_id=ours.tok.token_to_id("<|im_end|>"))
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path)
+    theirs.save_pretrained(tmp_path)
+    model, tok = load_model(str(tmp_path))
+    conversation = CONVERSATIONS[2]
+    assert tok.apply_chat_template(conversation, add_generation_prompt=True) == \
+        theirs.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    result = subprocess.run([sys.executable, "chat.py", f"--init_from={tmp_path}", "--device=cpu",
+                             "--prompt=Who wrote Hamlet?", "--temperature=0", "--max_new_tokens=12"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "<|im_end|>" not in result.stdout and "tok/s" in result.stderr
