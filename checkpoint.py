@@ -76,8 +76,8 @@ def model_config(args, source=None):
             raise UserError(f"{where}{key} must be a positive integer, got {value!r}")
     if args["n_embd"] % args["n_head"] != 0:
         raise UserError(f"{where}n_embd ({args['n_embd']}) must be divisible by n_head ({args['n_head']})")
-    if args.get("activation", "gelu_tanh") not in ("gelu_tanh", "gelu"):
-        raise UserError(f"{where}activation must be 'gelu_tanh' or 'gelu', got {args['activation']!r}")
+    if args.get("activation", "gelu_tanh") not in ("gelu_tanh", "gelu", "silu"):
+        raise UserError(f"{where}activation must be 'gelu_tanh', 'gelu' or 'silu', got {args['activation']!r}")
     dropout = args.get("dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise UserError(f"{where}dropout must be in [0, 1), got {dropout!r}")
@@ -191,9 +191,10 @@ def lora_settings(config):
 def nanogpt_rename(name):
     """(our parameter name, transpose=False) of a state-dict key, or None to skip it: a
     torch.compile'd model saves its parameters under _orig_mod.; nanoGPT's own attention
-    (without flash) saved its causal mask as attn.bias; the head is tied to wte."""
+    (without flash) saved its causal mask as attn.bias. A tied head's lm_head.weight is the token
+    embedding again: fill_model skips it."""
     name = name.removeprefix("_orig_mod.")
-    if name == "lm_head.weight" or name.endswith(".attn.bias"):
+    if name.endswith(".attn.bias"):
         return None
     return name, False
 
@@ -338,15 +339,18 @@ def fill_model(config, tensors, rename, device, dtype, name):
     with torch.device("meta"):
         model = GPT(config)
     wanted = dict(model.named_parameters())  # tied parameters once, under their first name
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - wanted.keys()
     loaded = {}
     for file_name, shape, read in tensors:
         renamed = rename(file_name)
         if renamed is None:
             continue
         ours, transpose = renamed
+        if ours in aliases:
+            continue  # a tied parameter's second name: the first one brings the tensor
         if ours not in wanted:
-            raise UserError(f"{name} has a tensor {file_name} that GPT-2 does not: "
-                            "not a GPT-2-architecture checkpoint")
+            raise UserError(f"{name} has a tensor {file_name} that its config's model does not: "
+                            f"not a {config.family} checkpoint of that shape")
         expected = list(wanted[ours].shape)
         expected_in_file = expected[::-1] if transpose else expected
         if list(shape) != expected_in_file:
@@ -357,7 +361,7 @@ def fill_model(config, tensors, rename, device, dtype, name):
         loaded[ours] = nn.Parameter(out)
     missing = [n for n in wanted if n not in loaded]
     if missing:
-        raise UserError(f"{name} lacks {len(missing)} tensor(s) of its GPT-2 config, "
+        raise UserError(f"{name} lacks {len(missing)} tensor(s) of its config's model, "
                         f"e.g. {missing[0]}")
     # give every name of a tied parameter the same loaded tensor, so the tie survives
     first_name = {id(p): n for n, p in wanted.items()}

@@ -201,7 +201,9 @@ def main():
             print(text, end="", flush=True)
         return streams[row].stopped
 
-    stop_tokens = [] if tokenizer.eot_token is None else [tokenizer.eot_token]
+    # the model's own end-of-text ids (an instruct model has several), else the tokenizer's
+    stop_tokens = list(getattr(model.config, "eos_token_id", None) or
+                       ([] if tokenizer.eot_token is None else [tokenizer.eot_token]))
     t0 = time.perf_counter()
     out = engine.generate(model, prompts, stop_tokens=stop_tokens, stop_strings=stops,
                           tokenizer=tokenizer, on_token=None if num_beams > 1 else on_token,
