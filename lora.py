@@ -70,7 +70,8 @@ def linear_paths(block):
 def parse_targets(targets, block):
     """The Linear paths of a block named by targets, a comma-separated list matched against the
     end of each path as peft's target_modules are: c_proj names attn.c_proj and mlp.c_proj,
-    mlp.c_proj only the MLP's."""
+    mlp.c_proj only the MLP's; a Llama-style block's are q_proj, k_proj, v_proj, o_proj,
+    gate_proj, up_proj and down_proj."""
     paths = linear_paths(block)
     names = [t.strip() for t in targets.split(",") if t.strip()]
     if not names:
@@ -79,7 +80,8 @@ def parse_targets(targets, block):
     for name in names:
         matches = [p for p in paths if p == name or p.endswith("." + name)]
         if not matches:
-            raise UserError(f"unknown lora target {name!r}: choose from c_attn, c_proj, c_fc, "
+            short = sorted({p.rpartition(".")[2] for p in paths})
+            raise UserError(f"unknown lora target {name!r}: choose from {', '.join(short)}, "
                             f"or a full path ({', '.join(paths)})")
         chosen += [p for p in matches if p not in chosen]
     return chosen
@@ -93,7 +95,7 @@ def apply(model, rank, alpha, dropout, targets, adapters=None):
     if not 0 <= dropout < 1:
         raise UserError(f"lora_dropout must be in [0, 1), got {dropout}")
     model.requires_grad_(False)
-    for block in model.transformer.h:
+    for block in model.blocks:
         for path in parse_targets(targets, block):
             parent, _, name = path.rpartition(".")
             parent = block.get_submodule(parent)

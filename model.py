@@ -308,6 +308,18 @@ class GPT(nn.Module):
         if self.lm_head.weight.device.type != "meta":
             self.init_weights()
 
+    @property
+    def blocks(self):
+        """The transformer blocks, lowest first, whichever the family."""
+        return self.model.layers if self.config.family == "llama" else self.transformer.h
+
+    @property
+    def embeddings(self):
+        """The input embeddings: the tokens' (and GPT-2's positions')."""
+        if self.config.family == "llama":
+            return [self.model.embed_tokens]
+        return [self.transformer.wte, self.transformer.wpe]
+
     def init_weights(self):
         """GPT-2's init: normal(0, 0.02) matrices and embeddings, zero biases, and the residual
         projections scaled by 1/sqrt(2 * n_layer): each block adds two of them to the residual

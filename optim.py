@@ -26,8 +26,8 @@ def configure_optimizers(model, weight_decay, learning_rate, betas, device_type,
     if kind not in OPTIMIZERS:
         raise UserError(f"optim must be 'adamw' or 'muon', got {kind!r}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    to_muon = {n for n, p in named
-               if kind == "muon" and p.dim() == 2 and n.startswith("transformer.h.")}
+    in_blocks = {id(p) for p in model.blocks.parameters()}
+    to_muon = {n for n, p in named if kind == "muon" and p.dim() == 2 and id(p) in in_blocks}
     muon = [p for n, p in named if n in to_muon]
     rest = [p for n, p in named if n not in to_muon]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},

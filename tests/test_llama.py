@@ -310,3 +310,34 @@ def test_unsupported_configs_are_one_line_errors(pairs, tmp_path):
     # and through the scripts: exit code 2, one line
     result = run_script("sample.py", f"--init_from={tmp_path / 'yarn'}", "--device=cpu", "--max_new_tokens=2")
     assert_user_error(result, "'yarn'")
+
+
+def test_lora_on_the_family_s_projections_equals_peft(pairs):
+    """LoRA by the family's names (q_proj, v_proj, down_proj): with the same adapter matrices,
+    our adapted model's logits are peft's on transformers' model."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    import lora
+    from optim import configure_optimizers
+    theirs, ours, _, _ = pairs["qwen2"]
+    ours, theirs = copy.deepcopy(ours), copy.deepcopy(theirs)
+    lora.apply(ours, rank=4, alpha=8.0, dropout=0.0, targets="q_proj,v_proj,down_proj")
+    optimizer = configure_optimizers(ours, 0.0, 1e-2, (0.9, 0.95), "cpu", "muon")
+    trainable = {id(p) for n, p in ours.named_parameters() if p.requires_grad}
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == trainable
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == set(lora.adapters(ours))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for tensor in lora.adapters(ours).values():
+            tensor.normal_(0, 0.1)  # B is zero at the start: give both matrices values
+    peft_model = get_peft_model(theirs, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                   target_modules=["q_proj", "v_proj", "down_proj"]))
+    state = peft_model.state_dict()
+    with torch.no_grad():
+        for name, tensor in lora.adapters(ours).items():
+            layer, matrix = name.rsplit(".", 1)  # model.layers.0.self_attn.q_proj, lora_A
+            state[f"base_model.model.{layer}.{matrix}.default.weight"].copy_(tensor)
+    idx = torch.randint(VOCAB, (2, 16))
+    torch.testing.assert_close(logits(ours.eval(), idx), logits(peft_model.eval(), idx), rtol=1e-5, atol=1e-5)
