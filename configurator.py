@@ -46,10 +46,16 @@ def knobs(namespace):
     return {k: v for k, v in namespace.items() if _is_knob(k, v)}
 
 
-def _coerce(key, value, default, origin):
-    """Check `value` against the type of `default`; return the value to store."""
-    if default is None or value is None:
+def _coerce(key, value, default, origin, nullable=None):
+    """Check `value` against the type of `default`; return the value to store. nullable: the
+    keys besides those whose default is None that None may be given to (None: every key)."""
+    if default is None:
         return value  # None means "unset / auto": any type may replace it
+    if value is None:
+        if nullable is None or key in nullable:
+            return value
+        raise UserError(f"{origin}: {key} cannot be None (default {default!r}): None only "
+                        "replaces the settings whose default is None")
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(default, bool) and isinstance(value, bool)
     elif isinstance(default, float) and isinstance(value, int):
@@ -79,10 +85,12 @@ def _print_help(defaults, script):
         print(f"  --{k.ljust(width)}  {v!r}")
 
 
-def configure(namespace, argv=None, skip_unknown_file_keys=False):
+def configure(namespace, argv=None, skip_unknown_file_keys=False, nullable=None):
     """Apply a config file and --key=value overrides to `namespace` (a script's globals).
     skip_unknown_file_keys: a config file may set keys this script does not have (bench.py
-    reads train.py's configs for the model's shape); --key=value overrides stay strict."""
+    reads train.py's configs for the model's shape); --key=value overrides stay strict.
+    nullable: the keys whose default is not None that may still be set to None (e.g. () for
+    none); left at None, any key may be."""
     argv = sys.argv[1:] if argv is None else argv
     defaults = knobs(namespace)
     script = namespace.get("__file__", "script.py")
@@ -91,33 +99,48 @@ def configure(namespace, argv=None, skip_unknown_file_keys=False):
         sys.exit(0)
     for arg in argv:
         if not arg.startswith("--"):
-            _apply_file(namespace, defaults, arg, skip_unknown_file_keys)
+            _apply_file(namespace, defaults, arg, skip_unknown_file_keys, nullable)
             continue
         key, sep, text = arg[2:].partition("=")
         if not sep:
             raise UserError(f"argument {arg!r} must look like --key=value")
         if key not in defaults:
             raise UserError(f"unknown config key {key!r} (see --help for the list)")
-        namespace[key] = _coerce(key, _parse_value(text), defaults[key], f"--{key}")
+        namespace[key] = _coerce(key, _parse_value(text), defaults[key], f"--{key}", nullable)
     return knobs(namespace)
 
 
-def _apply_file(namespace, defaults, path, skip_unknown):
+def _apply_file(namespace, defaults, path, skip_unknown, nullable=None):
     try:
         with open(path, encoding="utf-8") as f:
             source = f.read()
     except OSError as e:
         raise UserError(f"cannot read config file {path!r}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    try:
+        tree = ast.parse(source, path)
+    except SyntaxError as e:
+        raise UserError(f"config file {path!r} is not Python (line {e.lineno}: {e.msg}): it holds "
+                        "`key = value` lines, e.g. n_layer = 4") from None
+    # `n_layer: 4` (YAML) is Python too, an annotation, which sets nothing
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and node.value is None:
+            text = ast.get_source_segment(source, node) or ast.unparse(node)
+            raise UserError(f"config file {path!r}, line {node.lineno}: {text!r} sets nothing (an "
+                            "annotation): a config file is Python, `key = value` lines, not YAML")
     values = {}
     try:
-        exec(compile(source, path, "exec"), {}, values)
+        exec(compile(tree, path, "exec"), {}, values)
     except Exception as e:  # a config file is user input; any failure is theirs to fix
         raise UserError(f"config file {path!r} failed: {type(e).__name__}: {e}") from None
-    for key, value in values.items():
-        if key.startswith("_") or type(value).__name__ == "module":
-            continue
+    keys = [k for k, v in values.items() if not k.startswith("_") and type(v).__name__ != "module"]
+    if not keys:
+        raise UserError(f"config file {path!r} sets no config key: it should hold `key = value` "
+                        "lines, e.g. n_layer = 4")
+    for key in keys:
         if key not in defaults:
             if skip_unknown:
                 continue
             raise UserError(f"{path}: unknown config key {key!r} (see --help for the list)")
-        namespace[key] = _coerce(key, value, defaults[key], path)
+        namespace[key] = _coerce(key, values[key], defaults[key], path, nullable)

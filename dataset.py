@@ -9,7 +9,7 @@ JSON instead of nanoGPT's meta.pkl, so reading a dataset never unpickles anythin
 
     read_text(path)                                  # a preparer's UTF-8 input
     write_dataset(folder, tokenizer, train_ids, val_ids, source)
-    splits, meta = open_dataset("shakespeare_char", block_size)   # memory-mapped
+    splits, meta = open_dataset("shakespeare_char", block_size, vocab_size)   # memory-mapped, checked
     x, y = get_batch(splits["train"], block_size, rows, generator)
 """
 
@@ -36,9 +36,14 @@ def read_text(path):
 
 
 def write_dataset(folder, tokenizer, train_ids, val_ids, source=""):
-    """Write train.bin, val.bin and meta.json into folder; return meta."""
+    """Write train.bin, val.bin and meta.json into folder; return meta. An empty split is
+    refused, before anything is written."""
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     train_ids, val_ids = np.asarray(train_ids, dtype=dtype), np.asarray(val_ids, dtype=dtype)
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        if len(ids) == 0:
+            raise UserError(f"{source or 'the text'} gives no {split} tokens: it is too short to "
+                            "split into train and val; nothing written")
     meta = {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.spec(), "dtype": dtype.name,
             "source": source, "train_tokens": len(train_ids), "val_tokens": len(val_ids)}
     try:
@@ -58,15 +63,33 @@ def dataset_dir(name):
     return name if os.sep in name else os.path.join(REPO_DIR, "data", name)
 
 
-def open_dataset(name, block_size):
-    """({"train": ids, "val": ids}, meta) of a prepared dataset, the ids memory-mapped."""
+def open_dataset(name, block_size=None, vocab_size=None):
+    """({"train": ids, "val": ids}, meta) of a prepared dataset, the ids memory-mapped, checked:
+    meta.json a JSON object naming uint16 or uint32 ids, each split a whole number of ids and
+    more than block_size of them (if given), and every id below vocab_size (if given: the
+    model's vocabulary; one pass over each split)."""
     folder = dataset_dir(name)
     meta_path = os.path.join(folder, "meta.json")
     meta = {}
     if os.path.exists(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    dtype = np.dtype(meta.get("dtype", "uint16"))
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise UserError(f"{meta_path} is not readable JSON ({str(e)[:100]}): prepare the "
+                            "dataset again") from None
+        if not isinstance(meta, dict):
+            raise UserError(f"{meta_path} holds a JSON {type(meta).__name__}, not an object of "
+                            "the dataset's settings: prepare the dataset again")
+    dtype = meta.get("dtype", "uint16")
+    if dtype not in ("uint16", "uint32"):
+        raise UserError(f"{meta_path} names dtype {dtype!r}: token ids are stored as 'uint16' or "
+                        "'uint32'")
+    dtype = np.dtype(dtype)
+    meta_vocab = meta.get("vocab_size")
+    if meta_vocab is not None and (isinstance(meta_vocab, bool) or not isinstance(meta_vocab, int)
+                                   or meta_vocab < 1):
+        raise UserError(f"{meta_path}: vocab_size must be a positive integer, got {meta_vocab!r}")
     splits = {}
     for split in ("train", "val"):
         path = os.path.join(folder, f"{split}.bin")
@@ -74,10 +97,25 @@ def open_dataset(name, block_size):
             prepare = os.path.join("data", name, "prepare.py")
             raise UserError(f"dataset {name!r} has no {split}.bin in {folder}: "
                             f"run `python {prepare}` first")
+        size = os.path.getsize(path)
+        if size == 0:
+            raise UserError(f"{split}.bin of {name!r} is empty ({path}): prepare the dataset "
+                            "again, from more text")
+        if size % dtype.itemsize:
+            raise UserError(f"{path} has {size:,} bytes, not a whole number of {dtype.name} token "
+                            f"ids ({dtype.itemsize} bytes each): it is cut short or of another "
+                            "dtype; prepare the dataset again")
         splits[split] = np.memmap(path, dtype=dtype, mode="r")
-        if len(splits[split]) <= block_size:
+        if block_size is not None and len(splits[split]) <= block_size:
             raise UserError(f"{split}.bin of {name!r} has {len(splits[split])} tokens, "
-                            f"not more than block_size={block_size}: lower --block_size")
+                            f"not more than block_size={block_size} (a batch needs block_size + 1): "
+                            "lower --block_size")
+        if vocab_size is not None:
+            top = int(np.max(splits[split]))
+            if top >= vocab_size:
+                raise UserError(f"{split}.bin of {name!r} has token id {top}, but the model's "
+                                f"vocabulary has {vocab_size} ids (0 ... {vocab_size - 1}): "
+                                "prepare the dataset with the model's tokenizer")
     return splits, meta
 
 

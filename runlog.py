@@ -15,23 +15,31 @@ from atomic import atomic_write
 
 
 class RunLog:
+    """resume=False: a new run, whose first record replaces the metrics.jsonl of any earlier run
+    in out_dir (and only then: a run that fails before its first record leaves it as it was);
+    resume=True appends to it. Nothing is written, and wandb not started, before that record."""
 
     def __init__(self, out_dir, wandb_config=None, resume=False):
         self.out_dir = out_dir
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         self.plot_path = os.path.join(out_dir, "loss.png")
-        if not resume and os.path.exists(self.metrics_path):
-            os.remove(self.metrics_path)  # a new run starts a new record
-        self.wandb = None
-        if wandb_config is not None:
-            import wandb  # only needed when asked for
-            project, name, config = wandb_config
-            self.wandb = wandb.init(project=project, name=name, config=config, dir=out_dir)
+        self.started = resume
+        self.wandb_config, self.wandb = wandb_config, None
 
     def log(self, record):
         """Append one record, e.g. {"iter": 10, "loss": 2.3, "lr": 1e-3}."""
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode("utf-8")
+        if not self.started:
+            os.makedirs(self.out_dir, exist_ok=True)
+            atomic_write(self.metrics_path, lambda f: f.write(line))  # the old run's goes now
+            self.started = True
+        else:
+            with open(self.metrics_path, "ab") as f:
+                f.write(line)
+        if self.wandb_config is not None and self.wandb is None:
+            import wandb  # only needed when asked for
+            project, name, config = self.wandb_config
+            self.wandb = wandb.init(project=project, name=name, config=config, dir=self.out_dir)
         if self.wandb is not None:
             self.wandb.log(record, step=record["iter"])
         if "val_loss" in record:

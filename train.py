@@ -11,6 +11,7 @@ Every setting below can be changed by a config file and by --key=value;
 `python train.py --help` lists them.
 """
 
+import dataclasses
 import math
 import os
 import signal
@@ -113,6 +114,37 @@ def check_config(cfg):
             raise UserError(f"{key} must be at least 1, got {cfg[key]}")
     if cfg["optim"] not in ("adamw", "muon"):
         raise UserError(f"optim must be 'adamw' or 'muon', got {cfg['optim']!r}")
+    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "max_iters",
+                "warmup_iters", "lr_decay_iters", "freeze_layers"):
+        if cfg[key] < 0:
+            raise UserError(f"{key} must not be negative, got {cfg[key]}")
+    for key in ("beta1", "beta2", "dropout", "lora_dropout"):
+        if not 0 <= cfg[key] < 1:
+            raise UserError(f"{key} must be in [0, 1), got {cfg[key]}")
+    if cfg["decay_lr"] and cfg["lr_decay_iters"] <= cfg["warmup_iters"]:
+        raise UserError(f"lr_decay_iters ({cfg['lr_decay_iters']}) must be more than warmup_iters "
+                        f"({cfg['warmup_iters']}): the learning rate decays from the end of the "
+                        "warmup to lr_decay_iters (or set decay_lr=False)")
+    if not 0 <= cfg["seed"] < 2**64:
+        raise UserError(f"seed must be in [0, 2**64), got {cfg['seed']}")
+
+
+def check_memory(args, device_type):
+    """Refuse a model of args' shape (n_layer, n_embd, block_size, vocab_size, bias) whose
+    training state, counted from the shape, cannot fit: float32 weights, their gradients and
+    AdamW's two moments, 16 bytes a parameter (activations come on top), in this machine's
+    memory when it trains on the CPU; on another device the weights alone, built here first."""
+    n, layers = args["n_embd"], args["n_layer"]
+    per_layer = 12 * n * n + (13 if args["bias"] else 4) * n
+    params = layers * per_layer + (args["vocab_size"] + args["block_size"]) * n + 2 * n
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need, what = (16 * params, "to train on the CPU") if device_type == "cpu" else \
+        (4 * params, "for its float32 weights, built here before they move to the device")
+    if need > ram:
+        shape = ", ".join(f"{k}={args[k]}" for k in ("n_layer", "n_embd", "block_size", "vocab_size"))
+        raise UserError(f"a model of {shape} has {params / 1e9:,.1f}B parameters and needs at least "
+                        f"{need / 1e9:,.0f} GB {what}, more than this machine's {ram / 1e9:,.0f} GB "
+                        "of memory: choose a smaller model")
 
 
 def override(values, passed, why):
@@ -124,14 +156,18 @@ def override(values, passed, why):
         print(f"note: {why}: {', '.join(ignored)} ignored")
 
 
-def load_or_build_model(meta, passed):
+def load_or_build_model(meta, passed, device_type):
     """(model, tokenizer spec, run, base) for init_from: a new GPT of the configured shape, the
     run in out_dir/ckpt.pt (with its optimizer and counters in `run`), or a pretrained model
     (GPT-2, a hub id, a folder, a run of ours or nanoGPT's). base: where a LoRA run's base model
     is, which its checkpoints name. A resumed or pretrained model's shape replaces the flags'."""
     run, base = None, None
     if init_from == "resume":
-        model, run = checkpoint.load_run(os.path.join(out_dir, "ckpt.pt"), dropout=dropout)
+        ckpt_path = os.path.join(out_dir, "ckpt.pt")
+        model, run = checkpoint.load_run(ckpt_path, dropout=dropout)
+        if run["iter_num"] > max_iters:
+            raise UserError(f"max_iters={max_iters} is below iteration {run['iter_num']}, where "
+                            f"{ckpt_path} stopped: raise --max_iters to train on (nothing written)")
         override({k: run["config"][k] for k in KEPT_ON_RESUME if k in run["config"]} |
                  {k: run["model_args"][k] for k in ARCHITECTURE}, passed,
                  "a resumed run keeps its checkpoint's settings")
@@ -140,6 +176,7 @@ def load_or_build_model(meta, passed):
         args = {k: globals()[k] for k in ARCHITECTURE}
         config = checkpoint.model_config({**args, "dropout": dropout,
                                           "vocab_size": meta.get("vocab_size", 50304)})
+        check_memory(dataclasses.asdict(config), device_type)
         return GPT(config), meta.get("tokenizer"), run, base
     # the architecture is the pretrained model's; dropout applies, block_size crops;
     # a LoRA run as init_from comes with its adapters merged into the weights
@@ -215,7 +252,7 @@ def setup_distributed(device_type):
 
 def main():
     defaults = knobs(globals())
-    configure(globals())
+    configure(globals(), nullable=())  # None only where the default is None
     passed = {k for k, v in knobs(globals()).items() if v != defaults[k]}  # what the user set
     check_config(knobs(globals()))
 
@@ -230,15 +267,18 @@ def main():
     accum_steps = gradient_accumulation_steps // world_size  # each process does its share
     master = rank == 0  # only this process logs, evaluates and writes checkpoints
     use_compile = compile if compile is not None else device_type == "cuda"
+    if seed + world_size > 2**64:
+        raise UserError(f"seed={seed}: each process seeds with seed + its rank, which must be "
+                        f"below 2**64; lower seed")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    # the peak is measured (random matrices) where no datasheet figure is known: before the
-    # seeding, so that it draws none of the run's random numbers (a resume restores them)
-    peak = peak_flops or hardware.peak_flops(dev, precision)  # in the precision the matmuls run in
     torch.manual_seed(seed + rank)
 
-    splits, meta = open_dataset(dataset, block_size)
-    model, tokenizer_spec, run, base = load_or_build_model(meta, passed)
+    # the dataset's files before any model is loaded; then its length against the model's
+    # context and its token ids against the model's vocabulary
+    _, meta = open_dataset(dataset)
+    model, tokenizer_spec, run, base = load_or_build_model(meta, passed, device_type)
+    splits, meta = open_dataset(dataset, block_size, model.config.vocab_size)
     trainable, total = setup_finetune(model, finetune, freeze_layers, checkpoint.lora_settings(globals()),
                                       run and run.get("adapters"))
     model.to(dev)
@@ -281,6 +321,7 @@ def main():
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
     def save(val_loss):
+        os.makedirs(out_dir, exist_ok=True)
         checkpoint.save_run(
             ckpt_path, raw_model, optimizer, knobs(globals()), tokenizer_spec, base,
             iter_num=iter_num, best_val_loss=best_val_loss, val_loss=val_loss,
@@ -288,15 +329,20 @@ def main():
             sampler=sampler.get_state(), torch_rng=torch.get_rng_state(),
             cuda_rng=torch.cuda.get_rng_state_all() if device_type == "cuda" else [])
 
+    # nothing is written into out_dir until the run has started: its first record, at its
+    # first evaluation, replaces the metrics of any earlier run there
     runlog = None
     if master:
-        os.makedirs(out_dir, exist_ok=True)
         wandb_config = (wandb_project, wandb_run_name, knobs(globals())) if wandb_log else None
         runlog = RunLog(out_dir, wandb_config, resume=init_from == "resume")
 
-    # Ctrl-C asks the run to stop at the end of the current iteration, where the state is
-    # whole, and save it; a second Ctrl-C stops at once
+    # Ctrl-C or SIGTERM asks the run to stop at the end of the current iteration, where the
+    # state is whole, and save it; a second one stops at once
     stop = StopFlag(dev if ddp else None)
+    # the peak is measured (random matrices) where no datasheet figure is known, once the run
+    # is known to be good: on random numbers of its own, not the run's (a resume restores those)
+    with torch.random.fork_rng(devices=[dev] if device_type == "cuda" else [], device_type="cuda"):
+        peak = peak_flops or hardware.peak_flops(dev, precision)  # in the precision the matmuls run in
     start_iter, train_time, run_start = iter_num, 0.0, time.time()
     last_loss = None  # the last step's loss, a tensor (reading it would wait for the device)
     while True:
@@ -387,19 +433,22 @@ def main():
 
 
 class StopFlag:
-    """Turns the first Ctrl-C (SIGINT) into a request to stop at the next safe point.
-    device: under torchrun, where the process group's collectives run (NCCL takes CUDA
-    tensors only), so that every process stops at the same iteration."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM (what a scheduler, `kill` or a shutdown sends)
+    into a request to stop at the next safe point. device: under torchrun, where the process
+    group's collectives run (NCCL takes CUDA tensors only), so that every process stops at the
+    same iteration."""
 
     def __init__(self, device=None):
         self.flag, self.device = False, device
         signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         if self.flag:
             raise KeyboardInterrupt
         self.flag = True
-        print("\nstopping after this iteration (Ctrl-C again to quit at once)", flush=True)
+        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        print(f"\nstopping after this iteration ({again} again to quit at once)", flush=True)
 
     def requested(self):
         if self.device is None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from checkpoint import save_run
-from conftest import REPO, TINY, run_script
+from conftest import REPO, TINY
 from errors import UserError
 from model import GPT, GPTConfig
 from optim import configure_optimizers
@@ -27,6 +27,18 @@ except ImportError:  # conftest.py gains it in another change
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
         for w in words:
             assert w in lines[0], lines[0]
+
+
+# train.py's tiny model, with a peak FLOP/s given: no matmul is timed for the MFU figure
+TRAIN = [*TINY, "--peak_flops=1e12"]
+
+
+def run_script(*args):
+    """conftest's run_script, on one thread: the tiny models gain nothing from two, and two
+    threads of each process contending with the other jobs of a busy 2-core machine made
+    every run here about 3x slower."""
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def digests(folder):
@@ -49,8 +61,8 @@ def run_copy(trained, tmp_path):
 
 
 # train.py in a subprocess that, as iteration N begins, sends itself a real signal (N:SIGINT,
-# N:SIGTERM) or makes its optimizer's state infinite (N:poison: what an overflowed step leaves;
-# the weights and the loss stay finite), e.g. "21:poison,22:SIGINT"
+# N:SIGTERM), makes its optimizer's state infinite (N:poison: what an overflowed step leaves;
+# the weights and the loss stay finite) or fails (N:raise), e.g. "21:poison,22:SIGINT"
 AT_ITERATION = """
 import os, signal, sys
 import configurator, train
@@ -64,6 +76,8 @@ def get_lr_and_act(it):
     if action == "poison":
         for state in optimizers[0].state.values():
             state["exp_avg_sq"].fill_(float("inf"))
+    elif action == "raise":
+        raise RuntimeError("a simulated failure")
     elif action:
         os.kill(os.getpid(), getattr(signal, action))
     return get_lr(it)
@@ -74,7 +88,7 @@ configurator.run(train.main)
 
 
 def train_with(actions, *args):
-    return run_script("-c", AT_ITERATION, actions, *TINY, *args)
+    return run_script("-c", AT_ITERATION, actions, *TRAIN, *args)
 
 
 # -----------------------------------------------------------------------------
@@ -142,7 +156,7 @@ def lora_chain(trained, char_dataset, tmp_path_factory):
     result = run_script("export_hf.py", f"--out_dir={trained[0]}", f"--export_dir={root / 'hfbase'}")
     assert result.returncode == 0, result.stderr
     for run, base in (("lora1", root / "hfbase"), ("lora2", root / "lora1")):
-        result = run_script("train.py", *TINY, f"--dataset={char_dataset}", f"--out_dir={root / run}",
+        result = run_script("train.py", *TRAIN, f"--dataset={char_dataset}", f"--out_dir={root / run}",
                             f"--init_from={base}", "--finetune=lora", "--lora_rank=2",
                             "--max_iters=2", "--eval_interval=2")
         assert result.returncode == 0, result.stderr
@@ -246,3 +260,193 @@ def test_a_real_full_disk_leaves_the_previous_export(small_disk, trained):
     result = run_script("export_hf.py", f"--out_dir={trained[0]}", f"--export_dir={folder}")
     assert_user_error(result, "cannot write the export", "No space left on device", "left as it was")
     assert_previous_export_intact(folder, before, model)
+
+
+# -----------------------------------------------------------------------------
+# A3. a fine-tune never writes over the run it starts from
+
+def test_a_full_finetune_into_its_own_folder_is_refused(run_copy, char_dataset):
+    before = digests(run_copy)
+    result = run_script("train.py", *TRAIN, f"--dataset={char_dataset}", f"--out_dir={run_copy}",
+                        f"--init_from={run_copy}", "--finetune=full", "--max_iters=25")
+    assert_user_error(result, "init_from's folder", "would overwrite")
+    assert digests(run_copy) == before
+
+
+# -----------------------------------------------------------------------------
+# A4. a new run that fails before it has started leaves the previous run's files
+
+def test_runlog_replaces_the_old_metrics_only_at_its_first_record(tmp_path):
+    from runlog import RunLog
+    old = tmp_path / "metrics.jsonl"
+    old.write_text('{"iter": 5, "loss": 1.0}\n')
+    log = RunLog(str(tmp_path))
+    assert old.read_text() == '{"iter": 5, "loss": 1.0}\n'  # not yet
+    log.log({"iter": 0, "loss": 2.0})
+    log.log({"iter": 1, "loss": 1.5})
+    assert old.read_text() == '{"iter": 0, "loss": 2.0}\n{"iter": 1, "loss": 1.5}\n'
+    RunLog(str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()  # no empty file, no folder
+
+
+def test_a_new_run_failing_at_its_first_step_keeps_the_old_metrics(run_copy, char_dataset, tmp_path):
+    before = digests(run_copy)
+    for out_dir in (run_copy, tmp_path / "new"):
+        result = train_with("0:raise", f"--dataset={char_dataset}", f"--out_dir={out_dir}", "--max_iters=5")
+        assert result.returncode == 1 and "a simulated failure" in result.stderr
+    assert digests(run_copy) == before
+    assert not (tmp_path / "new").exists()
+
+
+# -----------------------------------------------------------------------------
+# B. bad input: one line, exit code 2, nothing the user had changed
+
+def damage(dataset, how):
+    """Spoil a copy of a char dataset (train.bin, val.bin as uint16, meta.json) in one way."""
+    train, val, meta = (os.path.join(dataset, n) for n in ("train.bin", "val.bin", "meta.json"))
+    if how == "odd bytes":
+        with open(train, "ab") as f:
+            f.write(b"\0")
+    elif how == "empty split":
+        open(val, "wb").close()
+    elif how == "meta a list":
+        with open(meta, "w") as f:
+            f.write("[65]")
+    elif how == "meta not json":
+        with open(meta, "w") as f:
+            f.write("vocab_size: 65")
+    elif how == "meta float32":
+        with open(meta) as f:
+            text = f.read()
+        with open(meta, "w") as f:
+            f.write(text.replace('"uint16"', '"float32"'))
+    elif how == "ids too big":  # an id past the characters of meta.json's vocabulary
+        with open(val, "r+b") as f:
+            f.seek(100)
+            f.write((70).to_bytes(2, "little"))
+    elif how == "short split":
+        with open(val, "r+b") as f:
+            f.truncate(2 * 20)  # 20 tokens, fewer than block_size + 1 = 33
+
+
+YAML = "n_layer: 4\nn_embd: 128\n"
+# (what, train.py arguments ({yaml}: a YAML config file, {none}: a config file of comments),
+#  damage to the dataset, words of the one-line error)
+TRAIN_CASES = [
+    ("None for a number", ["--batch_size=None"], None, ["batch_size cannot be None"]),
+    ("negative learning_rate", ["--learning_rate=-0.001"], None, ["learning_rate must not be negative"]),
+    ("beta1 of 1", ["--beta1=1.0"], None, ["beta1 must be in [0, 1)"]),
+    ("negative beta2", ["--beta2=-0.5"], None, ["beta2 must be in [0, 1)"]),
+    ("negative weight_decay", ["--weight_decay=-0.1"], None, ["weight_decay must not be negative"]),
+    ("dropout of 1", ["--dropout=1.0"], None, ["dropout must be in [0, 1)"]),
+    ("no warmup, no decay", ["--warmup_iters=0", "--lr_decay_iters=0"], None,
+     ["lr_decay_iters (0) must be more than warmup_iters (0)"]),
+    ("decay ends in the warmup", ["--warmup_iters=100", "--lr_decay_iters=50"], None,
+     ["lr_decay_iters (50) must be more than warmup_iters (100)"]),
+    ("negative min_lr", ["--min_lr=-1e-5"], None, ["min_lr must not be negative"]),
+    ("negative seed", ["--seed=-1"], None, ["seed must be in [0, 2**64)"]),
+    ("seed of 2**64", [f"--seed={2**64}"], None, ["seed must be in [0, 2**64)"]),
+    ("max_iters below the checkpoint's", ["--init_from=resume", "--max_iters=10"], None,
+     ["max_iters=10 is below iteration 20", "nothing written"]),
+    ("a YAML config file", ["{yaml}"], None, ["line 1", "'n_layer: 4' sets nothing", "not YAML"]),
+    ("a config file that sets nothing", ["{none}"], None, ["sets no config key"]),
+    ("n_embd=65536", ["--n_embd=65536"], None, ["n_embd=65536", "103.1B parameters", "GB", "memory"]),
+    ("a huge block_size", [f"--block_size={10**12}"], None, [f"block_size={10**12}", "GB", "memory"]),
+    ("a .bin of odd length", [], "odd bytes", ["train.bin", "not a whole number of uint16 token ids"]),
+    ("an empty split", [], "empty split", ["val.bin", "is empty"]),
+    ("meta.json a list", [], "meta a list", ["meta.json", "not an object"]),
+    ("meta.json not JSON", [], "meta not json", ["meta.json", "not readable JSON"]),
+    ("meta.json's dtype float32", [], "meta float32", ["meta.json", "dtype 'float32'", "'uint16' or 'uint32'"]),
+    ("ids past the vocabulary", [], "ids too big", ["val.bin", "token id 70", "but the model's vocabulary has"]),
+    ("a split shorter than a window", [], "short split", ["val.bin", "20 tokens", "block_size=32"]),
+]
+
+# every case is a process of its own, forked from one that has imported train.py (and torch)
+# once: as `python train.py ARGS` would, it runs configurator.run(train.main), its stdout and
+# stderr going to files; it prints the exit codes as JSON
+FORKED = """
+import json, os, sys, traceback
+import configurator, train
+codes = []
+for args, log in json.loads(sys.argv[1]):
+    pid = os.fork()
+    if pid == 0:
+        for fd, name in ((1, log + ".out"), (2, log + ".err")):
+            os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv, code = ["train.py", *args], 0
+        try:
+            configurator.run(train.main)
+        except SystemExit as e:
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+print(json.dumps(codes))
+"""
+
+
+@pytest.fixture(scope="module")
+def train_cases(trained, char_dataset, tmp_path_factory):
+    """{what: (CompletedProcess-like result, folder of its run and dataset, digests before)}:
+    each case runs on its own copies of the trained run and the dataset."""
+    import json
+    root = tmp_path_factory.mktemp("bad")
+    (root / "config.yaml").write_text(YAML)
+    (root / "comments.py").write_text("# n_layer = 4\n")
+    cases, folders = [], []
+    for i, (what, args, how, _) in enumerate(TRAIN_CASES):
+        folder = root / str(i)
+        shutil.copytree(trained[0], folder / "out")
+        shutil.copytree(char_dataset, folder / "data")
+        if how:
+            damage(str(folder / "data"), how)
+        args = [a.format(yaml=root / "config.yaml", none=root / "comments.py") for a in args]
+        cases.append([[*TRAIN, f"--dataset={folder / 'data'}", f"--out_dir={folder / 'out'}",
+                       "--max_iters=25", *args], str(folder / "log")])
+        folders.append(folder)
+    before = [{**digests(f / "out"), **{f"data/{k}": v for k, v in digests(f / "data").items()}}
+              for f in folders]
+    result = run_script("-c", FORKED, json.dumps(cases))
+    assert result.returncode == 0, result.stderr
+    codes = json.loads(result.stdout.splitlines()[-1])
+    out = {}
+    for (what, *_), folder, code, digest in zip(TRAIN_CASES, folders, codes, before):
+        ran = subprocess.CompletedProcess([], code, (folder / "log.out").read_text(),
+                                          (folder / "log.err").read_text())
+        out[what] = ran, folder, digest
+    return out
+
+
+@pytest.mark.parametrize("what, words", [(c[0], c[3]) for c in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES])
+def test_train_refuses_bad_input_and_changes_nothing(what, words, train_cases):
+    result, folder, before = train_cases[what]
+    assert_user_error(result, *words)
+    os.remove(folder / "log.out")
+    os.remove(folder / "log.err")
+    after = {**digests(folder / "out"), **{f"data/{k}": v for k, v in digests(folder / "data").items()}}
+    assert after == before
+
+
+def test_prepare_refuses_a_text_too_short_to_split(char_dataset, tmp_path):
+    shutil.copytree(char_dataset, tmp_path / "data")
+    before = digests(tmp_path / "data")
+    (tmp_path / "one.txt").write_text("a")
+    result = run_script("data/shakespeare_char/prepare.py", f"--input={tmp_path / 'one.txt'}",
+                        f"--out_dir={tmp_path / 'data'}")
+    assert_user_error(result, "too short", "1 characters", "nothing written")
+    assert digests(tmp_path / "data") == before
+
+
+def test_sigterm_stops_saves_and_exits_0_like_ctrl_c(run_copy, char_dataset):
+    result = train_with("23:SIGTERM", f"--dataset={char_dataset}", f"--out_dir={run_copy}",
+                        "--init_from=resume", "--max_iters=1000", "--eval_interval=1000")
+    assert result.returncode == 0, result.stderr
+    assert "SIGTERM again to quit at once" in result.stdout
+    assert f"interrupted: saved iteration 23 to {run_copy / 'ckpt.pt'}" in result.stdout
+    assert torch.load(run_copy / "ckpt.pt", weights_only=True)["iter_num"] == 23

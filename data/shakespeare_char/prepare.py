@@ -156,7 +156,11 @@ def prepare_text(text, out_dir, source="", tokenizer=None):
     tokenizer = tokenizer or CharTokenizer.from_text(text)
     # split the text, then encode: every tokenizer gets the same validation text
     n = int(len(text) * 0.9)
-    return write_dataset(out_dir, tokenizer, tokenizer.encode(text[:n]), tokenizer.encode(text[n:]), source)
+    train_ids, val_ids = tokenizer.encode(text[:n]), tokenizer.encode(text[n:])
+    if len(train_ids) == 0 or len(val_ids) == 0:
+        raise UserError(f"{source or 'the text'} is too short ({len(text)} characters) to split "
+                        "into train and val (90/10): nothing written")
+    return write_dataset(out_dir, tokenizer, train_ids, val_ids, source)
 
 
 def main():
