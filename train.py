@@ -12,6 +12,7 @@ Every setting below can be changed by a config file and by --key=value;
 """
 
 import dataclasses
+import fnmatch
 import math
 import os
 import signal
@@ -60,6 +61,7 @@ bias = False  # biases in Linears and LayerNorms
 # fine-tuning: which parameters train (setup_finetune below; lora.py)
 finetune = "full"  # 'full': all; 'freeze': all but the embeddings and lowest freeze_layers blocks; 'lora'
 freeze_layers = 0  # finetune='freeze': how many blocks, from the bottom, stay as they are
+trainable = ""  # full / freeze: only the parameters whose names match these comma-separated patterns train, e.g. '*.attn.*' or '*ln_*,*.norm.*'
 lora_rank = 8  # finetune='lora': rank of the adapters, which are all that trains
 lora_alpha = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0  # dropout on the adapters' input
@@ -86,8 +88,8 @@ seed = 1337
 peak_flops = None  # the peak FLOP/s of the device in dtype, for MFU; None: a datasheet figure, else measured
 # -----------------------------------------------------------------------------
 # a resumed run keeps its checkpoint's values of these: they decide what the checkpoint holds
-KEPT_ON_RESUME = ("finetune", "freeze_layers", "lora_rank", "lora_alpha", "lora_dropout",
-                  "lora_targets", "optim")
+KEPT_ON_RESUME = ("finetune", "freeze_layers", "trainable", "lora_rank", "lora_alpha",
+                  "lora_dropout", "lora_targets", "optim")
 # the model's shape: a resumed or pretrained model's own (block_size: a pretrained one's crops)
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "bias", "block_size")
 
@@ -99,6 +101,9 @@ def check_config(cfg):
                         "a hub id or a model folder")
     if cfg["finetune"] not in ("full", "freeze", "lora"):
         raise UserError(f"finetune must be 'full', 'freeze' or 'lora', got {cfg['finetune']!r}")
+    if cfg["finetune"] == "lora" and cfg["trainable"]:
+        raise UserError("trainable= picks parameters to train with finetune='full' or 'freeze'; "
+                        "with 'lora' the adapters train (choose them with lora_targets)")
     if cfg["finetune"] == "lora" and cfg["init_from"] == "scratch":
         raise UserError("finetune=lora trains adapters on a pretrained model: set init_from to "
                         "gpt2 ... gpt2-xl, a hub id or a model folder")
@@ -189,23 +194,42 @@ def load_or_build_model(meta, passed, device_type):
     return model, tokenizer.spec(), run, init_from if finetune == "lora" else None
 
 
-def setup_finetune(model, mode, freeze_layers=0, lora_settings=None, adapters=None):
+def setup_finetune(model, mode, freeze_layers=0, lora_settings=None, adapters=None, patterns=""):
     """Which parameters train: all (mode 'full'); all but the embeddings and the lowest
-    freeze_layers blocks ('freeze'; the output head is tied to the token embedding, so it stays
-    as it is too); or LoRA adapters only ('lora', with lora.apply's settings, starting from
-    saved adapters when resuming). Returns (trainable, total) parameter counts, the tied
+    freeze_layers blocks ('freeze'; a head tied to the token embedding stays as it is too); or
+    LoRA adapters only ('lora', with lora.apply's settings, starting from saved adapters when
+    resuming). patterns (full / freeze): of those, only the parameters whose names match one of
+    the comma-separated fnmatch patterns. Returns (trainable, total) parameter counts, the tied
     embedding / head counted once."""
     if mode == "freeze":
-        blocks = model.transformer.h
+        blocks = model.blocks
         if not 0 <= freeze_layers <= len(blocks):
             raise UserError(f"freeze_layers={freeze_layers}, but the model has {len(blocks)} layers: "
                             f"choose 0 ... {len(blocks)}")
-        for module in (model.transformer.wte, model.transformer.wpe, *blocks[:freeze_layers]):
+        for module in (*model.embeddings, *blocks[:freeze_layers]):
             module.requires_grad_(False)
     elif mode == "lora":
         lora.apply(model, **lora_settings, adapters=adapters)
+    if patterns:
+        keep_matching(model, [p.strip() for p in patterns.split(",") if p.strip()])
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def keep_matching(model, patterns):
+    """Freeze every parameter whose names (a tied one has two) match none of the patterns."""
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    unmatched = [pat for pat in patterns
+                 if not any(fnmatch.fnmatch(n, pat) for ns in names.values() for n in ns)]
+    if unmatched:
+        example = next(iter(names.values()))[0]
+        raise UserError(f"trainable pattern {unmatched[0]!r} matches no parameter (names look like "
+                        f"{example!r}; e.g. '*.attn.*' or 'lm_head.weight')")
+    for p in model.parameters():
+        if not any(fnmatch.fnmatch(n, pat) for n in names[id(p)] for pat in patterns):
+            p.requires_grad_(False)
 
 
 def get_lr(it):
@@ -279,15 +303,19 @@ def main():
     _, meta = open_dataset(dataset)
     model, tokenizer_spec, run, base = load_or_build_model(meta, passed, device_type)
     splits, meta = open_dataset(dataset, block_size, model.config.vocab_size)
-    trainable, total = setup_finetune(model, finetune, freeze_layers, checkpoint.lora_settings(globals()),
-                                      run and run.get("adapters"))
+    trainable_count, total = setup_finetune(model, finetune, freeze_layers, checkpoint.lora_settings(globals()),
+                                            run and run.get("adapters"), trainable)
     model.to(dev)
     tokens_per_iter = accum_steps * world_size * batch_size * block_size
     if master:
         print(f"{model.get_num_params() / 1e6:.2f}M parameters; {tokens_per_iter:,} tokens per "
               f"iteration; device {dev}, {precision}, compile={use_compile}")
-        print(f"finetune={finetune}: {trainable:,} of {total:,} parameters "
-              f"train ({100 * trainable / total:.2f}%)")
+        print(f"finetune={finetune}: {trainable_count:,} of {total:,} parameters "
+              f"train ({100 * trainable_count / total:.2f}%)")
+        if trainable:
+            names = [n for n, p in model.named_parameters() if p.requires_grad]
+            print(f"training {len(names)} tensors: {', '.join(names[:8])}"
+                  + (f", ... ({len(names) - 8} more)" if len(names) > 8 else ""))
 
     # float16 needs loss scaling to keep small gradients from flushing to zero
     scaler = torch.amp.GradScaler(device_type, enabled=(precision == "float16"))
