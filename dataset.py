@@ -35,9 +35,11 @@ def read_text(path):
         raise UserError(f"--input={path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
-def write_dataset(folder, tokenizer, train_ids, val_ids, source=""):
+def write_dataset(folder, tokenizer, train_ids, val_ids, source="", masks=None):
     """Write train.bin, val.bin and meta.json into folder; return meta. An empty split is
-    refused, before anything is written."""
+    refused, before anything is written. masks: (train, val) arrays of one 0/1 byte per token,
+    written as train.mask.bin / val.mask.bin: 1 where the token is a target to learn
+    (data/chat/prepare.py's assistant tokens), 0 where it is context only."""
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     train_ids, val_ids = np.asarray(train_ids, dtype=dtype), np.asarray(val_ids, dtype=dtype)
     for split, ids in (("train", train_ids), ("val", val_ids)):
@@ -50,6 +52,9 @@ def write_dataset(folder, tokenizer, train_ids, val_ids, source=""):
         os.makedirs(folder, exist_ok=True)
         atomic_write(os.path.join(folder, "train.bin"), train_ids.tofile)
         atomic_write(os.path.join(folder, "val.bin"), val_ids.tofile)
+        for split, ids, mask in zip(("train", "val"), (train_ids, val_ids), masks or ()):
+            assert len(mask) == len(ids), "one mask byte per token"
+            atomic_write(os.path.join(folder, f"{split}.mask.bin"), np.asarray(mask, np.uint8).tofile)
         # meta.json last: a folder with a fresh meta.json has fresh .bin files too
         meta_bytes = (json.dumps(meta, indent=2) + "\n").encode("utf-8")
         atomic_write(os.path.join(folder, "meta.json"), lambda f: f.write(meta_bytes))
@@ -64,7 +69,8 @@ def dataset_dir(name):
 
 
 def open_dataset(name, block_size=None, vocab_size=None):
-    """({"train": ids, "val": ids}, meta) of a prepared dataset, the ids memory-mapped, checked:
+    """({"train": ids, "val": ids}, meta) of a prepared dataset, the ids memory-mapped, checked;
+    with "train.mask" / "val.mask" too where the dataset has loss masks (write_dataset):
     meta.json a JSON object naming uint16 or uint32 ids, each split a whole number of ids and
     more than block_size of them (if given), and every id below vocab_size (if given: the
     model's vocabulary; one pass over each split)."""
@@ -110,6 +116,12 @@ def open_dataset(name, block_size=None, vocab_size=None):
             raise UserError(f"{split}.bin of {name!r} has {len(splits[split])} tokens, "
                             f"not more than block_size={block_size} (a batch needs block_size + 1): "
                             "lower --block_size")
+        mask_path = os.path.join(folder, f"{split}.mask.bin")
+        if os.path.exists(mask_path):
+            if os.path.getsize(mask_path) != len(splits[split]):
+                raise UserError(f"{mask_path} has {os.path.getsize(mask_path):,} bytes for "
+                                f"{len(splits[split]):,} tokens (one each): prepare the dataset again")
+            splits[f"{split}.mask"] = np.memmap(mask_path, dtype=np.uint8, mode="r")
         if vocab_size is not None:
             top = int(np.max(splits[split]))
             if top >= vocab_size:
@@ -119,12 +131,16 @@ def open_dataset(name, block_size=None, vocab_size=None):
     return splits, meta
 
 
-def get_batch(data, block_size, n_rows, generator, rows=slice(None)):
+def get_batch(data, block_size, n_rows, generator, rows=slice(None), mask=None):
     """Random windows of block_size + 1 tokens of data, as inputs and the targets shifted by one
     ((rows, block_size) int64 tensors each). n_rows starts are drawn and `rows` of them kept, so
-    every process of a distributed run draws the same global batch and takes its own share."""
+    every process of a distributed run draws the same global batch and takes its own share.
+    mask: the split's loss mask; targets it marks 0 become -1, which the loss ignores."""
     import torch  # the preparers import this module too, and need no torch
     starts = torch.randint(len(data) - block_size, (n_rows,), generator=generator)[rows]
-    windows = data[starts.numpy()[:, None] + np.arange(block_size + 1)]
-    windows = torch.from_numpy(windows.astype(np.int64))
-    return windows[:, :-1], windows[:, 1:]
+    offsets = starts.numpy()[:, None] + np.arange(block_size + 1)
+    windows = torch.from_numpy(data[offsets].astype(np.int64))
+    x, y = windows[:, :-1], windows[:, 1:]
+    if mask is not None:
+        y = y.masked_fill(torch.from_numpy(mask[offsets[:, 1:]] == 0), -1)
+    return x, y

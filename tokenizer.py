@@ -178,11 +178,33 @@ def from_spec(spec):
     raise UserError(f"unknown tokenizer spec {spec!r}")
 
 
+def _generation_tag():
+    """The {% generation %} ... {% endgeneration %} block that transformers' templates may use to
+    mark the assistant's text: rendered as its body (data/chat/prepare.py finds the assistant's
+    text by rendering the turns one by one instead)."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    return Generation
+
+
 def render_chat_template(template, messages, add_generation_prompt=False, tools=None,
                          special_tokens=None):
     """A chat template rendered as transformers renders it (see the top of this file)."""
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+    GenerationTag = _generation_tag()
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -193,7 +215,7 @@ def render_chat_template(template, messages, add_generation_prompt=False, tools=
                           sort_keys=sort_keys)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+                                        extensions=["jinja2.ext.loopcontrols", GenerationTag])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception,
                        strftime_now=lambda fmt: datetime.now().strftime(fmt))

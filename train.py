@@ -259,7 +259,8 @@ def estimate_loss(model, batch, autocast):
             with autocast:
                 logits, loss = model(X, Y)
             losses[k] = loss.item()
-            accuracies[k] = (logits.argmax(dim=-1) == Y).float().mean().item()
+            learned = Y != -1  # targets a loss mask leaves out do not count
+            accuracies[k] = ((logits.argmax(dim=-1) == Y) & learned).sum().item() / max(learned.sum().item(), 1)
         out[split] = losses.mean().item()
         out[f"{split}_acc"] = accuracies.mean().item()
     model.train()
@@ -341,7 +342,7 @@ def main():
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
     def batch(split, generator, n_rows=batch_size, rows=slice(None)):
-        x, y = get_batch(splits[split], block_size, n_rows, generator, rows)
+        x, y = get_batch(splits[split], block_size, n_rows, generator, rows, splits.get(f"{split}.mask"))
         if device_type == "cuda":  # pinned memory lets the copy overlap with compute
             return x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
         return x.to(dev), y.to(dev)

@@ -153,3 +153,81 @@ def test_a_hugging_face_folder_brings_its_template_and_chats(tokenizers_pair, tm
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "<|im_end|>" not in result.stdout and "tok/s" in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# instruction tuning: data/chat/prepare.py and its loss mask
+
+CHATML_TRACKED = CHATML.replace(
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content | trim + '<|im_end|>' + '\\n' }}",
+    "{%- if message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{- message.content | trim + '<|im_end|>\\n' }}{% endgeneration %}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content | trim + '<|im_end|>\\n' }}"
+    "{%- endif %}")
+
+
+def test_chat_dataset_masks_exactly_the_assistant_tokens(tokenizers_pair, tmp_path):
+    """The loss mask equals transformers' assistant mask ({% generation %} in the template),
+    and train.py learns only those targets."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch
+
+    import checkpoint
+    from conftest import REPO, TINY
+    from model import GPT, GPTConfig
+    from optim import configure_optimizers
+    ours, theirs = tokenizers_pair
+    tracked = HFTokenizer(ours.tok.to_str(), CHATML_TRACKED, ours.special_tokens)
+    base = tmp_path / "base"
+    base.mkdir()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=ours.vocab_size))
+    checkpoint.save_run(str(base / "ckpt.pt"), model, configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu"),
+                        {}, tracked.spec(), iter_num=0, best_val_loss=9.9)
+    conversations = [[{"role": "user", "content": f"What is {i} plus {i}?"},
+                      {"role": "assistant", "content": f"ANSWER: {2 * i}."}] + CONVERSATIONS[i % 3]
+                     + [{"role": "assistant", "content": "ANSWER: yes."}] for i in range(40)]
+    lines = "\n".join(json.dumps({"messages": c}) for c in conversations) + "\n"
+    (tmp_path / "chats.jsonl").write_text(lines, encoding="utf-8")
+    prepare = subprocess.run([sys.executable, "data/chat/prepare.py", f"--input={tmp_path / 'chats.jsonl'}",
+                              f"--tokenizer={base}", f"--out={tmp_path / 'data'}"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert prepare.returncode == 0, prepare.stderr
+    ids = np.fromfile(tmp_path / "data" / "train.bin", dtype=np.uint16).tolist()
+    mask = np.fromfile(tmp_path / "data" / "train.mask.bin", dtype=np.uint8).tolist()
+    theirs_tracked = PreTrainedTokenizerFast(tokenizer_object=ours.tok, chat_template=CHATML_TRACKED)
+    expected_ids, expected_mask = [], []
+    for n, conversation in enumerate(conversations):
+        if n % 10 == 9:
+            continue  # val
+        out = theirs_tracked.apply_chat_template(conversation, return_dict=True, return_assistant_tokens_mask=True)
+        expected_ids += list(out["input_ids"]) + [ours.eot_token]
+        expected_mask += list(out["assistant_masks"]) + [0]
+    assert ids == expected_ids and mask == expected_mask
+    assert 0 < sum(mask) < len(mask)
+
+    result = subprocess.run([sys.executable, "train.py", *TINY, f"--init_from={base}", f"--dataset={tmp_path / 'data'}",
+                             f"--out_dir={tmp_path / 'tuned'}", "--block_size=64", "--max_iters=10",
+                             "--eval_interval=10"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(lines.splitlines()[0] + "\n{\"messages\": 3}\n", encoding="utf-8")
+    refused = subprocess.run([sys.executable, "data/chat/prepare.py", f"--input={bad}", f"--tokenizer={base}",
+                              f"--out={tmp_path / 'bad'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "line 2" in refused.stderr and not (tmp_path / "bad").exists()
+
+
+def test_get_batch_hides_the_targets_a_mask_leaves_out():
+    import numpy as np
+    import torch
+
+    from dataset import get_batch
+    data = np.arange(100, dtype=np.uint16)
+    mask = (np.arange(100) % 3 == 0).astype(np.uint8)
+    x, y = get_batch(data, 8, 4, torch.Generator().manual_seed(0), mask=mask)
+    assert torch.equal(y[y != -1] % 3, torch.zeros_like(y[y != -1])) and (y == -1).any()
+    assert torch.equal(x[:, 1:], torch.where(y[:, :-1] == -1, x[:, 1:], y[:, :-1]))
