@@ -240,3 +240,35 @@ def test_sample_takes_hugging_face_s_names(folder, pair):
     assert result.stdout == free.split(EOT)[0] + "\n---------------\n"
     summary = result.stderr.strip().splitlines()[-1]
     assert f"1 prompt(s) of {len(prompt)} tokens" in summary and "tok/s" in summary
+
+
+def test_bert_vocabulary_documents_are_wrapped_and_samples_start_and_end_as_they_do(tmp_path):
+    """uer/gpt2-chinese-* style: a GPT-2 with a BERT vocab.txt. --documents=lines wraps every
+    line as BertTokenizer does ([CLS] ... [SEP]); sample.py starts at [CLS] and ends at [SEP]."""
+    import numpy as np
+    from transformers import BertTokenizer
+
+    lines = ["床前明月光", "疑是地上霜", "举头望明月", "低头思故乡"] * 5
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set("".join(lines)))]
+    folder = tmp_path / "gpt2-chinese"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64,
+                               vocab_size=len(vocab))).save_pretrained(folder)
+    (tmp_path / "poems.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = run_script("data/text/prepare.py", f"--input={tmp_path / 'poems.txt'}", f"--tokenizer={folder}",
+                        "--documents=lines", f"--out={tmp_path / 'data'}", "--num_proc=1")
+    assert result.returncode == 0, result.stderr
+    oracle = BertTokenizer(str(folder / "vocab.txt"))
+    train = np.fromfile(tmp_path / "data" / "train.bin", dtype=np.uint16).tolist()
+    assert train == [i for line in lines[:18] for i in oracle.encode(line)]
+    model, tok = load_model(str(folder))
+    sampled = run_script("sample.py", f"--init_from={folder}", "--device=cpu", "--start=床前",
+                         "--temperature=0", "--max_new_tokens=20", "--stream=False")
+    assert sampled.returncode == 0, sampled.stderr
+    prompt = [tok.bos_token] + tok.encode("床前")
+    row = engine.generate(model.eval(), [prompt], 20, temperature=0, stop_tokens=[tok.eot_token])[0].tolist()
+    expected = tok.decode(row[:row.index(tok.eot_token)] if tok.eot_token in row else row)
+    assert sampled.stdout.split("---------------\n")[0] == expected + "\n"
+    assert expected.startswith("[CLS]床前")

@@ -111,7 +111,10 @@ def encode_piece(piece):
     for line in piece.split("\n"):
         line = line.removesuffix("\r")  # a Windows line end is not part of the document
         if line.strip():
-            ids += _tokenizer.encode(line) + [_eot]
+            # a tokenizer that starts texts with a token of its own starts each document with it:
+            # BERT vocabularies (the Chinese GPT-2s) wrap a text as [CLS] ... [SEP], Llama's <s>
+            start = [] if _tokenizer.bos_token is None else [_tokenizer.bos_token]
+            ids += start + _tokenizer.encode(line) + [_eot]
     return np.array(ids, dtype=np.uint32)
 
 
