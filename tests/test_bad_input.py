@@ -6,21 +6,12 @@ import shutil
 
 import pytest
 
-from conftest import TINY, run_script
+from conftest import TINY, assert_user_error, run_script
 
 
 def digest(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
-
-
-def assert_user_error(result, *words):
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from conftest import sample_text
+from conftest import assert_user_error, sample_text
 from errors import UserError
 from tokenizer import HFTokenizer, from_spec
 
@@ -218,7 +218,8 @@ def test_chat_dataset_masks_exactly_the_assistant_tokens(tokenizers_pair, tmp_pa
     bad.write_text(lines.splitlines()[0] + "\n{\"messages\": 3}\n", encoding="utf-8")
     refused = subprocess.run([sys.executable, "data/chat/prepare.py", f"--input={bad}", f"--tokenizer={base}",
                               f"--out={tmp_path / 'bad'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "line 2" in refused.stderr and not (tmp_path / "bad").exists()
+    assert_user_error(refused, "line 2")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_get_batch_hides_the_targets_a_mask_leaves_out():

@@ -3,6 +3,7 @@ GPT2LMHeadModel, saved with save_pretrained and loaded into our GPT, must decode
 transformers' generate() does; our logits processing must equal transformers' processors."""
 
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -10,19 +11,20 @@ import torch
 import transformers
 
 import engine
-from conftest import run_script
+from conftest import assert_user_error, run_script, save_tiny_bpe, tiny_bpe, until_stop
 from errors import UserError
 from checkpoint import load_model
 
-VOCAB = 50257  # GPT-2's, so the folder gets tiktoken's gpt2 tokenizer
+VOCAB = tiny_bpe().get_vocab_size()  # the folder's tokenizer.json: a small byte-level BPE
+EOT = tiny_bpe().token_to_id("<|endoftext|>")
 BLOCK = 32
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """A tiny GPT-2 with random weights, saved as the hub would hold it. The weights are far
-    larger than GPT-2's initial ones, so that its predictions are peaked and varied, not the
-    near-uniform ones of a fresh model."""
+    """A tiny GPT-2 with random weights, saved as the hub would hold it, with a small BPE as its
+    tokenizer.json. The weights are far larger than GPT-2's initial ones, so that its
+    predictions are peaked and varied, not the near-uniform ones of a fresh model."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=BLOCK, n_embd=32, n_layer=2, n_head=4,
                                      resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
@@ -34,6 +36,7 @@ def folder(tmp_path_factory):
                 p.normal_(0, 0.3)
     path = tmp_path_factory.mktemp("tiny-gpt2")
     hf.save_pretrained(path)
+    save_tiny_bpe(path)
     return str(path), hf
 
 
@@ -239,15 +242,33 @@ def test_user_processors_ban_and_force_tokens(ours):
         return logits
     out = ours.generate(idx, 20, temperature=0, logits_processors=[ban])
     assert not set(out[:, 4:].flatten().tolist()) & set(banned)
-    # a poem's punctuation: token 11 (",") at every fifth generated position, while sampling
+    # a poem's punctuation: the token "," at every fifth generated position, while sampling
+    [token] = tiny_bpe().encode(",").ids
     def comma(ids, logits):
         if (ids.size(1) - 4) % 5 == 4:
             forced = torch.full_like(logits, -float("inf"))
-            forced[:, 11] = 0
+            forced[:, token] = 0
             return forced
         return logits
     out = ours.generate(idx, 20, logits_processors=[comma], seed=0)
-    assert (out[:, 4 + 4::5] == 11).all() and (out[:, 4:4 + 4] != 11).any()
+    assert (out[:, 4 + 4::5] == token).all() and (out[:, 4:4 + 4] != token).any()
+
+
+def test_top_k_samples_only_the_k_most_likely_tokens(ours):
+    # many seeded draws of the next token of each of 4 prompts: every one among its prompt's k
+    # most likely, and more than one of them drawn; without top_k, the draws go beyond them
+    k, draws = 3, 200
+    idx = prompts(4, 6, seed=2)
+    with torch.no_grad():
+        logits, _ = ours(idx)
+    rows = idx.repeat_interleave(draws, dim=0)
+    top_k = ours.generate(rows, 1, top_k=k, seed=0)[:, -1].view(4, draws)
+    free = ours.generate(rows, 1, seed=0)[:, -1].view(4, draws)
+    for prompt in range(4):
+        top = set(logits[prompt, -1].topk(k).indices.tolist())
+        drawn = set(top_k[prompt].tolist())
+        assert drawn <= top and len(drawn) > 1, (prompt, drawn, top)
+        assert not set(free[prompt].tolist()) <= top, prompt
 
 
 @pytest.mark.parametrize("options, words", [
@@ -259,8 +280,7 @@ def test_user_processors_ban_and_force_tokens(ours):
     (dict(repetition_penalty=0), "repetition_penalty"),
     (dict(num_beams=0), "num_beams"),
     (dict(temperature=0, num_beams=2, num_return_sequences=3), "cannot exceed num_beams"),
-    (dict(num_beams=3), "does not sample"),
-    (dict(temperature=0, num_beams=3, top_p=0.9), "does not sample"),
+    (dict(num_beams=3), "does not sample"),  # temperature 1: sampling
     (dict(max_new_tokens=-1), "max_new_tokens"),
 ])
 def test_bad_options_are_user_errors(ours, options, words):
@@ -294,11 +314,10 @@ def test_int8_and_bfloat16_weights_stay_close(folder, ours):
 # text
 
 def test_text_stream_never_splits_characters():
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
+    enc = tiny_bpe()  # byte-level: a character outside its training text spans several tokens
     text = "naïve café 世界 🙂🙂 done"
     stream = engine.TextStream(enc.decode, [])
-    tokens = enc.encode(text)
+    tokens = enc.encode(text).ids
     assert any("\ufffd" in enc.decode([t]) for t in tokens)  # characters split across tokens
     pieces = [stream.add(t) for t in tokens]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
@@ -327,8 +346,7 @@ def samples(stdout):
 
 
 def test_sample_prompt_file_is_one_batch(folder, ours, tmp_path):
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
+    enc = tiny_bpe()  # the folder's tokenizer.json, read by the tokenizers library itself
     lines = ["Hello there", "The meaning of life is", "A"]
     (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(p) for p in lines), encoding="utf-8")
@@ -338,15 +356,20 @@ def test_sample_prompt_file_is_one_batch(folder, ours, tmp_path):
         got = samples(result.stdout)
         assert len(got) == 3
         for line, text in zip(lines, got):
-            alone = ours.generate([enc.encode(line)], 12, temperature=0)[0].tolist()
-            assert text == enc.decode(alone) + "\n"
+            prompt = enc.encode(line).ids
+            alone = ours.generate([prompt], 12, temperature=0, stop_tokens=[EOT])[0].tolist()
+            assert text == enc.decode(until_stop(alone, len(prompt), EOT)) + "\n"
 
 
 def test_sample_stops_at_stop_string_and_streams(folder):
     result = sample(folder[0], "--start=Once", "--temperature=0", "--max_new_tokens=20", "--stream=False")
     assert result.returncode == 0, result.stderr
     full = samples(result.stdout)[0]
-    stop = full[len("Once") + 8:len("Once") + 11]
+    # a stop string of real characters a few characters in (the random model's bytes are
+    # mostly not UTF-8, decoded as U+FFFD)
+    found = re.compile(r"[!-~]{2}").search(full, len("Once") + 4)
+    assert found, full
+    stop = found.group()
     result = sample(folder[0], "--start=Once", "--temperature=0", "--max_new_tokens=20", f"--stop={stop!r}")
     assert result.returncode == 0, result.stderr
     assert samples(result.stdout) == [full[:full.index(stop, len("Once"))] + "\n"]
@@ -368,13 +391,11 @@ def test_sample_with_smaller_weights(folder):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--num_beams=3"], ["does not sample", "temperature=0"]),
-    (["--num_beams=2", "--temperature=0", "--top_k=None", "--num_samples=2"], ["num_samples=1"]),
+    (["--num_beams=3", "--temperature=0.7"], ["does not sample", "temperature"]),
+    (["--num_beams=2", "--num_samples=2"], ["num_beams=2", "num_samples"]),
     (["--num_return_sequences=2"], ["num_samples"]),
     (["--stop=['']"], ["stop"]),
     (["--quantize=int4"], ["quantize"]),
 ])
 def test_sample_rejects_bad_decoding_options(folder, args, words):
-    result = sample(folder[0], *args)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert all(w in result.stderr for w in words), result.stderr
+    assert_user_error(sample(folder[0], *args), *words)

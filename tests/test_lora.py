@@ -13,7 +13,7 @@ from torch import nn
 import lora
 from configurator import knobs
 from checkpoint import load_model
-from conftest import TINY, run_script
+from conftest import TINY, assert_user_error, run_script
 from errors import UserError
 from model import GPT, GPTConfig
 from optim import configure_optimizers
@@ -217,8 +217,5 @@ def test_unknown_lora_target_exits_2_with_one_line_and_writes_nothing(trained, c
     out_dir = tmp_path / "out"
     result = run_script("train.py", *RUN, f"--dataset={char_dataset}", f"--out_dir={out_dir}",
                         f"--init_from={trained[0]}", "--finetune=lora", "--lora_targets=c_attn,wq")
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert "unknown lora target 'wq'" in lines[0]
+    assert_user_error(result, "unknown lora target 'wq'")
     assert not out_dir.exists()

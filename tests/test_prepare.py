@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import REPO, SHAKESPEARE, run_script
+from conftest import REPO, SHAKESPEARE, assert_user_error, run_script
 from tokenizer import from_spec
 
 PREPARE = os.path.join("data", "shakespeare_char", "prepare.py")
@@ -23,19 +23,11 @@ def prepare(tmp_path, text):
 
 
 def read_dataset(out):
+    """(meta, train ids, val ids), the ids read in the dtype meta.json gives."""
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-    train = np.fromfile(out / "train.bin", dtype=np.uint16)
-    val = np.fromfile(out / "val.bin", dtype=np.uint16)
+    train = np.fromfile(out / "train.bin", dtype=meta["dtype"])
+    val = np.fromfile(out / "val.bin", dtype=meta["dtype"])
     return meta, train, val
-
-
-def assert_user_error(result, *words):
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def test_local_text_round_trips(tmp_path):

@@ -1,5 +1,6 @@
 """Pretrained checkpoints in and out, offline. Tiny random transformers GPT-2s saved to temp
-folders stand in for the hub's models; transformers is the oracle."""
+folders, with a small BPE as their tokenizer.json, stand in for the hub's models; transformers
+is the oracle. The tests of GPT-2's own vocabulary (tiktoken's gpt2) need its files."""
 
 import http.server
 import json
@@ -17,15 +18,18 @@ from checkpoint import load_model
 from configurator import configure
 from errors import UserError
 from hf import GPT2_SIZES, tokenizer_files
-from conftest import REPO, run_script, sample_text
+from conftest import (REPO, assert_user_error, run_script, sample_text, save_tiny_bpe, tiny_bpe,
+                      until_stop)
 from model import GPT, GPTConfig
-from tokenizer import TiktokenTokenizer, from_spec
+from tokenizer import HFTokenizer, from_spec
 
 GPT2_VOCAB = 50257
+VOCAB = tiny_bpe().get_vocab_size()  # the tiny models' tokenizer.json
+EOT = tiny_bpe().token_to_id("<|endoftext|>")
 CHINESE = "这是很久之前的事情了，我也不知道。"
 
 
-def tiny_hf(vocab_size=GPT2_VOCAB):
+def tiny_hf(vocab_size=VOCAB):
     torch.manual_seed(0)
     config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=vocab_size,
                         bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
@@ -33,6 +37,14 @@ def tiny_hf(vocab_size=GPT2_VOCAB):
     hf.generation_config.eos_token_id = None  # greedy runs the full length, as ours does
     hf.generation_config.pad_token_id = 0
     return hf
+
+
+def save_hf(hf, folder):
+    """folder as the hub holds a model: hf's config.json and weights, and the tiny BPE as its
+    tokenizer.json."""
+    hf.save_pretrained(folder)
+    save_tiny_bpe(folder)
+    return folder
 
 
 def hf_logits(hf, idx):
@@ -44,14 +56,6 @@ def our_logits(model, idx):
     model.eval()
     with torch.no_grad():
         return model(idx, idx)[0]  # with targets: the logits of every position
-
-
-def assert_user_error(result, *words):
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def assert_load_fails(name_or_path, *words, **kwargs):
@@ -71,8 +75,7 @@ def hf():
 
 @pytest.fixture(scope="module")
 def safetensors_folder(hf, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    hf.save_pretrained(folder)
+    folder = save_hf(hf, tmp_path_factory.mktemp("tiny-gpt2"))
     assert (folder / "model.safetensors").exists()
     return folder
 
@@ -84,6 +87,7 @@ def bin_folder(hf, tmp_path_factory):
     (transformers 5 no longer writes .bin files; this is what save_pretrained(safe_serialization=False) did.)"""
     folder = tmp_path_factory.mktemp("tiny-gpt2-bin")
     hf.config.save_pretrained(folder)
+    save_tiny_bpe(folder)
     state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     for i in range(hf.config.n_layer):
         state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
@@ -112,19 +116,22 @@ def hub_cache(bin_folder, tmp_path, monkeypatch):
 def test_logits_equal_transformers(layout, hf, safetensors_folder, bin_folder):
     folder = safetensors_folder if layout == "safetensors" else bin_folder
     model, tokenizer = load_model(str(folder))
-    idx = torch.randint(GPT2_VOCAB, (2, 40))
+    idx = torch.randint(VOCAB, (2, 40))
     torch.testing.assert_close(our_logits(model, idx), hf_logits(hf, idx), rtol=0, atol=1e-5)
     assert model.lm_head.weight is model.transformer.wte.weight  # still tied
-    assert tokenizer.spec() == {"kind": "tiktoken", "name": "gpt2"}  # GPT-2's vocabulary size
+    assert tokenizer.spec() == {"kind": "tokenizers", "json": tiny_bpe().to_str()}  # the folder's
     prompt = torch.tensor([tokenizer.encode("ROMEO:")])
     expected = hf.generate(prompt, max_new_tokens=12, do_sample=False)
     assert model.generate(prompt, 12, temperature=0).tolist() == expected.tolist()
 
 
 def test_sample_from_a_hub_id_equals_transformers_greedy(hf, hub_cache):
-    # through huggingface_hub's cache (offline), the .bin fallback, and sample.py end to end
-    tok = TiktokenTokenizer("gpt2")
-    expected = hf.generate(torch.tensor([tok.encode("ROMEO:")]), max_new_tokens=12, do_sample=False)
+    # through huggingface_hub's cache (offline), the .bin fallback, and sample.py end to end;
+    # sample.py stops at the end-of-text token and does not print it, as transformers stops at
+    # eos_token_id and the tokenizers library skips special tokens
+    tok = tiny_bpe()
+    expected = hf.generate(torch.tensor([tok.encode("ROMEO:").ids]), max_new_tokens=12, do_sample=False,
+                           eos_token_id=EOT, pad_token_id=EOT)
     result = run_script("sample.py", f"--init_from={hub_cache}", "--device=cpu", "--start=ROMEO:",
                         "--temperature=0", "--num_samples=1", "--max_new_tokens=12")
     assert result.returncode == 0, result.stderr
@@ -142,7 +149,7 @@ def test_loaded_without_random_init_with_dtype_dropout_and_crop(hf, safetensors_
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.config.dropout == 0.25 and model.transformer.drop.p == 0.25
     assert model.config.block_size == 16 and model.transformer.wpe.weight.shape == (16, 32)
-    idx = torch.randint(GPT2_VOCAB, (1, 16))
+    idx = torch.randint(VOCAB, (1, 16))
     torch.testing.assert_close(our_logits(model, idx).float(), hf_logits(hf, idx), rtol=0.05, atol=0.05)
     assert_load_fails(safetensors_folder, "block_size=128", "64 positions", block_size=128)
 
@@ -162,6 +169,10 @@ def test_bad_checkpoints_are_one_line_errors(hf, safetensors_folder, tmp_path):
     no_weights = copy_folder(safetensors_folder, tmp_path / "no_weights", skip=("model.safetensors",))
     assert_load_fails(no_weights, "has no weights", "model.safetensors")
 
+    # a vocabulary of VOCAB tokens is not GPT-2's: without its tokenizer.json it is unknown
+    no_tokenizer = copy_folder(safetensors_folder, tmp_path / "no_tokenizer", skip=("tokenizer.json",))
+    assert_load_fails(no_tokenizer, "no tokenizer.json", f"{VOCAB}-token")
+
     truncated = copy_folder(safetensors_folder, tmp_path / "truncated")
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
@@ -174,7 +185,7 @@ def test_bad_checkpoints_are_one_line_errors(hf, safetensors_folder, tmp_path):
     wrong_shape = tmp_path / "wrong_shape"
     bigger = tiny_hf()
     bigger.transformer.h[1].mlp.c_fc.weight = torch.nn.Parameter(torch.zeros(32, 100))
-    bigger.save_pretrained(wrong_shape)
+    save_hf(bigger, wrong_shape)
     assert_load_fails(wrong_shape, "transformer.h.1.mlp.c_fc.weight", "[32, 100]", "[32, 128]")
 
     llama = copy_folder(safetensors_folder, tmp_path / "llama")
@@ -216,10 +227,10 @@ def test_unknown_model_name_exits_2(fake_hub, tmp_path, monkeypatch):
     assert_user_error(result, "no model 'nobody/no-such-model'")
 
 
-def test_train_from_a_folder_without_weights_exits_2_and_writes_nothing(safetensors_folder, gpt2_dataset, tmp_path):
+def test_train_from_a_folder_without_weights_exits_2_and_writes_nothing(safetensors_folder, bpe_dataset, tmp_path):
     folder = copy_folder(safetensors_folder, tmp_path / "no_weights", skip=("model.safetensors",))
     out_dir = tmp_path / "out"
-    result = run_script("train.py", f"--init_from={folder}", f"--dataset={gpt2_dataset}", f"--out_dir={out_dir}",
+    result = run_script("train.py", f"--init_from={folder}", f"--dataset={bpe_dataset}", f"--out_dir={out_dir}",
                         "--device=cpu", "--block_size=32", "--compile=False")
     assert_user_error(result, "has no weights")
     assert not out_dir.exists()
@@ -229,7 +240,28 @@ def test_train_from_a_folder_without_weights_exits_2_and_writes_nothing(safetens
 # fine-tune, export, and transformers loads the export
 
 @pytest.fixture(scope="module")
-def gpt2_dataset(tmp_path_factory):
+def bpe_dataset(safetensors_folder, tmp_path_factory):
+    """Shakespeare in the tiny models' tokens, by data/text/prepare.py with the model folder as
+    --tokenizer (its tokenizer.json)."""
+    root = tmp_path_factory.mktemp("shakespeare_bpe")
+    (root / "input.txt").write_text(sample_text(), encoding="utf-8")
+    result = run_script("data/text/prepare.py", f"--input={root / 'input.txt'}", f"--out={root / 'data'}",
+                        f"--tokenizer={safetensors_folder}")
+    assert result.returncode == 0, result.stderr
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(gpt2_tokenizer, tmp_path_factory):
+    """A tiny GPT-2 of GPT-2's vocabulary saved without tokenizer files, as GPT-2 fine-tunes
+    often are: loaded with tiktoken's gpt2."""
+    folder = tmp_path_factory.mktemp("tiny-gpt2-50257")
+    tiny_hf(GPT2_VOCAB).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt2_dataset(gpt2_tokenizer, tmp_path_factory):
     """Shakespeare in GPT-2 tokens, by data/shakespeare/prepare.py."""
     root = tmp_path_factory.mktemp("shakespeare")
     (root / "input.txt").write_text(sample_text(), encoding="utf-8")
@@ -238,43 +270,54 @@ def gpt2_dataset(tmp_path_factory):
     return root / "data"
 
 
-def test_gpt2_dataset_has_the_char_datasets_split(gpt2_dataset):
+def test_gpt2_dataset_has_the_char_datasets_split(gpt2_dataset, gpt2_tokenizer):
     text = sample_text()
     n = int(len(text) * 0.9)  # data/shakespeare_char/prepare.py's split
     meta = json.loads((gpt2_dataset / "meta.json").read_text())
     tok = from_spec(meta["tokenizer"])
-    assert meta["tokenizer"] == {"kind": "tiktoken", "name": "gpt2"} and meta["vocab_size"] == GPT2_VOCAB
+    assert meta["tokenizer"] == gpt2_tokenizer.spec() and meta["vocab_size"] == GPT2_VOCAB
     for split, part in (("train", text[:n]), ("val", text[n:])):
-        ids = np.fromfile(gpt2_dataset / f"{split}.bin", dtype=np.uint16)
-        assert tok.decode(ids.tolist()) == part
+        ids = np.fromfile(gpt2_dataset / f"{split}.bin", dtype=meta["dtype"])
+        assert ids.tolist() == gpt2_tokenizer.encode(part) and tok.decode(ids.tolist()) == part
 
 
-def test_finetune_then_export_loads_in_transformers(safetensors_folder, gpt2_dataset, tmp_path):
+@pytest.mark.parametrize("vocabulary", ["tokenizer.json", "gpt2"])
+def test_finetune_then_export_loads_in_transformers(vocabulary, request, tmp_path):
+    if vocabulary == "gpt2":  # tiktoken's, exported as GPT-2's vocab.json and merges.txt
+        folder, dataset = request.getfixturevalue("gpt2_folder"), request.getfixturevalue("gpt2_dataset")
+        spec, vocab_size = request.getfixturevalue("gpt2_tokenizer").spec(), GPT2_VOCAB
+    else:  # the folder's tokenizer.json, exported as it is
+        folder, dataset = request.getfixturevalue("safetensors_folder"), request.getfixturevalue("bpe_dataset")
+        spec, vocab_size = HFTokenizer.from_file(folder / "tokenizer.json").spec(), VOCAB
     out_dir = tmp_path / "out"
-    result = run_script("train.py", "config/finetune_shakespeare.py", f"--init_from={safetensors_folder}",
-                        f"--dataset={gpt2_dataset}", f"--out_dir={out_dir}", "--device=cpu",
+    result = run_script("train.py", "config/finetune_shakespeare.py", f"--init_from={folder}",
+                        f"--dataset={dataset}", f"--out_dir={out_dir}", "--device=cpu",
                         "--dtype=float32", "--compile=False", "--block_size=32", "--batch_size=4",
                         "--gradient_accumulation_steps=1", "--max_iters=4", "--eval_interval=4",
                         "--eval_iters=2", "--dropout=0.1", "--always_save_checkpoint=True")
     assert result.returncode == 0, result.stderr
     ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
-    assert ckpt["tokenizer"] == {"kind": "tiktoken", "name": "gpt2"}  # the model's, carried along
-    assert ckpt["model_args"] == dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=True,
-                                      vocab_size=GPT2_VOCAB, dropout=0.1)
+    assert ckpt["tokenizer"] == spec  # the model's, carried along
+    # the pretrained model's shape and vocabulary, GPT-2's GELU, and the flags' context and dropout
+    shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=True, vocab_size=vocab_size,
+                 dropout=0.1, activation="gelu_tanh")
+    assert {k: ckpt["model_args"].get(k) for k in shape} == shape
 
     result = run_script("export_hf.py", f"--out_dir={out_dir}", f"--export_dir={tmp_path / 'hf'}")
     assert result.returncode == 0, result.stderr
     ours, tok = load_model(str(out_dir / "ckpt.pt"))
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    idx = torch.randint(GPT2_VOCAB, (2, 32))
+    idx = torch.randint(vocab_size, (2, 32))
     torch.testing.assert_close(hf_logits(exported, idx), our_logits(ours, idx), rtol=0, atol=1e-5)
     text = "ROMEO:\nBut soft, what light through yonder window breaks? 1234 <|endoftext|>"
     assert AutoTokenizer.from_pretrained(tmp_path / "hf")(text)["input_ids"] == tok.encode(text)
 
+    # the pipeline stops at the export's eos_token_id (the end-of-text token) and skips it
     generator = pipeline("text-generation", model=str(tmp_path / "hf"))
     out = generator("ROMEO:", max_new_tokens=8, do_sample=False)[0]["generated_text"]
-    ids = ours.eval().generate(torch.tensor([tok.encode("ROMEO:")]), 8, temperature=0)[0].tolist()
-    assert out == tok.decode(ids)
+    prompt = tok.encode("ROMEO:")
+    ids = ours.eval().generate(torch.tensor([prompt]), 8, temperature=0, stop_tokens=[tok.eot_token])
+    assert out == tok.decode(until_stop(ids[0].tolist(), len(prompt), tok.eot_token))
 
     reloaded, _ = load_model(str(tmp_path / "hf"))  # and back again
     torch.testing.assert_close(our_logits(reloaded, idx), our_logits(ours, idx), rtol=0, atol=0)
@@ -322,11 +365,12 @@ def test_bert_vocab_folder_round_trips_chinese_and_exports(chinese_folder, tmp_p
 @pytest.fixture
 def nanogpt_run(tmp_path):
     """A nanoGPT repo with a char-level run: out-shakespeare-char/ckpt.pt from a compiled model
-    (keys prefixed _orig_mod.) and data/shakespeare_char/meta.pkl."""
+    (keys prefixed _orig_mod.) and data/shakespeare_char/meta.pkl. nanoGPT's model is ours with
+    the exact GELU, and its model_args do not say so."""
     chars = sorted(set(sample_text()))
     args = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False, vocab_size=len(chars), dropout=0.0)
     torch.manual_seed(0)
-    gpt = GPT(GPTConfig(**args)).eval()
+    gpt = GPT(GPTConfig(**args, activation="gelu")).eval()
     root = tmp_path / "nanoGPT"
     (root / "out-shakespeare-char").mkdir(parents=True)
     (root / "data" / "shakespeare_char").mkdir(parents=True)
@@ -344,7 +388,8 @@ def test_nanogpt_run_imports_with_its_vocabulary(nanogpt_run):
     model, tok = load_model(str(root / "out-shakespeare-char"))
     idx = torch.randint(gpt.config.vocab_size, (2, 32))
     torch.testing.assert_close(our_logits(model, idx), our_logits(gpt, idx), rtol=0, atol=0)
-    assert tok.decode(tok.encode("ROMEO: But soft!")) == "ROMEO: But soft!"
+    text = sample_text()[:200]  # characters of its vocabulary
+    assert tok.decode(tok.encode(text)) == text
 
     # a meta.pkl that names any class or function (the way pickles run code) is refused
     with open(root / "data" / "shakespeare_char" / "meta.pkl", "wb") as f:

@@ -13,21 +13,10 @@ import pytest
 import torch
 
 from checkpoint import save_run
-from conftest import REPO, TINY
+from conftest import REPO, TINY, assert_user_error
 from errors import UserError
 from model import GPT, GPTConfig
 from optim import configure_optimizers
-
-try:
-    from conftest import assert_user_error
-except ImportError:  # conftest.py gains it in another change
-    def assert_user_error(result, *words):
-        assert result.returncode == 2, (result.returncode, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-        for w in words:
-            assert w in lines[0], lines[0]
-
 
 # train.py's tiny model, with a peak FLOP/s given: no matmul is timed for the MFU figure
 TRAIN = [*TINY, "--peak_flops=1e12"]

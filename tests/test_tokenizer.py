@@ -5,21 +5,21 @@ from tiktoken.load import read_file_cached
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import BertTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast
 
-from conftest import run_script, sample_text
+from conftest import assert_user_error, run_script, sample_text
 from hf import GPT2_TOKENIZER_FILES, char_tokenizer_json
-from tokenizer import CharTokenizer, HFTokenizer, TiktokenTokenizer, from_spec
+from tokenizer import CharTokenizer, HFTokenizer, from_spec
 
 TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?  It's 1597 — naïve café. <|endoftext|>"
 CHINESE = "这是很久之前的事情了，我也不知道。"
 
 
-def test_tiktoken_gpt2_equals_transformers_gpt2_tokenizer(tmp_path):
+def test_tiktoken_gpt2_equals_transformers_gpt2_tokenizer(gpt2_tokenizer, tmp_path):
     # tiktoken's gpt2 comes from the shared cache (TIKTOKEN_CACHE_DIR), with no download; its
     # two source files are GPT-2's vocab.json and merges.txt, which export_hf.py writes
     for name, (url, sha256) in GPT2_TOKENIZER_FILES.items():
         (tmp_path / name).write_bytes(read_file_cached(url, sha256))
     oracle = GPT2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
-    tok = from_spec(TiktokenTokenizer("gpt2").spec())
+    tok = from_spec(gpt2_tokenizer.spec())
     assert tok.encode(TEXT) == oracle(TEXT)["input_ids"]
     assert tok.decode(tok.encode(TEXT)) == TEXT
     assert tok.vocab_size == 50257 and tok.eot_token == 50256
@@ -57,7 +57,9 @@ def test_bert_vocab_equals_transformers_and_decodes_chinese_without_spaces(bert_
     assert oracle.decode(ids) == " ".join(CHINESE)  # WordPiece's decoder spaces every character
     assert tok.decode(ids) == CHINESE
     assert tok.decode(tok.encode("GPTs很久!")) == ("gpts很久!" if lowercase else "GPTs很久!")
-    assert tok.decode([2, *ids, 3, 0]) == CHINESE  # [CLS], [SEP], [PAD] are not text
+    # [CLS], [SEP], [PAD] are special tokens: decoded as transformers does, unless skipped
+    assert tok.decode([2, *ids, 3, 0], skip_special_tokens=True) == CHINESE
+    assert oracle.decode([2, *ids, 3, 0], skip_special_tokens=True) == " ".join(CHINESE)
 
 
 def test_char_vocabulary_exports_as_tokenizer_json(tmp_path):
@@ -76,6 +78,5 @@ def test_tiktoken_without_cache_or_network_is_a_one_line_error(tmp_path, monkeyp
     (tmp_path / "input.txt").write_text("some text to encode\n" * 50, encoding="utf-8")
     result = run_script("data/shakespeare/prepare.py", f"--input={tmp_path / 'input.txt'}",
                         f"--out_dir={tmp_path / 'data'}")
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.count("\n") == 1 and "TIKTOKEN_CACHE_DIR" in result.stderr, result.stderr
+    assert_user_error(result, "tiktoken", "TIKTOKEN_CACHE_DIR")
     assert not (tmp_path / "data").exists()

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,32 +102,34 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(char_dataset, tmp_pa
         assert ckpt["iter_num"] >= 1 and ckpt["model"] and ckpt["optimizer"]["state"]
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_checkpoint(trained, tmp_path, monkeypatch):
-    import shutil
+# train.py as `python train.py ARGS` runs it, in a fresh interpreter, but with GPT.forward
+# returning a NaN loss from its 4th call in training mode on
+NAN_AFTER_3_CALLS = """
+import runpy, sys
+import model
+forward, calls = model.GPT.forward, []
+def poisoned(self, *args, **kwargs):
+    logits, loss = forward(self, *args, **kwargs)
+    calls.append(1)
+    if self.training and len(calls) > 3:
+        loss = loss * float("nan")
+    return logits, loss
+model.GPT.forward = poisoned
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
 
-    import model as model_module
-    import train as train_module
 
+def test_nan_loss_stops_the_run_and_keeps_the_checkpoint(trained, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(trained[0], out)
     before = (out / "ckpt.pt").read_bytes()
-    forward = model_module.GPT.forward
-    calls = []
-
-    def poisoned(self, idx, targets=None):
-        logits, loss = forward(self, idx, targets)
-        calls.append(1)
-        if self.training and len(calls) > 3:
-            loss = loss * float("nan")
-        return logits, loss
-
-    monkeypatch.setattr(model_module.GPT, "forward", poisoned)
     dataset = torch.load(out / "ckpt.pt", weights_only=True)["config"]["dataset"]
-    monkeypatch.setattr(sys, "argv", ["train.py", *RUN, f"--dataset={dataset}", f"--out_dir={out}",
-                                      "--init_from=resume", "--max_iters=60", "--eval_interval=5",
-                                      "--log_interval=1", "--always_save_checkpoint=True"])
-    with pytest.raises(SystemExit, match="loss became nan"):
-        train_module.main()
+    result = run_script("-c", NAN_AFTER_3_CALLS, *RUN, f"--dataset={dataset}", f"--out_dir={out}",
+                        "--init_from=resume", "--max_iters=60", "--eval_interval=5",
+                        "--log_interval=1", "--always_save_checkpoint=True")
+    assert result.returncode != 0 and "loss became nan" in result.stderr, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
     assert (out / "ckpt.pt").read_bytes() == before
 
 
