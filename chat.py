@@ -22,7 +22,7 @@ import checkpoint
 import engine
 import hardware
 import sample
-from configurator import configure, knobs, run
+from configurator import configure, run
 from errors import UserError
 
 # -----------------------------------------------------------------------------
@@ -125,14 +125,17 @@ def repl(chat):
 
 
 def main():
-    defaults = knobs(globals())
     cfg = configure(globals())
-    passed = {k for k, v in cfg.items() if v != defaults[k]}
+    passed = set(cfg.passed)  # what the user set (a config file or a flag)
     dev, _, precision, _ = hardware.setup(device, dtype, training=False)
     source = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
     model, tokenizer = checkpoint.load_model(source, dev, precision)
     model.eval()
-    # a reply is one sequence: no num_samples, and the defaults decide greedy or sampling
+    # a reply is one sequence: no num_samples, and the defaults (the model's generation_config.json
+    # for what the user leaves unset, as in sample.py) decide greedy or sampling
+    cfg, note = sample.decoding_defaults(dict(cfg), passed, tokenizer)
+    if note:
+        print(f"decoding: {note}", file=sys.stderr)
     options = sample.decoding_options({**cfg, "num_samples": 1}, passed - {"num_samples"}, tokenizer, 0)
     if options.num_beams > 1:
         raise UserError("chat.py streams one reply at a time: beam search (num_beams > 1) is for sample.py")

@@ -85,8 +85,19 @@ def _print_help(defaults, script):
         print(f"  --{k.ljust(width)}  {v!r}")
 
 
+class Settings(dict):
+    """The knobs after configure(): {key: value}, and .passed, the keys that a config file or
+    the command line set (to any value, the default's included), which is how a script tells
+    what the user asked for from what it may fill in itself."""
+
+    def __init__(self, values, passed):
+        super().__init__(values)
+        self.passed = frozenset(passed)
+
+
 def configure(namespace, argv=None, skip_unknown_file_keys=False, nullable=None):
-    """Apply a config file and --key=value overrides to `namespace` (a script's globals).
+    """Apply a config file and --key=value overrides to `namespace` (a script's globals);
+    returns the knobs as Settings (a dict, with .passed: the keys given).
     skip_unknown_file_keys: a config file may set keys this script does not have (bench.py
     reads train.py's configs for the model's shape); --key=value overrides stay strict.
     nullable: the keys whose default is not None that may still be set to None (e.g. () for
@@ -97,9 +108,10 @@ def configure(namespace, argv=None, skip_unknown_file_keys=False, nullable=None)
     if any(a in ("-h", "--help") for a in argv):
         _print_help(defaults, script)
         sys.exit(0)
+    passed = set()
     for arg in argv:
         if not arg.startswith("--"):
-            _apply_file(namespace, defaults, arg, skip_unknown_file_keys, nullable)
+            passed.update(_apply_file(namespace, defaults, arg, skip_unknown_file_keys, nullable))
             continue
         key, sep, text = arg[2:].partition("=")
         if not sep:
@@ -107,10 +119,12 @@ def configure(namespace, argv=None, skip_unknown_file_keys=False, nullable=None)
         if key not in defaults:
             raise UserError(f"unknown config key {key!r} (see --help for the list)")
         namespace[key] = _coerce(key, _parse_value(text), defaults[key], f"--{key}", nullable)
-    return knobs(namespace)
+        passed.add(key)
+    return Settings(knobs(namespace), passed)
 
 
 def _apply_file(namespace, defaults, path, skip_unknown, nullable=None):
+    """Set the keys of the config file at path; returns the keys it set."""
     try:
         with open(path, encoding="utf-8") as f:
             source = f.read()
@@ -138,9 +152,12 @@ def _apply_file(namespace, defaults, path, skip_unknown, nullable=None):
     if not keys:
         raise UserError(f"config file {path!r} sets no config key: it should hold `key = value` "
                         "lines, e.g. n_layer = 4")
+    applied = []
     for key in keys:
         if key not in defaults:
             if skip_unknown:
                 continue
             raise UserError(f"{path}: unknown config key {key!r} (see --help for the list)")
         namespace[key] = _coerce(key, values[key], defaults[key], path, nullable)
+        applied.append(key)
+    return applied

@@ -47,6 +47,12 @@ MODEL_TYPES = ("gpt2", *LLAMA_TYPES)
 LLAMA_DEFAULTS = {"llama": dict(max_position_embeddings=2048, num_key_value_heads=None),
                   "mistral": dict(max_position_embeddings=4096 * 32, num_key_value_heads=8),
                   "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32)}
+# the decoding settings of a generation_config.json that sample.py and chat.py take as their
+# defaults, and transformers' defaults for those a file leaves out
+# (GenerationConfig._get_default_generation_params; min_p has none, 0.0 is "off")
+GENERATION_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                       "min_p": 0.0, "typical_p": 1.0, "repetition_penalty": 1.0,
+                       "no_repeat_ngram_size": 0}
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                       "BF16": torch.bfloat16}
 # tiktoken builds its "gpt2" encoding from OpenAI's two GPT-2 files, which are also Hugging
@@ -133,6 +139,25 @@ def read_config(folder, name):
         if eos is not None:
             config["eos_token_id"] = eos
     return config
+
+
+def generation_defaults(folder, name):
+    """The decoding settings of GENERATION_DEFAULTS that a folder's generation_config.json
+    gives, checked: {} without a file, or with one that sets none of them (GPT-2's holds only
+    token ids). sample.decoding_defaults fills in the rest as transformers' generate() does."""
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.exists(path):
+        return {}
+    given = {k: v for k, v in read_json(path).items() if k in GENERATION_DEFAULTS and v is not None}
+    for key, value in given.items():
+        kind = type(GENERATION_DEFAULTS[key])
+        ok = isinstance(value, bool) if kind is bool else \
+            not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
+        if not ok:
+            raise UserError(f"{name}: generation_config.json's {key} must be {kind.__name__}, "
+                            f"got {value!r}")
+        given[key] = kind(value)
+    return given
 
 
 def model_args(hf, name, dropout=None):
@@ -284,11 +309,11 @@ def rope_args(hf, name, block_size):
 def folder_tokenizer(folder, name, vocab_size):
     """The checkpoint's tokenizer: tiktoken's gpt2 for OpenAI's sizes, else the folder's
     tokenizer.json or BERT vocab.txt, else GPT-2's if the vocabulary is GPT-2's size."""
-    if name in GPT2_SIZES:
-        return TiktokenTokenizer("gpt2")
     tokenizer_json = os.path.join(folder, "tokenizer.json")
     vocab_txt = os.path.join(folder, "vocab.txt")
-    if os.path.exists(tokenizer_json):
+    if name in GPT2_SIZES:
+        tokenizer = TiktokenTokenizer("gpt2")
+    elif os.path.exists(tokenizer_json):
         with open(tokenizer_json, encoding="utf-8") as f:
             tokenizer = HFTokenizer(f.read(), *chat_template(folder))
         config_path = os.path.join(folder, "config.json")
@@ -296,15 +321,18 @@ def folder_tokenizer(folder, name, vocab_size):
             config = read_config(folder, name)
             if config.get("model_type") in LLAMA_TYPES:
                 llama_special_tokens(tokenizer, config)
-        return tokenizer
-    if os.path.exists(vocab_txt):
+    elif os.path.exists(vocab_txt):
         settings_path = os.path.join(folder, "tokenizer_config.json")
         settings = read_json(settings_path) if os.path.exists(settings_path) else {}
-        return HFTokenizer.from_bert_vocab(vocab_txt, lowercase=settings.get("do_lower_case", True))
-    if vocab_size == GPT2_VOCAB_SIZE:
-        return TiktokenTokenizer("gpt2")  # e.g. a GPT-2 fine-tune saved without its tokenizer
-    raise UserError(f"{name} has no tokenizer.json or vocab.txt, and its {vocab_size}-token "
-                    "vocabulary is not GPT-2's: add the tokenizer's files to the folder")
+        tokenizer = HFTokenizer.from_bert_vocab(vocab_txt, lowercase=settings.get("do_lower_case", True))
+    elif vocab_size == GPT2_VOCAB_SIZE:
+        tokenizer = TiktokenTokenizer("gpt2")  # e.g. a GPT-2 fine-tune saved without its tokenizer
+    else:
+        raise UserError(f"{name} has no tokenizer.json or vocab.txt, and its {vocab_size}-token "
+                        "vocabulary is not GPT-2's: add the tokenizer's files to the folder")
+    # the model's decoding defaults travel with its tokenizer, into the checkpoints of runs
+    tokenizer.generation = generation_defaults(folder, name)
+    return tokenizer
 
 
 def chat_template(folder):

@@ -20,6 +20,7 @@ import time
 import checkpoint
 import engine
 import hardware
+import hf
 from configurator import configure, knobs, run
 from errors import UserError
 
@@ -110,6 +111,26 @@ def encode_prompt(tokenizer, text):
     return [tokenizer.eot_token]  # GPT-2 samples unconditionally after its end-of-text token
 
 
+def decoding_defaults(cfg, passed, tokenizer):
+    """cfg with the model's own decoding defaults for the flags the user did not set (passed:
+    the keys the command line or a config file gave): its generation_config.json's settings,
+    which the tokenizer carries, and transformers' defaults for those the file leaves out, as
+    transformers' generate() resolves them (a file with do_sample and temperature samples with
+    top_k=50). A file's do_sample gives way to a temperature or num_beams the user set: those
+    choose sampling, greedy or beams themselves. Returns (cfg, note), note saying which values
+    came from the file ("" if none did)."""
+    given = getattr(tokenizer, "generation", None) or {}
+    skip = set(passed) | ({"do_sample"} if {"temperature", "num_beams"} & set(passed) else set())
+    taken = {k: v for k, v in {**hf.GENERATION_DEFAULTS, **given}.items() if k not in skip and k in cfg}
+    if not given or not taken:
+        return cfg, ""
+    note = "from generation_config.json: " + ", ".join(f"{k}={v!r}" for k, v in taken.items() if k in given)
+    filled = [f"{k}={v!r}" for k, v in taken.items() if k not in given and v != cfg[k]]
+    if filled:
+        note += f"; transformers' defaults for what it leaves out: {', '.join(filled)}"
+    return {**cfg, **taken}, note
+
+
 def decoding_options(cfg, passed, tokenizer, prompt_width):
     """The decoding flags of cfg (the knobs named in DECODING) as engine.DecodingOptions, which
     checks them. num_samples is what the engine (and Hugging Face) call num_return_sequences
@@ -163,9 +184,7 @@ def token_lists(words, tokenizer, name):
 
 
 def main():
-    defaults = knobs(globals())
-    configure(globals())
-    passed = {k for k, v in knobs(globals()).items() if v != defaults[k]}  # what the user set
+    passed = set(configure(globals()).passed)  # what the user set (a config file or a flag)
     if not init_from:
         raise UserError("init_from must be 'resume', a GPT-2 size (gpt2 ... gpt2-xl), a hub id, "
                         "a model folder or a nanoGPT ckpt.pt")
@@ -179,7 +198,9 @@ def main():
     source = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
     model, tokenizer = checkpoint.load_model(source, dev, precision, merge_lora=merge_lora)
     prompts = [encode_prompt(tokenizer, text) for text in texts]
-    options = decoding_options(knobs(globals()), passed, tokenizer, max(map(len, prompts)))
+    # the model folder's generation_config.json decides what the user leaves unset
+    cfg, note = decoding_defaults(knobs(globals()), passed, tokenizer)
+    options = decoding_options(cfg, passed, tokenizer, max(map(len, prompts)))
     model.eval().to(dev)
     if quantize == "int8":
         engine.quantize_int8(model)
@@ -221,7 +242,8 @@ def main():
         print("---------------")
     new = sum(s.new_tokens for s in streams)
     print(f"{len(prompts)} prompt(s) of {sum(map(len, prompts))} tokens; {new} tokens generated "
-          f"in {seconds:.2f} s, {new / max(seconds, 1e-9):.1f} tok/s", file=sys.stderr)
+          f"in {seconds:.2f} s, {new / max(seconds, 1e-9):.1f} tok/s{'; ' + note if note else ''}",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

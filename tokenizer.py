@@ -4,11 +4,18 @@ Tokenizers, described by a small JSON-able spec so a checkpoint can carry its ow
     {"kind": "char", "chars": "\\n !$&',-.3:;?ABC..."}   # a character vocabulary
     {"kind": "tiktoken", "name": "gpt2"}                  # a tiktoken encoding
     {"kind": "tokenizers", "json": "{...}",               # a Hugging Face tokenizer.json,
-     "chat_template": "{% for ... %}", "special_tokens": {"eos_token": "<|im_end|>", ...}}
+     "chat_template": "{% for ... %}", "special_tokens": {"eos_token": "<|im_end|>", ...},
+     "ids": {"eot_token": 2, "eos_tokens": [2, 32000], "bos_token": 1}}
+
+and any kind may add "generation": {"temperature": 0.7, "top_p": 0.8, ...}, the decoding
+defaults of the model folder's generation_config.json (hf.generation_defaults), which
+sample.py and chat.py use where the user sets nothing.
 
 `from_spec(spec)` turns a spec back into an object with encode/decode.
-The tokenizer.json and the chat template are embedded whole, so a model
-fine-tuned from a hub checkpoint samples and chats without the hub.
+The tokenizer.json, the chat template, the end-of-text and start ids that a Llama-style
+folder's config.json / generation_config.json set (hf.llama_special_tokens), and the decoding
+defaults are embedded whole, so a model fine-tuned from a hub checkpoint samples, stops and
+chats as the hub's does, without the hub.
 
 A chat template (tokenizer_config.json's chat_template, or chat_template.jinja)
 is rendered as transformers' apply_chat_template renders it: jinja2's sandbox,
@@ -27,6 +34,7 @@ from errors import UserError
 class CharTokenizer:
     """One token per character, ids in the order of `chars`."""
     chat_template = None
+    generation = {}  # generation_config.json's decoding defaults: none
 
     def __init__(self, chars):
         self.chars = chars
@@ -56,6 +64,7 @@ class CharTokenizer:
 class TiktokenTokenizer:
     """A byte-pair encoding from tiktoken, e.g. GPT-2's."""
     chat_template = None
+    generation = {}  # generation_config.json's decoding defaults (a hub GPT-2's has none)
 
     def __init__(self, name):
         import requests
@@ -73,7 +82,7 @@ class TiktokenTokenizer:
         self.bos_token = None  # GPT-2's texts start without a token of their own
 
     def spec(self):
-        return {"kind": "tiktoken", "name": self.name}
+        return with_generation({"kind": "tiktoken", "name": self.name}, self)
 
     def encode(self, text):
         return self.enc.encode(text, allowed_special={"<|endoftext|>"})
@@ -103,6 +112,10 @@ class HFTokenizer:
         # without either
         self.eot_token = self.tok.token_to_id("[SEP]" if self.wordpiece else "<|endoftext|>")
         self.bos_token = self.tok.token_to_id("[CLS]") if self.wordpiece else None
+        # every id that ends a text, where a model's config names several (an instruct model's
+        # end of turn and end of text); hf.llama_special_tokens sets them and these two
+        self.eos_tokens = []
+        self.generation = {}  # generation_config.json's decoding defaults, if the folder had one
 
     @classmethod
     def from_file(cls, path):
@@ -128,7 +141,10 @@ class HFTokenizer:
         spec = {"kind": "tokenizers", "json": self.tok.to_str()}
         if self.chat_template is not None:
             spec.update(chat_template=self.chat_template, special_tokens=self.special_tokens)
-        return spec
+        if self.eos_tokens:  # set from a model's config: kept, since tokenizer.json lacks them
+            spec["ids"] = {"eot_token": self.eot_token, "eos_tokens": list(self.eos_tokens),
+                           "bos_token": self.bos_token}
+        return with_generation(spec, self)
 
     def apply_chat_template(self, messages, add_generation_prompt=False, tools=None):
         """The text of a conversation ([{"role": ..., "content": ...}, ...]) as the model's chat
@@ -167,15 +183,30 @@ def _wide(ch):
     return unicodedata.east_asian_width(ch) in ("W", "F")
 
 
+def with_generation(spec, tokenizer):
+    """spec, with the tokenizer's generation_config.json decoding defaults if it has any."""
+    if tokenizer.generation:
+        spec["generation"] = dict(tokenizer.generation)
+    return spec
+
+
 def from_spec(spec):
     kind = spec.get("kind") if isinstance(spec, dict) else None
     if kind == "char":
-        return CharTokenizer(spec["chars"])
-    if kind == "tiktoken":
-        return TiktokenTokenizer(spec["name"])
-    if kind == "tokenizers":
-        return HFTokenizer(spec["json"], spec.get("chat_template"), spec.get("special_tokens"))
-    raise UserError(f"unknown tokenizer spec {spec!r}")
+        tokenizer = CharTokenizer(spec["chars"])
+    elif kind == "tiktoken":
+        tokenizer = TiktokenTokenizer(spec["name"])
+    elif kind == "tokenizers":
+        tokenizer = HFTokenizer(spec["json"], spec.get("chat_template"), spec.get("special_tokens"))
+        ids = spec.get("ids") or {}
+        if ids:  # a Llama-style folder's end and start ids, from its config
+            tokenizer.eot_token, tokenizer.bos_token = ids.get("eot_token"), ids.get("bos_token")
+            tokenizer.eos_tokens = list(ids.get("eos_tokens") or [])
+    else:
+        raise UserError(f"unknown tokenizer spec {spec!r}")
+    if spec.get("generation"):
+        tokenizer.generation = dict(spec["generation"])
+    return tokenizer
 
 
 def _generation_tag():

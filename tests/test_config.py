@@ -60,3 +60,12 @@ def test_help_lists_every_key(capsys):
     out = capsys.readouterr().out
     for key in defaults():
         assert f"--{key}" in out
+
+
+def test_passed_names_the_keys_given_even_at_their_default(tmp_path):
+    path = tmp_path / "cfg.py"
+    path.write_text("out_dir = 'out'\n")  # the default, set by the file
+    settings = configure(defaults(), [str(path), "--batch_size=12", "--compile=False"])
+    assert settings.passed == {"out_dir", "batch_size", "compile"}
+    assert settings["compile"] is False and settings["learning_rate"] == 6e-4
+    assert configure(defaults(), []).passed == set()
