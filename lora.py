@@ -112,8 +112,10 @@ def lora_layers(model):
 
 
 def adapters(model):
-    """{name: tensor} of every adapter matrix: what a LoRA checkpoint stores of the model."""
-    return {name: p for name, p in model.state_dict().items() if name.endswith((".lora_A", ".lora_B"))}
+    """{name: tensor} of every adapter matrix of a model (or of its state dict): what a LoRA
+    checkpoint stores of the model."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    return {name: p for name, p in state.items() if name.endswith((".lora_A", ".lora_B"))}
 
 
 def load_adapters(model, state):

@@ -3,9 +3,11 @@ Train a GPT. Runs on one process:
 
 $ python train.py config/train_shakespeare_char.py --batch_size=32
 
-or on many, with PyTorch's distributed data parallel:
+or on many, with PyTorch's distributed data parallel (each process a whole copy of the model)
+or its fully sharded data parallel (FSDP2: each process 1/N of the model and its training state):
 
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_shakespeare_char.py
+$ torchrun --standalone --nproc_per_node=8 train.py --init_from=gpt2-xl --parallel=fsdp ...
 
 Every setting below can be changed by a config file and by --key=value;
 `python train.py --help` lists them.
@@ -17,13 +19,13 @@ import math
 import os
 import signal
 import time
-from contextlib import nullcontext
 
 import torch
-from torch.distributed import ReduceOp, all_reduce, destroy_process_group, init_process_group
+from torch.distributed import ReduceOp, all_reduce, destroy_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
+import distributed
 import hardware
 import lora
 from configurator import configure, knobs, run
@@ -80,6 +82,8 @@ warmup_iters = 2000
 lr_decay_iters = 600000  # ~ max_iters, per Chinchilla
 min_lr = 6e-5  # ~ learning_rate / 10, per Chinchilla
 # system
+parallel = "ddp"  # under torchrun: 'ddp' (a whole copy per process) or 'fsdp' (sharded; distributed.py)
+sharded_checkpoint = False  # write out_dir/ckpt.dcp/, a shard per process, not ckpt.pt (models too big for one host's memory)
 backend = None  # distributed backend; None picks nccl on CUDA, gloo otherwise
 device = None  # 'cpu', 'cuda', 'cuda:1', 'mps'; None picks the best available
 dtype = None  # 'float32', 'bfloat16' or 'float16'; None picks the device's best
@@ -119,6 +123,14 @@ def check_config(cfg):
             raise UserError(f"{key} must be at least 1, got {cfg[key]}")
     if cfg["optim"] not in ("adamw", "muon"):
         raise UserError(f"optim must be 'adamw' or 'muon', got {cfg['optim']!r}")
+    if cfg["parallel"] not in distributed.KINDS:
+        raise UserError(f"parallel must be 'ddp' or 'fsdp', got {cfg['parallel']!r}")
+    if cfg["parallel"] == "fsdp" and cfg["optim"] == "muon":
+        raise UserError("optim=muon needs each matrix whole for its update, which parallel=fsdp "
+                        "shards: use optim=adamw with fsdp, or muon with parallel=ddp")
+    if cfg["parallel"] == "fsdp" and cfg["dtype"] == "float16":
+        raise UserError("dtype=float16 needs a gradient scaler that parallel=fsdp does not "
+                        "shard: use dtype=bfloat16 (or float32) with fsdp")
     for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "max_iters",
                 "warmup_iters", "lr_decay_iters", "freeze_layers"):
         if cfg[key] < 0:
@@ -168,8 +180,17 @@ def load_or_build_model(meta, passed, device_type):
     is, which its checkpoints name. A resumed or pretrained model's shape replaces the flags'."""
     run, base = None, None
     if init_from == "resume":
-        ckpt_path = os.path.join(out_dir, "ckpt.pt")
-        model, run = checkpoint.load_run(ckpt_path, dropout=dropout)
+        ckpt_path, sharded = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, distributed.SHARDED)
+        if os.path.isdir(sharded) and (not os.path.exists(ckpt_path) or
+                                       os.path.getmtime(sharded) > os.path.getmtime(ckpt_path)):
+            # the newer of the two: the model is built empty, for the shards to fill
+            ckpt_path, run = sharded, distributed.read_progress(sharded)
+            config = checkpoint.model_config({**run["model_args"], "dropout": dropout}, sharded)
+            with torch.device("meta"):
+                model = GPT(config)
+            run["sharded"] = sharded
+        else:
+            model, run = checkpoint.load_run(ckpt_path, dropout=dropout)
         if run["iter_num"] > max_iters:
             raise UserError(f"max_iters={max_iters} is below iteration {run['iter_num']}, where "
                             f"{ckpt_path} stopped: raise --max_iters to train on (nothing written)")
@@ -248,7 +269,8 @@ def get_lr(it):
 def estimate_loss(model, batch, autocast):
     """Mean loss and next-token accuracy (how often the most likely token is the right one)
     over eval_iters batches of each split, batch(split, generator) drawing them; the same
-    batches every time, so successive evaluations compare. Runs on the master only, without DDP."""
+    batches every time, so successive evaluations compare. Runs without DDP, on the master
+    only; under FSDP on every process (each holds a shard), the same batches on each."""
     model.eval()
     out = {}
     for split in ("train", "val"):
@@ -267,14 +289,6 @@ def estimate_loss(model, batch, autocast):
     return out
 
 
-def setup_distributed(device_type):
-    """(ddp, rank, local rank, world size): torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
-    if int(os.environ.get("RANK", -1)) == -1:
-        return False, 0, 0, 1
-    init_process_group(backend=backend or ("nccl" if device_type == "cuda" else "gloo"))
-    return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-
-
 def main():
     defaults = knobs(globals())
     configure(globals(), nullable=())  # None only where the default is None
@@ -282,9 +296,10 @@ def main():
     check_config(knobs(globals()))
 
     dev, device_type, precision, autocast = hardware.setup(device, dtype)
-    ddp, rank, local_rank, world_size = setup_distributed(device_type)
-    if ddp and device_type == "cuda":
-        dev = f"cuda:{local_rank}"
+    dist = distributed.setup(device_type, backend, parallel)
+    rank, world_size = dist.rank, dist.world_size
+    if dist.kind and device_type == "cuda":
+        dev = f"cuda:{dist.local_rank}"
         torch.cuda.set_device(dev)
     if gradient_accumulation_steps % world_size != 0:
         raise UserError(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be "
@@ -297,20 +312,30 @@ def main():
                         f"below 2**64; lower seed")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(seed + rank)
+    # a new model's weights (and LoRA adapters) are drawn alike on every process (FSDP keeps
+    # each its shard of them, DDP copies rank 0's); each process's own seed for what comes
+    # after them (dropout)
+    torch.manual_seed(seed)
 
     # the dataset's files before any model is loaded; then its length against the model's
     # context and its token ids against the model's vocabulary
     _, meta = open_dataset(dataset)
     model, tokenizer_spec, run, base = load_or_build_model(meta, passed, device_type)
+    check_config(knobs(globals()))  # again, with what a resumed run keeps of its checkpoint
     splits, meta = open_dataset(dataset, block_size, model.config.vocab_size)
     trainable_count, total = setup_finetune(model, finetune, freeze_layers, checkpoint.lora_settings(globals()),
                                             run and run.get("adapters"), trainable)
-    model.to(dev)
+    torch.manual_seed(seed + rank)
+    distributed.shard(model, dist, precision, device_type)
+    if run is not None and "sharded" in run:
+        distributed.materialize(model, dev)  # built on the meta device: the checkpoint's shards fill it
+    else:
+        model.to(dev)
     tokens_per_iter = accum_steps * world_size * batch_size * block_size
     if master:
         print(f"{model.get_num_params() / 1e6:.2f}M parameters; {tokens_per_iter:,} tokens per "
-              f"iteration; device {dev}, {precision}, compile={use_compile}")
+              f"iteration; device {dev}, {precision}, compile={use_compile}"
+              + (f", {dist.kind} over {world_size} processes" if dist.kind else ""))
         print(f"finetune={finetune}: {trainable_count:,} of {total:,} parameters "
               f"train ({100 * trainable_count / total:.2f}%)")
         if trainable:
@@ -327,19 +352,26 @@ def main():
     iter_num, best_val_loss = 0, float("inf")
     if run is not None:
         iter_num, best_val_loss = run["iter_num"], run["best_val_loss"]
-        optimizer.load_state_dict(run["optimizer"])
+        if "sharded" in run:
+            distributed.load_sharded(run["sharded"], model, optimizer, dist)
+        else:
+            distributed.load_full_optimizer_state(model, optimizer, run["optimizer"], dist)
         if "sampler" in run:  # nanoGPT's checkpoints have no random state
             sampler.set_state(run["sampler"])
             torch.set_rng_state(run["torch_rng"])
             if device_type == "cuda" and run["cuda_rng"]:
                 torch.cuda.set_rng_state_all(run["cuda_rng"])
+            if len(run.get("rank_rng", [])) == world_size:  # each process's own (FSDP runs)
+                torch.set_rng_state(run["rank_rng"][rank])
+            if device_type == "cuda" and len(run.get("rank_cuda_rng", [])) == world_size:
+                torch.cuda.set_rng_state(run["rank_cuda_rng"][rank])
     run = None  # free the memory
 
     raw_model = model
     if use_compile:
         model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    if dist.kind == "ddp":
+        model = DDP(model, device_ids=[dist.local_rank] if device_type == "cuda" else None)
 
     def batch(split, generator, n_rows=batch_size, rows=slice(None)):
         x, y = get_batch(splits[split], block_size, n_rows, generator, rows, splits.get(f"{split}.mask"))
@@ -347,16 +379,31 @@ def main():
             return x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
         return x.to(dev), y.to(dev)
 
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    ckpt_path = os.path.join(out_dir, distributed.SHARDED if sharded_checkpoint else "ckpt.pt")
+    # under FSDP every process holds a shard of the model, so all of them evaluate and save
+    # (rank 0 writes a ckpt.pt); under DDP the master alone
+    takes_part = master or dist.sharded
 
     def save(val_loss):
-        os.makedirs(out_dir, exist_ok=True)
-        checkpoint.save_run(
-            ckpt_path, raw_model, optimizer, knobs(globals()), tokenizer_spec, base,
+        progress = dict(
             iter_num=iter_num, best_val_loss=best_val_loss, val_loss=val_loss,
             # everything random that is still to come, for a bit-exact resume
             sampler=sampler.get_state(), torch_rng=torch.get_rng_state(),
-            cuda_rng=torch.cuda.get_rng_state_all() if device_type == "cuda" else [])
+            cuda_rng=torch.cuda.get_rng_state_all() if device_type == "cuda" else [],
+            rank_rng=distributed.gather(torch.get_rng_state(), dist) if dist.sharded else [],
+            rank_cuda_rng=distributed.gather(torch.cuda.get_rng_state(), dist)
+            if dist.sharded and device_type == "cuda" else [])
+        if master:
+            os.makedirs(out_dir, exist_ok=True)
+        if sharded_checkpoint:
+            progress |= dict(model_args=dataclasses.asdict(raw_model.config), config=knobs(globals()),
+                             tokenizer=tokenizer_spec, base=base)
+            distributed.save_sharded(ckpt_path, raw_model, optimizer, dist, progress)
+            return
+        model_state, optimizer_state = distributed.full_state(raw_model, optimizer, dist)
+        if master:
+            checkpoint.save_run(ckpt_path, raw_model, optimizer, knobs(globals()), tokenizer_spec, base,
+                                model_state=model_state, optimizer_state=optimizer_state, **progress)
 
     # nothing is written into out_dir until the run has started: its first record, at its
     # first evaluation, replaces the metrics of any earlier run there
@@ -367,7 +414,7 @@ def main():
 
     # Ctrl-C or SIGTERM asks the run to stop at the end of the current iteration, where the
     # state is whole, and save it; a second one stops at once
-    stop = StopFlag(dev if ddp else None)
+    stop = StopFlag(distributed.flag_device(dist) if dist.kind else None)
     # the peak is measured (random matrices) where no datasheet figure is known, once the run
     # is known to be good: on random numbers of its own, not the run's (a resume restores those)
     with torch.random.fork_rng(devices=[dev] if device_type == "cuda" else [], device_type="cuda"):
@@ -381,25 +428,27 @@ def main():
 
         # evaluate, and save a checkpoint; not again at the iteration a resumed run starts from
         at_eval = iter_num % eval_interval == 0 or iter_num == max_iters
-        if master and at_eval and (iter_num != start_iter or iter_num == 0 or eval_only):
+        if takes_part and at_eval and (iter_num != start_iter or iter_num == 0 or eval_only):
             losses = estimate_loss(raw_model, batch, autocast)
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                  f"val acc {losses['val_acc']:.4f}")
-            runlog.log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                        "train_acc": losses["train_acc"], "val_acc": losses["val_acc"],
-                        "lr": lr, "elapsed": time.time() - run_start})
+            if master:
+                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                      f"val acc {losses['val_acc']:.4f}")
+                runlog.log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                            "train_acc": losses["train_acc"], "val_acc": losses["val_acc"],
+                            "lr": lr, "elapsed": time.time() - run_start})
             if not math.isfinite(losses["val"]):
                 raise SystemExit(f"error: val loss is {losses['val']} at iteration {iter_num}; "
                                  f"stopping, {ckpt_path} left as it was (try a lower learning_rate)")
             improved = losses["val"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val"])
             if iter_num > 0 and (improved or always_save_checkpoint):
-                print(f"saving checkpoint to {out_dir}")
+                if master:
+                    print(f"saving checkpoint to {out_dir}")
                 save(losses["val"])
         if eval_only or iter_num >= max_iters:
             break
         if stop.requested():
-            if master:
+            if takes_part:
                 # the weights are checked in save_run; the loss of the last step too, as only
                 # logged iterations check theirs
                 if last_loss is not None and not math.isfinite(last_loss.item()):
@@ -407,17 +456,18 @@ def main():
                                     f"{last_loss.item()}: the training diverged (try a lower "
                                     f"learning_rate); not saved, {ckpt_path} left as it was")
                 save(None)
+            if master:
                 print(f"interrupted: saved iteration {iter_num} to {ckpt_path}; "
                       "continue with --init_from=resume")
             break
 
         # forward, backward and update, accumulating gradients over micro-steps; under DDP
-        # the gradients are all-reduced only on the last micro-step
+        # and FSDP the gradients are reduced across processes only on the last micro-step
         t0 = time.time()
         shard = slice(rank * batch_size, (rank + 1) * batch_size)
         for micro_step in range(accum_steps):
             last = micro_step == accum_steps - 1
-            with (model.no_sync() if ddp and not last else nullcontext()):
+            with distributed.accumulating(model, raw_model, dist, sync=last):
                 X, Y = batch("train", sampler, batch_size * world_size, shard)
                 with autocast:
                     _, loss = model(X, Y)
@@ -435,7 +485,7 @@ def main():
         if iter_num % log_interval == 0:
             # the last micro-step's loss (averaged over processes) as an estimate of the batch's
             lossf = loss.detach().float() * accum_steps
-            if ddp:
+            if dist.kind:
                 all_reduce(lossf, op=ReduceOp.AVG)
             lossf = lossf.item()
             train_time += time.time() - t0
@@ -457,7 +507,7 @@ def main():
 
     if runlog is not None:
         runlog.finish()
-    if ddp:
+    if dist.kind:
         destroy_process_group()
 
 
