@@ -290,9 +290,7 @@ def estimate_loss(model, batch, autocast):
 
 
 def main():
-    defaults = knobs(globals())
-    configure(globals(), nullable=())  # None only where the default is None
-    passed = {k for k, v in knobs(globals()).items() if v != defaults[k]}  # what the user set
+    passed = configure(globals(), nullable=()).passed  # None only where the default is None
     check_config(knobs(globals()))
 
     dev, device_type, precision, autocast = hardware.setup(device, dtype)
