@@ -125,7 +125,7 @@ def repl(chat):
 
 
 def main():
-    cfg = configure(globals())
+    cfg = configure(globals(), nullable=sample.NULLABLE)
     passed = set(cfg.passed)  # what the user set (a config file or a flag)
     dev, _, precision, _ = hardware.setup(device, dtype, training=False)
     source = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from

@@ -26,7 +26,9 @@ tensor takes its parameter's place, so loading costs about 1x the weights' memor
 import dataclasses
 import os
 import pickle
+import re
 import zipfile
+import zlib
 
 import torch
 from torch import nn
@@ -51,20 +53,56 @@ def save_checkpoint(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load_checkpoint(path):
-    """A file written by torch.save, memory-mapped, without unpickling any code."""
+def load_checkpoint(path, origin=None):
+    """A file written by torch.save, memory-mapped, without unpickling any code. origin: where
+    the file comes from (a hub model, a run's LoRA base), for the message that refuses it."""
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path} (train one first, or check --out_dir)")
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0][:120]
-        raise UserError(f"{path} holds more than tensors and plain data, refused: loading it could "
-                        f"run code ({reason})") from None
+        raise UserError(refused_pickle(path, str(e), origin)) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {path} is unreadable or corrupt ({reason[:120]}); "
                         "restore it or train again") from None
+
+
+def refused_pickle(path, reason, origin=None):
+    """The one line that refuses a pickle naming code: what it names (torch's long message
+    holds it as "GLOBAL module.name"), the file, and where that came from."""
+    named = re.search(r"GLOBAL ([\w.]+)", reason) or re.search(r"it names ([\w.]+)", reason)
+    what = f"code ({named.group(1)})" if named else "something other than tensors and plain data"
+    where = f", {origin}" if origin else ""
+    return (f"{path}{where}: refused, it is a pickle that calls {what}, which loading would have "
+            "run; nothing of it was run. Load only files from a source you trust, or convert "
+            "the model to safetensors")
+
+
+def check_out_dir(path):
+    """Refuse, before anything is written, an out_dir that no run could write its checkpoint
+    into: an empty string, a file, a folder under a file, a read-only folder (or one on a
+    read-only disk). A folder that does not exist yet is not created here: the nearest one above
+    it that exists must be writable. Writability is tried, not asked (a probe file is made and
+    removed), so that root and read-only mounts answer truly."""
+    if not isinstance(path, str) or not path.strip():
+        raise UserError(f"out_dir must be a folder's path, got {path!r}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"out_dir={path} is a file, not a folder: choose another out_dir")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"out_dir={path} is under {existing}, which is a file: choose another out_dir")
+    import tempfile
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        where = "" if existing == os.path.abspath(path) else f" (it would be made in {existing})"
+        raise UserError(f"out_dir={path} cannot be written{where}: {e.strerror}; choose another "
+                        "out_dir") from None
 
 
 def model_config(args, source=None):
@@ -81,8 +119,28 @@ def model_config(args, source=None):
     dropout = args.get("dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise UserError(f"{where}dropout must be in [0, 1), got {dropout!r}")
-    fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    return GPTConfig(**{k: v for k, v in args.items() if k in fields})
+    fields = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    optional = {"n_kv_head": int, "mlp_hidden": int, "rope_scaling": dict, "hf_model_type": str,
+                "eos_token_id": list}
+    for key, value in args.items():
+        if key not in fields or key in SIZES or key in ("dropout", "activation"):
+            continue
+        kind = optional.get(key) or type(fields[key])
+        if value is None and key in optional:
+            continue
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+        else:
+            ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if ok and kind is int:
+            ok = value >= 1
+        if not ok:
+            raise UserError(f"{where}{key} must be {'a positive int' if kind is int else 'a ' + kind.__name__}"
+                            f"{' or None' if key in optional else ''}, got {value!r}")
+    try:
+        return GPTConfig(**{k: v for k, v in args.items() if k in fields})
+    except (ValueError, TypeError, KeyError, ZeroDivisionError) as e:
+        raise UserError(f"{where}not a model this repo builds: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -108,9 +166,90 @@ def save_run(path, model, optimizer, config, tokenizer_spec, base=None, **progre
         where = f" at iteration {progress['iter_num']}" if "iter_num" in progress else ""
         raise UserError(f"{bad} holds NaN or infinite values{where}: the training diverged (try a "
                         f"lower learning_rate); not saved, {path} left as it was")
+    if "base" in weights:  # what the adapters were trained on, to tell later if it changed
+        weights["base_fingerprint"] = base_fingerprint(weights["base"])
+    tensors = weights.get("model", weights.get("adapters"))
+    checksums = {"weights": checksums_of(tensors),
+                 "optimizer": checksums_of(dict(named_tensors(optimizer_state, "optimizer")))}
     save_checkpoint({**weights, "optimizer": optimizer_state,
                      "model_args": dataclasses.asdict(model.config), "config": config,
-                     "tokenizer": tokenizer_spec, **progress}, path)
+                     "tokenizer": tokenizer_spec, "checksums": checksums, **progress}, path)
+
+
+def checksum(tensor):
+    """zlib.crc32 of a tensor's bytes: about 1.7 GB/s on one CPU core, so checking a 500 MB
+    checkpoint costs about 0.3 s."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def checksums_of(tensors):
+    """{name: crc32} of the tensors of {name: tensor}."""
+    return {name: checksum(t) for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+
+
+def verify_checksums(path, run, parts=("weights", "optimizer")):
+    """Refuse a checkpoint whose tensors do not match the checksums save_run stored with them:
+    the file was damaged after it was written (a disk, a copy, a transfer). parts: which of its
+    tensors to check, "weights" (the model or the adapters) and "optimizer". Checkpoints without
+    checksums (nanoGPT's, ours from before) pass unchecked."""
+    stored = run.get("checksums")
+    if stored is None:
+        return
+    if not isinstance(stored, dict):
+        raise UserError(f"checkpoint {path} is corrupted: its checksums are not a dict; restore it "
+                        "or train again")
+    tensors = {"weights": lambda: run.get("model", run.get("adapters")),
+               "optimizer": lambda: dict(named_tensors(run.get("optimizer"), "optimizer"))}
+    for part in parts:
+        expected, have = stored.get(part), tensors[part]()
+        if expected is None:
+            continue
+        if not isinstance(expected, dict) or not isinstance(have, dict):
+            raise UserError(f"checkpoint {path} is corrupted: its {part} do not match their "
+                            "checksums; restore it or train again")
+        for name, crc in expected.items():
+            tensor = have.get(name)
+            if not isinstance(tensor, torch.Tensor):
+                raise UserError(f"checkpoint {path} is corrupted: tensor {name} is missing; "
+                                "restore it or train again")
+            if checksum(tensor) != crc:
+                raise UserError(f"checkpoint {path} is corrupted: tensor {name} does not match "
+                                "the checksum it was saved with (the file changed after it was "
+                                "written); restore it or train again")
+
+
+def base_fingerprint(base):
+    """What identifies a LoRA run's base model, to tell later whether it is still the one the
+    adapters were trained on: for a run of ours, the checksums its checkpoint carries; for a
+    model folder, its weight files' names, sizes and a crc32 of 16 chunks of 64 KiB spread
+    through each (cheap for any size: a changed model differs there). None for a hub id or a
+    GPT-2 size: the hub's copy is named, not held."""
+    path = run_path(base) if isinstance(base, str) else None
+    if path is not None:
+        run = load_checkpoint(path)
+        sums = run.get("checksums") if isinstance(run, dict) else None
+        return {"kind": "run", "crc32": zlib.crc32(repr(sums).encode())} if sums else None
+    if not (isinstance(base, str) and os.path.isdir(base)):
+        return None
+    try:
+        files = hf.weight_files(base, base)
+    except UserError:
+        return None
+    return {"kind": "folder", "files": {os.path.basename(f): sampled_crc(f) for f in files}}
+
+
+def sampled_crc(path, chunks=16, chunk=1 << 16):
+    """[size, crc32 of `chunks` chunks of the file spread evenly, its start and end included]."""
+    size = os.path.getsize(path)
+    crc = 0
+    with open(path, "rb") as f:
+        for i in range(chunks):
+            f.seek(max(0, (size - chunk) * i // max(chunks - 1, 1)))
+            crc = zlib.crc32(f.read(chunk), crc)
+    return [size, crc]
 
 
 def nonfinite(tensors):
@@ -139,11 +278,13 @@ def named_tensors(obj, name):
             yield from named_tensors(value, f"{name}.{i}")
 
 
-def load_run(path, device="cpu", dtype=torch.float32, dropout=None, _loading=()):
+def load_run(path, device="cpu", dtype=torch.float32, dropout=None, _loading=(),
+             verify=("weights", "optimizer")):
     """(model, run) from a ckpt.pt of ours or nanoGPT's. model holds the run's weights; for a
     LoRA run it is the base model, and run["adapters"] holds what goes on it. run is the rest of
     the checkpoint: optimizer, iter_num, config, tokenizer (a spec), sampler and RNG states.
-    dropout replaces the checkpoint's."""
+    dropout replaces the checkpoint's. verify: which tensors to check against the checksums
+    save_run stored (verify_checksums); a corrupted file is a UserError."""
     run = load_checkpoint(path)
     if not isinstance(run, dict) or not isinstance(run.get("model_args"), dict) or \
             not isinstance(run.get("model", run.get("adapters")), dict):
@@ -155,11 +296,46 @@ def load_run(path, device="cpu", dtype=torch.float32, dropout=None, _loading=())
     if dropout is not None:
         args["dropout"] = dropout
     config = model_config(args, path)
+    if "optimizer" in verify:  # train.py's resume, which reads the rest of the run too
+        check_resumable(path, run)
+    verify_checksums(path, run, verify)
     if "adapters" in run:
         model = load_lora_base(path, run, device, dtype, dropout, _loading)
     else:
         model = fill_model(config, torch_tensors(run.pop("model")), nanogpt_rename, device, dtype, path)
     return model, run
+
+
+def check_resumable(path, run):
+    """Refuse a checkpoint that lacks, or holds the wrong kind of, what a resume reads besides
+    the weights: the optimizer's state, iter_num, best_val_loss, config, the model's shape and
+    the random states."""
+    def refuse(what):
+        raise UserError(f"{path} cannot be resumed: {what} (a damaged checkpoint, or one "
+                        "saved without its training state); start a new run from it with "
+                        f"--init_from={os.path.dirname(os.path.abspath(path))} instead")
+    optimizer = run.get("optimizer")
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) or \
+            not isinstance(optimizer.get("param_groups"), list):
+        refuse("it has no optimizer state")
+    iter_num = run.get("iter_num")
+    if isinstance(iter_num, bool) or not isinstance(iter_num, int) or iter_num < 0:
+        refuse(f"iter_num is {iter_num!r}, not a count of iterations")
+    best = run.get("best_val_loss")
+    if isinstance(best, bool) or not isinstance(best, (int, float, torch.Tensor)):
+        refuse(f"best_val_loss is {best!r}, not a number")
+    if not isinstance(run.get("config", {}), dict):
+        refuse("its config is not a dict")
+    missing = [k for k in ("n_layer", "n_head", "n_embd", "block_size", "bias") if k not in run["model_args"]]
+    if missing:
+        refuse(f"its model_args lack {', '.join(missing)}")
+    for key in ("sampler", "torch_rng"):
+        if key in run and not (isinstance(run[key], torch.Tensor) and run[key].dtype == torch.uint8):
+            refuse(f"its {key} is not a random generator's state")
+    if "sampler" in run and "torch_rng" not in run:
+        refuse("it has the sampler's state but not torch_rng")
+    if not isinstance(run.get("cuda_rng", []), list):
+        refuse("its cuda_rng is not a list of states")
 
 
 def load_lora_base(path, run, device, dtype, dropout, loading):
@@ -172,6 +348,15 @@ def load_lora_base(path, run, device, dtype, dropout, loading):
     if run_path(base) in (*loading, own):
         raise UserError(f"{path} names {base} as its base model, which leads back to {path} "
                         "(the base was overwritten, or two runs name each other)")
+    recorded = run.get("base_fingerprint")
+    if recorded is not None:
+        if not os.path.exists(base):
+            raise UserError(f"{path} is a LoRA run on {base}, which is missing (moved or deleted "
+                            "since the run): put the base model back there")
+        if base_fingerprint(base) != recorded:
+            raise UserError(f"{path} is a LoRA run on {base}, whose weights have changed since "
+                            "the run was trained: its adapters belong to the model that was there; "
+                            "restore that model, or train the adapters again")
     model, tokenizer = load_model(base, device, dtype, dropout, _loading=(*loading, own))
     for key in ("n_layer", "n_head", "n_embd", "vocab_size"):
         if getattr(model.config, key) != run["model_args"][key]:
@@ -183,7 +368,15 @@ def load_lora_base(path, run, device, dtype, dropout, loading):
 
 
 def lora_settings(config):
-    """lora.apply's settings, as a run's config saved them."""
+    """lora.apply's settings, as a run's config saved them (checked: a damaged or foreign
+    checkpoint's config is a UserError)."""
+    kinds = {"lora_rank": int, "lora_alpha": (int, float), "lora_dropout": (int, float),
+             "lora_targets": str}
+    for key, kind in kinds.items():
+        value = config.get(key) if isinstance(config, dict) else None
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise UserError(f"the LoRA run's config has no valid {key} (got {value!r}): its "
+                            "checkpoint is damaged or not a LoRA run of this repo")
     return dict(rank=config["lora_rank"], alpha=config["lora_alpha"],
                 dropout=config["lora_dropout"], targets=config["lora_targets"])
 
@@ -207,12 +400,13 @@ def run_tokenizer(run, path):
         return from_spec(run["tokenizer"])
     folder = os.path.dirname(os.path.abspath(path))
     candidates = [os.path.join(folder, "meta.pkl")]
-    dataset = (run.get("config") or {}).get("dataset")
+    config = run.get("config")
+    dataset = config.get("dataset") if isinstance(config, dict) else None
     if dataset:
         candidates.append(os.path.join(os.path.dirname(folder), "data", str(dataset), "meta.pkl"))
     for meta_path in candidates:
         if os.path.exists(meta_path):
-            itos = read_meta_pkl(meta_path)
+            itos = read_meta_pkl(meta_path, f"the vocabulary of the nanoGPT run {path}")
             return CharTokenizer("".join(itos[i] for i in range(len(itos))))
     vocab_size = run["model_args"]["vocab_size"]
     if vocab_size < hf.GPT2_VOCAB_SIZE:
@@ -229,17 +423,23 @@ class PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"it names {module}.{name}")
 
 
-def read_meta_pkl(path):
+def read_meta_pkl(path, origin=None):
     """The itos vocabulary ({id: character}) of a nanoGPT meta.pkl."""
     try:
         with open(path, "rb") as f:
             meta = PlainUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+    except pickle.UnpicklingError as e:
+        if str(e).startswith("it names "):
+            raise UserError(refused_pickle(path, str(e), origin)) from None
+        raise UserError(f"{path} is not a plain nanoGPT meta.pkl (UnpicklingError: {str(e)[:80]}): "
+                        "refused") from None
+    except (EOFError, ValueError, TypeError, IndexError, KeyError,
             AttributeError, MemoryError, UnicodeDecodeError, OverflowError) as e:
         raise UserError(f"{path} is not a plain nanoGPT meta.pkl ({type(e).__name__}: "
                         f"{str(e)[:80]}): refused") from None
     itos = meta.get("itos") if isinstance(meta, dict) else None
-    if not isinstance(itos, dict) or sorted(itos) != list(range(len(itos))) or \
+    if not isinstance(itos, dict) or not all(isinstance(k, int) for k in itos) or \
+            sorted(itos) != list(range(len(itos))) or \
             not all(isinstance(c, str) and len(c) == 1 for c in itos.values()):
         raise UserError(f"{path} is not a nanoGPT meta.pkl (no itos vocabulary of ids 0 ... n-1 "
                         "to characters)")
@@ -275,9 +475,11 @@ def load_model(source, device="cpu", dtype=None, dropout=None, block_size=None, 
     dtype = dtype or torch.float32
     path = run_path(source)
     if path is not None:
-        model, run = load_run(path, device, dtype, dropout, _loading)
+        model, run = load_run(path, device, dtype, dropout, _loading, verify=("weights",))
         tokenizer = run_tokenizer(run, path)
         if "adapters" in run:
+            if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in run["adapters"].items()):
+                raise UserError(f"{path}: its adapters are not a state dict of tensors: damaged")
             lora.apply(model, **lora_settings(run["config"]), adapters=run["adapters"])
             if merge_lora:
                 lora.merge(model)
@@ -298,7 +500,9 @@ def load_hf(name_or_path, device, dtype, dropout):
     tokenizer = hf.folder_tokenizer(folder, name_or_path, config.vocab_size)
     files = hf.weight_files(folder, name_or_path)
     if files[0].endswith(".bin"):
-        tensors = torch_tensors(load_checkpoint(files[0]))
+        origin = (f"the weights of the model folder {name_or_path}" if os.path.isdir(name_or_path)
+                  else f"the weights of {name_or_path}, downloaded from the Hugging Face hub")
+        tensors = torch_tensors(load_checkpoint(files[0], origin))
     else:
         tensors = (t for path in files for t in hf.safetensors_tensors(path))
     return fill_model(config, tensors, hf.renamer(config, name_or_path), device, dtype, name_or_path), tokenizer
@@ -328,6 +532,8 @@ def torch_tensors(state):
     if not isinstance(state, dict):
         raise UserError("the checkpoint's weights are not a state dict of tensors")
     for name, tensor in state.items():
+        if not isinstance(name, str):
+            raise UserError(f"the checkpoint's weights are not a state dict: a tensor is named {name!r}")
         if isinstance(tensor, torch.Tensor):
             yield name, list(tensor.shape), lambda out, transpose, t=tensor: out.copy_(t.t() if transpose else t)
 

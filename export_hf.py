@@ -69,7 +69,7 @@ def check_export_dir(folder, ckpt_path):
 
 
 def main():
-    configure(globals())
+    configure(globals(), nullable=())
     folder = export_dir or os.path.join(out_dir, "hf")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     check_export_dir(folder, ckpt_path)

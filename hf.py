@@ -466,7 +466,10 @@ def safetensors_tensors(path):
         header.pop("__metadata__", None)
         entries = [(name, info["dtype"], [int(n) for n in info["shape"]],
                     *(int(o) for o in info["data_offsets"])) for name, info in header.items()]
-    except (ValueError, AttributeError, KeyError, TypeError, UnicodeDecodeError):
+        if not all(isinstance(dtype, str) and isinstance(info["shape"], list) and
+                   len(info["data_offsets"]) == 2 for (_, dtype, *_), info in zip(entries, header.values())):
+            raise ValueError("a tensor's dtype, shape or data_offsets is of the wrong kind")
+    except (ValueError, AttributeError, KeyError, TypeError, UnicodeDecodeError, OverflowError):
         raise UserError(f"{path} is not a safetensors file (its header is unreadable): "
                         "download or save it again") from None
     data_start = 8 + header_size

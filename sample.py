@@ -60,6 +60,8 @@ quantize = None  # 'int8': int8 weights in every matmul, for fast decoding on a 
 compile = False  # compile the one-token decode step (CUDA graphs on a GPU); pays off for long generations
 merge_lora = True  # a LoRA run: bake its adapters into the base weights, to decode at the base's speed
 # -----------------------------------------------------------------------------
+# the knobs besides those whose default is None that None may be given to
+NULLABLE = ("top_k", "seed")
 # the decoding flags, which chat.py takes too
 DECODING = ("num_samples", "max_new_tokens", "max_length", "min_new_tokens", "temperature",
             "do_sample", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
@@ -72,14 +74,25 @@ def read_prompts(text):
     """The prompts --start gives: the text itself, or a file's. A .jsonl file holds one JSON
     string a line; any other file one prompt a line, except that a file of one line is one
     prompt, newline included, as nanoGPT reads it. Blank lines are skipped."""
+    if not isinstance(text, str):
+        raise UserError(f"start must be the prompt's text or FILE:path, got {text!r} (an empty "
+                        "prompt is --start='')")
     if not text.startswith("FILE:"):
         return [text]
     path = text[len("FILE:"):]
     try:
-        with open(path, encoding="utf-8") as f:
-            content = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise UserError(f"cannot read prompt file {path!r}: {e.strerror}") from None
+    if b"\0" in data:
+        raise UserError(f"prompt file {path!r} is binary (it holds NUL bytes, first at byte "
+                        f"{data.index(0)}), not text: give a UTF-8 text file")
+    try:
+        content = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"prompt file {path!r} is not UTF-8 text (byte {e.start}: {e.reason}): "
+                        "save it as UTF-8") from None
     lines = content.splitlines()
     if not path.endswith(".jsonl"):
         prompts = [content] if len(lines) <= 1 else [line for line in lines if line.strip()]
@@ -169,6 +182,29 @@ def decoding_options(cfg, passed, tokenizer, prompt_width):
         suppress_tokens=tuple(i for ids in suppressed for i in ids), **{k: cfg[k] for k in same})
 
 
+def check_generation_memory(model, n_prompts, prompt_width, options, device):
+    """Refuse, before anything is allocated, a generation whose buffers cannot fit in memory:
+    the token ids (int64), the KV cache and a step's logits for every row (num_samples or
+    num_beams per prompt) over the prompt and max_new_tokens. Counted from the sizes, against
+    this machine's memory (a CUDA device's free memory when it runs there)."""
+    import torch
+    cfg = model.config
+    rows = n_prompts * max(options.num_beams, options.num_return_sequences)
+    total = prompt_width + options.max_new_tokens
+    itemsize = next(model.parameters()).element_size()
+    cache = 2 * cfg.n_layer * rows * cfg.kv_heads * min(cfg.block_size, total) * cfg.head_size * itemsize
+    need = rows * total * 8 + cache + 4 * rows * cfg.vocab_size * 4
+    if torch.device(device).type == "cuda":
+        have, where = torch.cuda.mem_get_info(torch.device(device))[0], f"free on {device}"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "of this machine's memory"
+    if need > have:
+        raise UserError(f"{rows:,} rows (num_samples or num_beams per prompt) of {total:,} tokens "
+                        f"(max_new_tokens={options.max_new_tokens:,} after the prompt) need "
+                        f"{need / 1e9:,.1f} GB for their ids, KV cache and logits, more than the "
+                        f"{have / 1e9:,.0f} GB {where}: lower num_samples or max_new_tokens")
+
+
 def token_lists(words, tokenizer, name):
     """A flag of words (a string, or a list of strings and token-id lists) as token-id tuples."""
     words = [words] if isinstance(words, (str, int)) else words or []
@@ -184,7 +220,8 @@ def token_lists(words, tokenizer, name):
 
 
 def main():
-    passed = set(configure(globals()).passed)  # what the user set (a config file or a flag)
+    # None only where the default is None, and for top_k (keep all) and seed (unseeded)
+    passed = set(configure(globals(), nullable=NULLABLE).passed)  # what the user set (a config file or a flag)
     if not init_from:
         raise UserError("init_from must be 'resume', a GPT-2 size (gpt2 ... gpt2-xl), a hub id, "
                         "a model folder or a nanoGPT ckpt.pt")
@@ -201,6 +238,7 @@ def main():
     # the model folder's generation_config.json decides what the user leaves unset
     cfg, note = decoding_defaults(knobs(globals()), passed, tokenizer)
     options = decoding_options(cfg, passed, tokenizer, max(map(len, prompts)))
+    check_generation_memory(model, len(prompts), max(map(len, prompts)), options, dev)
     model.eval().to(dev)
     if quantize == "int8":
         engine.quantize_int8(model)

@@ -70,6 +70,9 @@ class TiktokenTokenizer:
         import requests
         import tiktoken
         self.name = name
+        if not isinstance(name, str) or name not in tiktoken.list_encoding_names():
+            raise UserError(f"unknown tiktoken encoding {name!r} (tiktoken has "
+                            f"{', '.join(tiktoken.list_encoding_names())})")
         try:
             self.enc = tiktoken.get_encoding(name)
         except (requests.RequestException, OSError) as e:
@@ -190,7 +193,30 @@ def with_generation(spec, tokenizer):
     return spec
 
 
+def check_spec(spec):
+    """Refuse a tokenizer spec that is not one (a checkpoint's or a dataset's, damaged or of
+    another program) with a UserError naming what is wrong."""
+    fields = {"char": "chars", "tiktoken": "name", "tokenizers": "json"}
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind not in fields:
+        shown = repr(kind if isinstance(spec, dict) else spec)[:80]
+        raise UserError(f"unknown tokenizer {shown}: a tokenizer spec's kind is 'char', "
+                        "'tiktoken' or 'tokenizers'")
+    value = spec.get(fields[kind])
+    if not isinstance(value, str) or not value:
+        raise UserError(f"the {kind} tokenizer spec has no {fields[kind]} (a non-empty string), "
+                        f"got {repr(value)[:80]}")
+    if kind == "char" and len(set(value)) != len(value):
+        raise UserError("the char tokenizer spec names a character twice: its ids would clash")
+    for key, kind_ in (("chat_template", str), ("special_tokens", dict), ("ids", dict),
+                       ("generation", dict)):
+        if spec.get(key) is not None and not isinstance(spec[key], kind_):
+            raise UserError(f"the tokenizer spec's {key} must be a {kind_.__name__}, got "
+                            f"{repr(spec[key])[:80]}")
+
+
 def from_spec(spec):
+    check_spec(spec)
     kind = spec.get("kind") if isinstance(spec, dict) else None
     if kind == "char":
         tokenizer = CharTokenizer(spec["chars"])

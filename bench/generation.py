@@ -41,6 +41,7 @@ from model import GPT, GPTConfig  # noqa: E402
 # -----------------------------------------------------------------------------
 repeat = 3  # timed runs of each measurement
 new_tokens = 256  # GPT-2 part: tokens generated per run
+from errors import UserError  # noqa: E402
 prompt_tokens = 16
 char_samples = 10
 char_tokens = 500
@@ -221,7 +222,8 @@ def quality_part():
 
 
 def main():
-    configure(globals())
+    configure(globals(), nullable=())
+    check_settings()
     dev, _, precision, _ = hardware.setup(device, dtype, training=False)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}\n")
     if "gpt2" in parts.split(","):
@@ -234,3 +236,16 @@ def main():
 
 if __name__ == "__main__":
     run(main)
+def check_settings():
+    """Refuse settings no measurement can come from, before anything is built."""
+    for key in ("repeat", "new_tokens", "prompt_tokens", "char_samples", "char_tokens", "qwen_tokens"):
+        if key in globals() and globals()[key] < 1:
+            raise UserError(f"{key} must be at least 1, got {globals()[key]}")
+    unknown = [p for p in parts.split(",") if p and p not in ("gpt2", "char", "qwen")]
+    if unknown:
+        raise UserError(f"parts must be a comma-separated list of gpt2, char and qwen, got {parts!r}")
+    if prompt_tokens >= 1024:
+        raise UserError(f"prompt_tokens={prompt_tokens} does not fit GPT-2's 1024-token context "
+                        "with room to generate: choose fewer")
+
+

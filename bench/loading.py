@@ -145,3 +145,6 @@ def main():
 
 if __name__ == "__main__":
     run(main)
+    if folder and not os.path.isdir(folder):
+        raise UserError(f"--folder={folder} is not a folder: give an existing folder for the "
+                        "checkpoint (or leave it empty for a temp folder)")

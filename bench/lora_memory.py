@@ -11,6 +11,7 @@ tensors are summed: full fine-tuning keeps gradients and moments for every param
 for its adapters only. The last line gives LoRA's state as a fraction of full fine-tuning's.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -22,7 +23,8 @@ from checkpoint import model_config  # noqa: E402
 from configurator import configure, run  # noqa: E402
 from model import GPT  # noqa: E402
 from optim import configure_optimizers  # noqa: E402
-from train import setup_finetune  # noqa: E402
+from errors import UserError  # noqa: E402
+from train import check_memory, setup_finetune  # noqa: E402
 
 # -----------------------------------------------------------------------------
 n_layer = 24  # gpt2-medium's shape
@@ -59,10 +61,14 @@ def state_bytes(model, optimizer):
 
 
 def main():
-    configure(globals())
+    configure(globals(), nullable=("freeze_layers",))
     torch.manual_seed(seed)
-    model = GPT(model_config(dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
-                                  block_size=block_size, bias=True)))
+    config = model_config(dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
+                               block_size=block_size, bias=True))
+    if not 1 <= tokens <= block_size:
+        raise UserError(f"tokens must be in 1 ... block_size ({block_size}), got {tokens}")
+    check_memory(dataclasses.asdict(config), "cpu")  # full fine-tuning's state, before it is built
+    model = GPT(config)
     frozen = n_layer // 2 if freeze_layers is None else freeze_layers
     lora_settings = dict(rank=lora_rank, alpha=lora_alpha, dropout=0.0, targets=lora_targets)
     ways = {"full": ("full", 0), f"freeze {frozen}": ("freeze", frozen), f"lora r={lora_rank}": ("lora", 0)}

@@ -11,6 +11,7 @@ device's peak in each run's precision (hardware.peak_flops: a datasheet figure f
 lists, else a matmul rate measured in the same run), so it stays below 100%.
 """
 
+import dataclasses
 import os
 import sys
 import time
@@ -22,8 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import hardware  # noqa: E402
 from checkpoint import model_config  # noqa: E402
 from configurator import configure, run  # noqa: E402
+from errors import UserError  # noqa: E402
 from model import GPT  # noqa: E402
 from optim import configure_optimizers  # noqa: E402
+from train import check_memory  # noqa: E402
 
 # -----------------------------------------------------------------------------
 batch_size = 12
@@ -88,11 +91,28 @@ def transformers_gpt2(config):
             lambda x, y: model(input_ids=x, labels=y).loss)
 
 
+def check_settings():
+    """Refuse settings no timing can come from, before anything is built."""
+    for key, low in (("steps", 1), ("batch_size", 1), ("block_size", 1)):
+        if globals()[key] < low:
+            raise UserError(f"{key} must be at least {low}, got {globals()[key]}")
+    if warmup_steps < 0:
+        raise UserError(f"warmup_steps must not be negative, got {warmup_steps}")
+    if optim not in ("adamw", "muon"):
+        raise UserError(f"optim must be 'adamw' or 'muon', got {optim!r}")
+    if compare:
+        unknown = [p for p in precisions.split(",") if p not in hardware.DTYPES]
+        if unknown:
+            raise UserError(f"precisions: {unknown[0]!r} is not one of {', '.join(hardware.DTYPES)}")
+
+
 def main():
-    configure(globals(), skip_unknown_file_keys=True)  # train.py's configs give the shape
+    configure(globals(), skip_unknown_file_keys=True, nullable=())  # train.py's configs give the shape
+    check_settings()
     dev, device_type, precision, _ = hardware.setup(device, dtype)
     config = model_config(dict(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer,
                                n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias))
+    check_memory(dataclasses.asdict(config), device_type)  # before the model is built
     torch.backends.cuda.matmul.allow_tf32 = True  # as train.py runs float32 on a GPU
     torch.backends.cudnn.allow_tf32 = True
     flops_per_token = GPT(config).flops_per_token()

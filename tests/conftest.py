@@ -41,6 +41,121 @@ def assert_user_error(result, *words):
         assert w in lines[0], lines[0]
 
 
+# The runner of bad-input tables: one interpreter imports every script once (torch and all),
+# then forks a child per case, which runs `python SCRIPT ARGS` as the script's __main__ would:
+# configurator.run(main), with stdout and stderr in files, stdin empty. Before and after each
+# case it takes the sha256 of every file under the case's watched paths (None for a path that
+# does not exist; a file whose stat is unchanged keeps the hash it had), so a case that changes,
+# adds or removes a file is caught and named. A child
+# that runs past its time is killed by an alarm (a runaway), and its address space is capped, so
+# that an allocation that would swap the machine fails instead. Prints one JSON list:
+# [{"code": exit code, "changed": [paths]}, ...].
+CASE_RUNNER = r"""
+import hashlib, importlib, importlib.util, json, os, resource, signal, sys, traceback
+repo, spec_path = sys.argv[1], sys.argv[2]
+sys.path.insert(0, repo)
+os.chdir(repo)
+import configurator
+with open(spec_path) as f:
+    cases = json.load(f)
+modules = {}
+def module(script):
+    if script not in modules:
+        if "/" not in script:  # train.py, sample.py, ...: imported by name, as they import each other
+            modules[script] = importlib.import_module(script[:-3])
+        else:
+            name = "case_" + script[:-3].replace("/", "_")
+            spec = importlib.util.spec_from_file_location(name, os.path.join(repo, script))
+            modules[script] = importlib.util.module_from_spec(spec)
+            sys.modules[name] = modules[script]
+            spec.loader.exec_module(modules[script])
+    return modules[script]
+known = {}  # path: (its stat, its sha256): a file is hashed again only when its stat changes
+def sha256(path):
+    st = os.stat(path)
+    key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if known.get(path, (None,))[0] != key:
+        with open(path, "rb") as f:
+            known[path] = key, hashlib.sha256(f.read()).hexdigest()
+    return known[path][1]
+def digests(paths):
+    out = {}
+    for top in paths:
+        if not os.path.lexists(top):
+            out[top] = None
+        elif os.path.isfile(top):
+            out[top] = sha256(top)
+        else:
+            out[top] = "folder"
+            for root, dirs, files in os.walk(top):
+                for name in dirs:
+                    out[os.path.join(root, name)] = "folder"
+                for name in files:
+                    out[os.path.join(root, name)] = sha256(os.path.join(root, name))
+    return out
+for case in cases:
+    module(case["script"])  # every import before the first fork
+results = []
+for case in cases:
+    before = digests(case["watch"])
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(fd, 0)
+        for fd, name in ((1, case["log"] + ".out"), (2, case["log"] + ".err")):
+            os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        signal.alarm(case["timeout"])
+        limit = case["memory"]
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        sys.argv, code = [case["script"], *case["args"]], 0
+        try:
+            configurator.run(module(case["script"]).main)
+        except SystemExit as e:
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    after = digests(case["watch"])
+    changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
+    results.append({"code": code, "changed": changed})
+print(json.dumps(results))
+"""
+
+
+def run_cases(cases, folder, timeout=60, memory=16 << 30):
+    """Run bad-input cases, each {"script": "train.py" or "data/text/prepare.py" ..., "args":
+    [...], "watch": [paths that must not change]}, through CASE_RUNNER, in one process that
+    forks a child per case; logs go to folder. Returns, for each case, (CompletedProcess-like
+    result, the watched paths that changed). timeout: seconds a case may run; memory: the
+    address space a case may take (torch's own mappings included)."""
+    import json
+    folder = str(folder)
+    spec = []
+    for i, case in enumerate(cases):
+        spec.append({"script": case["script"], "args": [str(a) for a in case["args"]],
+                     "watch": [str(p) for p in case.get("watch", ())],
+                     "log": os.path.join(folder, f"case{i}"), "timeout": timeout, "memory": memory})
+    spec_path = os.path.join(folder, "cases.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    result = subprocess.run([sys.executable, "-c", CASE_RUNNER, REPO, spec_path], cwd=REPO,
+                            capture_output=True, text=True, timeout=timeout * len(cases) + 120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = []
+    for entry, case in zip(json.loads(result.stdout.strip().splitlines()[-1]), spec):
+        with open(case["log"] + ".out") as f, open(case["log"] + ".err") as g:
+            ran = subprocess.CompletedProcess(case["args"], entry["code"], f.read(), g.read())
+        out.append((ran, entry["changed"]))
+    return out
+
+
 def until_stop(tokens, start, stop):
     """tokens (a list of ids) up to the first stop token at or after position start: the text a
     script prints, which ends there and leaves the stop token out."""

@@ -91,7 +91,7 @@ def encode_with_mask(tok, messages):
 
 
 def main():
-    configure(globals())
+    configure(globals(), nullable=())
     if not input or not out or not tokenizer:
         raise UserError("give --input=FILE.jsonl, --tokenizer=MODEL and --out=FOLDER (e.g. data/mychat)")
     conversations = read_conversations(input)

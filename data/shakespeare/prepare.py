@@ -27,7 +27,7 @@ out_dir = ""  # where train.bin, val.bin and meta.json go; empty means this fold
 
 
 def main():
-    configure(globals())
+    configure(globals(), nullable=())
     text, source = fetch_text(input, cache_dir=HERE)
     meta = prepare_text(text, out_dir or HERE, source, tokenizer=TiktokenTokenizer("gpt2"))
     print(f"source: {source} ({len(text):,} characters)")

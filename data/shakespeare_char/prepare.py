@@ -164,7 +164,7 @@ def prepare_text(text, out_dir, source="", tokenizer=None):
 
 
 def main():
-    configure(globals())
+    configure(globals(), nullable=())
     text, source = fetch_text(input)
     print(f"source: {source} ({len(text):,} characters)")
     meta = prepare_text(text, out_dir or HERE, source)

@@ -137,6 +137,17 @@ def encode(tok, text, eot, processes, desc):
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.uint32)
 
 
+def check_out(folder):
+    """Refuse an --out that cannot become a dataset folder (a file, or a path under a file)
+    before the text is tokenised."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == os.path.abspath(folder) else f"is under {existing}, a file"
+        raise UserError(f"--out={folder} {where}: give a folder for the dataset")
+
+
 def dataset_name(folder):
     """What --dataset takes for folder: its name if it is under the repo's data/, else its path."""
     folder = os.path.abspath(folder)
@@ -144,11 +155,14 @@ def dataset_name(folder):
 
 
 def main():
-    configure(globals())
+    configure(globals(), nullable=())
     if not input or not out:
         raise UserError("give --input=FILE (the text) and --out=FOLDER (e.g. data/mytext)")
     if documents not in ("stream", "lines"):
         raise UserError(f"documents must be 'stream' or 'lines', got {documents!r}")
+    if num_proc < 0:
+        raise UserError(f"num_proc must be 0 (one per CPU core) or more, got {num_proc}")
+    check_out(out)
     text = read_text(input)
     if not text.strip():
         raise UserError(f"{input} is empty: there is nothing to train on")
@@ -158,6 +172,8 @@ def main():
     tok = get_tokenizer(tokenizer, text)
     if unknown == "drop" and isinstance(tok, CharTokenizer):
         text = drop_unknown_characters(tok, text)
+    elif isinstance(tok, CharTokenizer):
+        tok.encode("".join(set(text)))  # a character outside the vocabulary: refused before any progress bar
     eot = None
     if documents == "lines":
         if tok.eot_token is None:
@@ -166,6 +182,8 @@ def main():
         eot = tok.eot_token
     processes = num_proc or os.cpu_count() or 1
     train_text, val_text = split(text, documents == "lines")
+    if not train_text or not val_text:  # before any progress bar
+        raise UserError(f"{input} is too short to split into train and val (90/10)")
     train_ids = encode(tok, train_text, eot, processes, "train")
     val_ids = encode(tok, val_text, eot, processes, "val")
     if len(train_ids) == 0 or len(val_ids) == 0:

@@ -1,0 +1,684 @@
+"""Every mistake a one-line error: a table of bad inputs to every script (command, words of the
+expected line, and nothing under the test's folder changed, compared by sha256), run in one
+process that imports the scripts once and forks a child per case (conftest.run_cases).
+
+The kinds: every knob of every script given None or a value of the wrong type (generated from
+the scripts' own knobs), values out of range, damaged datasets, damaged checkpoints of ours
+(missing or wrong keys, wrong shapes, unknown tokenizers, a corrupted tensor, pickled code),
+damaged Hugging Face folders (config.json, safetensors headers, shard indexes, pickled weights),
+nanoGPT runs with a bad meta.pkl, for train.py (init_from=<folder>) and sample.py alike; LoRA
+runs whose base is missing, changed, or another LoRA run naming them back; prompts; out_dir;
+the benchmarks."""
+
+import importlib
+import importlib.util
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, assert_user_error, run_cases, save_tiny_bpe
+
+TRAIN = [*TINY, "--peak_flops=1e12", "--max_iters=25"]
+SAMPLE = ["--device=cpu", "--max_new_tokens=5", "--num_samples=1"]
+# train.py calls checkpoint.check_out_dir: the out_dir cases run once it does
+OUT_DIR_WIRED = "check_out_dir" in open(os.path.join(REPO, "train.py"), encoding="utf-8").read()
+
+
+# -----------------------------------------------------------------------------
+# The world the cases run in: a trained run, its dataset, its export, a LoRA run on the export,
+# and damaged copies of each
+
+def save(obj, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(obj, path)
+
+
+class Evil:
+    """A pickle that would run code: it calls os.system."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def damaged_checkpoints(root, good):
+    """Folders root/<how>/ckpt.pt, each a copy of the good run's checkpoint damaged one way."""
+    def variant(how, change):
+        run = dict(torch.load(good, weights_only=True))
+        run["model"] = dict(run["model"])
+        change(run)
+        save(run, str(root / how / "ckpt.pt"))
+
+    first = "transformer.h.0.mlp.c_fc.weight"
+    variant("no_model_args", lambda r: r.pop("model_args"))
+    variant("model_args_list", lambda r: r.update(model_args=[2, 2, 32]))
+    variant("model_not_dict", lambda r: r.update(model=[1, 2]))
+    variant("n_layer_str", lambda r: r["model_args"].update(n_layer="2"))
+    variant("n_embd_negative", lambda r: r["model_args"].update(n_embd=-32))
+    variant("n_head_not_dividing", lambda r: r["model_args"].update(n_head=3))
+    variant("family_unknown", lambda r: r["model_args"].update(family="rnn"))
+    variant("norm_eps_str", lambda r: r["model_args"].update(norm_eps="small"))
+    variant("bias_str", lambda r: r["model_args"].update(bias="yes"))
+    variant("activation_unknown", lambda r: r["model_args"].update(activation="relu"))
+    variant("dropout_1_5", lambda r: r["model_args"].update(dropout=1.5))
+    variant("tensor_missing", lambda r: r["model"].pop(first))
+    variant("tensor_missing_no_checksums", lambda r: (r["model"].pop(first), r.pop("checksums")))
+    variant("tensor_wrong_shape", lambda r: r["model"].update({first: torch.zeros(3, 3)}))
+    variant("tensor_wrong_shape_no_checksums",
+            lambda r: (r["model"].update({first: torch.zeros(3, 3)}), r.pop("checksums")))
+    variant("tensor_extra", lambda r: r["model"].update({"transformer.h.9.mlp.c_fc.weight": torch.zeros(2)}))
+    variant("tensor_name_int", lambda r: (r["model"].update({7: torch.zeros(2)}), r.pop("checksums")))
+    variant("tensor_changed", lambda r: r["model"].update({first: r["model"][first] + 1e-3}))
+    variant("checksums_list", lambda r: r.update(checksums=[1, 2]))
+    variant("tokenizer_unknown_kind", lambda r: r.update(tokenizer={"kind": "sentencepiece"}))
+    variant("tokenizer_tiktoken_unknown", lambda r: r.update(tokenizer={"kind": "tiktoken", "name": "nope"}))
+    variant("tokenizer_char_not_str", lambda r: r.update(tokenizer={"kind": "char", "chars": 65}))
+    variant("tokenizer_json_garbage", lambda r: r.update(tokenizer={"kind": "tokenizers", "json": "{not json"}))
+    variant("tokenizer_a_string", lambda r: r.update(tokenizer="gpt2"))
+    variant("no_iter_num", lambda r: r.pop("iter_num"))
+    variant("iter_num_str", lambda r: r.update(iter_num="20"))
+    variant("no_optimizer", lambda r: r.pop("optimizer"))
+    variant("sampler_not_state", lambda r: r.update(sampler=[1, 2, 3]))
+    variant("config_list", lambda r: r.update(config=["dataset"]))
+    save([1, 2, 3], str(root / "a_list" / "ckpt.pt"))
+    save({"model": Evil(), "model_args": {}}, str(root / "pickled_code" / "ckpt.pt"))
+    os.makedirs(root / "empty_file")
+    (root / "empty_file" / "ckpt.pt").write_bytes(b"")
+    os.makedirs(root / "truncated")
+    data = open(good, "rb").read()
+    (root / "truncated" / "ckpt.pt").write_bytes(data[: len(data) // 3])
+    os.makedirs(root / "garbage")
+    (root / "garbage" / "ckpt.pt").write_bytes(b"not a checkpoint at all" * 100)
+
+
+def safetensors_with(header, data, path):
+    raw = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw + data)
+
+
+def damaged_hf_folders(root, good):
+    """Folders root/<how>, each a copy of the good export damaged one way."""
+    with open(os.path.join(good, "model.safetensors"), "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header, data = json.loads(f.read(size)), f.read()
+    config = json.load(open(os.path.join(good, "config.json")))
+    wte = "transformer.wte.weight"
+
+    def variant(how, config_change=None, header_change=None, raw=None, files=None):
+        folder = root / how
+        shutil.copytree(good, folder)
+        if config_change is not None:
+            c = json.loads(json.dumps(config))
+            text = config_change(c)
+            (folder / "config.json").write_text(text if isinstance(text, str) else json.dumps(c))
+        if header_change is not None or raw is not None:
+            h = json.loads(json.dumps(header))
+            if header_change is not None:
+                h = header_change(h) or h
+            safetensors_with(raw if raw is not None else h, data, str(folder / "model.safetensors"))
+        for name, content in (files or {}).items():
+            if content is None:
+                os.remove(folder / name)
+            else:
+                (folder / name).write_bytes(content)
+
+    variant("config_a_list", lambda c: "[1, 2]")
+    variant("config_not_json", lambda c: "{\"n_layer\": ")
+    variant("config_n_layer_str", lambda c: c.update(n_layer="2"))
+    variant("config_n_embd_negative", lambda c: c.update(n_embd=-32))
+    variant("config_vocab_zero", lambda c: c.update(vocab_size=0))
+    variant("config_n_positions_str", lambda c: c.update(n_positions="32"))
+    variant("config_n_head_not_dividing", lambda c: c.update(n_head=3))
+    variant("config_model_type_bert", lambda c: c.update(model_type="bert"))
+    variant("config_no_n_layer", lambda c: c.pop("n_layer"))
+    variant("config_epsilon_str", lambda c: c.update(layer_norm_epsilon="tiny"))
+    variant("config_llama_sizes_str", lambda c: (c.clear(), c.update(
+        model_type="llama", vocab_size=65, hidden_size="32", intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2)))
+    variant("config_llama_layers_negative", lambda c: (c.clear(), c.update(
+        model_type="qwen2", vocab_size=65, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=-2, num_attention_heads=2)))
+    variant("config_llama_kv_heads", lambda c: (c.clear(), c.update(
+        model_type="llama", vocab_size=65, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=3)))
+    variant("config_llama_rope_theta_str", lambda c: (c.clear(), c.update(
+        model_type="llama", vocab_size=65, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2, rope_theta="big")))
+    variant("no_config", files={"config.json": None})
+    variant("header_size_huge", raw=b"", files=None)
+    with open(root / "header_size_huge" / "model.safetensors", "wb") as f:
+        f.write((2**60).to_bytes(8, "little") + b"{}")
+    variant("header_not_json", raw=b"\xff\xfe not json at all")
+    variant("header_a_list", raw=b"[1, 2, 3]")
+    variant("header_entry_a_string", header_change=lambda h: h.update({wte: "F32"}))
+    variant("header_dtype_int", header_change=lambda h: h[wte].update(dtype="I64"))
+    variant("header_shape_negative", header_change=lambda h: h[wte].update(shape=[-65, -32]))
+    variant("header_shape_str", header_change=lambda h: h[wte].update(shape=["a", "b"]))
+    variant("header_offsets_past_end", header_change=lambda h: h[wte].update(
+        data_offsets=[h[wte]["data_offsets"][0], len(data) + 10**6]))
+    variant("header_offsets_reversed", header_change=lambda h: h[wte].update(
+        data_offsets=h[wte]["data_offsets"][::-1]))
+    variant("header_shape_swapped", header_change=lambda h: h[wte].update(shape=h[wte]["shape"][::-1]))
+    variant("header_unknown_tensor", header_change=lambda h: h.update({"transformer.h.7.foo": h[wte]}))
+    variant("header_tensor_missing", header_change=lambda h: h.pop("transformer.ln_f.weight") and None)
+    variant("safetensors_empty", files={"model.safetensors": b""})
+    variant("safetensors_truncated", files={"model.safetensors": open(
+        os.path.join(good, "model.safetensors"), "rb").read()[:5000]})
+    variant("index_missing_shard", files={"model.safetensors": None, "model.safetensors.index.json":
+                                          json.dumps({"weight_map": {wte: "model-00001-of-00002.safetensors"}}).encode()})
+    variant("index_no_weight_map", files={"model.safetensors": None,
+                                          "model.safetensors.index.json": b'{"metadata": {}}'})
+    variant("index_weight_map_list", files={"model.safetensors": None,
+                                            "model.safetensors.index.json": b'{"weight_map": ["a"]}'})
+    variant("index_not_json", files={"model.safetensors": None, "model.safetensors.index.json": b"{{"})
+    variant("no_weights", files={"model.safetensors": None})
+    variant("bin_pickled_code", files={"model.safetensors": None, "pytorch_model.bin": b""})
+    torch.save({"w": Evil()}, str(root / "bin_pickled_code" / "pytorch_model.bin"))
+    variant("bin_garbage", files={"model.safetensors": None, "pytorch_model.bin": b"garbage" * 50})
+    variant("tokenizer_json_garbage", files={"tokenizer.json": b"{\"model\": 3"})
+
+
+def nanogpt_runs(root, good):
+    """nanoGPT-style runs (no tokenizer in ckpt.pt; its vocabulary in meta.pkl beside it) whose
+    meta.pkl is wrong in one way."""
+    run = dict(torch.load(good, weights_only=True))
+    chars = run.pop("tokenizer")["chars"]
+    run.pop("checksums")
+    variants = {
+        "meta_a_list": ["a", "b"],
+        "meta_no_itos": {"stoi": {"a": 0}},
+        "meta_itos_gaps": {"itos": {0: "a", 5: "b"}},
+        "meta_itos_words": {"itos": {i: "ab" for i in range(65)}},
+        "meta_itos_ints": {"itos": {i: i for i in range(65)}},
+    }
+    for how, meta in variants.items():
+        save(run, str(root / how / "ckpt.pt"))
+        with open(root / how / "meta.pkl", "wb") as f:
+            pickle.dump(meta, f)
+    save(run, str(root / "meta_pickled_code" / "ckpt.pt"))
+    with open(root / "meta_pickled_code" / "meta.pkl", "wb") as f:
+        pickle.dump({"itos": Evil()}, f)
+    save(run, str(root / "meta_truncated" / "ckpt.pt"))
+    with open(root / "meta_truncated" / "meta.pkl", "wb") as f:
+        f.write(pickle.dumps({"itos": dict(enumerate(chars))})[:20])
+    save(run, str(root / "meta_missing" / "ckpt.pt"))  # a 65-token vocabulary and no meta.pkl
+
+
+def lora_runs(root, hf_folder):
+    """root/lora, a LoRA run (adapters only) on the export hf_folder, and damaged variants:
+    its base gone, its base changed, two runs naming each other as base, ..."""
+    import lora
+    from checkpoint import load_model, save_run
+    from optim import configure_optimizers
+
+    def lora_run(path, base):
+        model, tokenizer = load_model(str(base))
+        config = {"lora_rank": 2, "lora_alpha": 4.0, "lora_dropout": 0.0, "lora_targets": "c_attn",
+                  "finetune": "lora", "dataset": "x"}
+        lora.apply(model, rank=2, alpha=4.0, dropout=0.0, targets="c_attn")
+        optimizer = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_run(str(path), model, optimizer, config, tokenizer.spec(), base=str(base),
+                 iter_num=2, best_val_loss=2.0, val_loss=2.0)
+
+    lora_run(root / "lora" / "ckpt.pt", hf_folder)
+    # its base moved away
+    shutil.copytree(hf_folder, root / "base_gone")
+    lora_run(root / "lora_base_gone" / "ckpt.pt", root / "base_gone")
+    shutil.rmtree(root / "base_gone")
+    # its base replaced by another model of the same shape
+    shutil.copytree(hf_folder, root / "base_changed")
+    lora_run(root / "lora_base_changed" / "ckpt.pt", root / "base_changed")
+    path = root / "base_changed" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    size = int.from_bytes(data[:8], "little")
+    for i in range(8 + size + 64, len(data), 4096):  # nudge weights all through the file
+        data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+    # two LoRA runs each naming the other as its base
+    good = dict(torch.load(root / "lora" / "ckpt.pt", weights_only=True))
+    for me, other in (("loop_a", "loop_b"), ("loop_b", "loop_a")):
+        save({**good, "base": str(root / other), "base_fingerprint": None}, str(root / me / "ckpt.pt"))
+    save({**good, "base": ""}, str(root / "lora_no_base" / "ckpt.pt"))
+    save({**good, "base": "no-such-owner/no-such-model", "base_fingerprint": None},
+         str(root / "lora_base_not_on_hub" / "ckpt.pt"))
+    config = dict(good["config"])
+    config.pop("lora_rank")
+    save({**good, "config": config}, str(root / "lora_no_rank" / "ckpt.pt"))
+    adapters = {k: torch.zeros(1) for k in good["adapters"]}
+    save({**good, "adapters": adapters, "checksums": None}, str(root / "lora_adapters_shapes" / "ckpt.pt"))
+    save({**good, "adapters": {k: "x" for k in good["adapters"]}, "checksums": None},
+         str(root / "lora_adapters_not_tensors" / "ckpt.pt"))
+
+
+@pytest.fixture(scope="module")
+def world(trained, char_dataset, tmp_path_factory):
+    """The folder every case runs in (all of it watched): run/ (a trained char run), data/ (its
+    dataset), hf/ (its export), lora/ (a LoRA run on hf/), ckpt/<how>, hf_bad/<how>, nano/<how>
+    and lora runs (damaged copies), prompts, and a read-only disk where one can be mounted."""
+    import hf
+    from checkpoint import load_model
+    root = tmp_path_factory.mktemp("world")
+    shutil.copytree(trained[0], root / "run")
+    shutil.copytree(char_dataset, root / "data")
+    model, tokenizer = load_model(str(root / "run"))
+    hf.export(model, tokenizer, str(root / "hf"))
+    damaged_checkpoints(root / "ckpt", str(root / "run" / "ckpt.pt"))
+    damaged_hf_folders(root / "hf_bad", str(root / "hf"))
+    nanogpt_runs(root / "nano", str(root / "run" / "ckpt.pt"))
+    lora_runs(root, root / "hf")
+    prompts = root / "prompts"
+    prompts.mkdir()
+    (prompts / "binary.bin").write_bytes(bytes(range(256)) * 4)
+    (prompts / "latin1.txt").write_bytes("ROMEO: caf\xe9\n".encode("latin-1"))
+    (prompts / "empty.txt").write_text("\n\n")
+    (prompts / "bad.jsonl").write_text('"ROMEO:"\n{not json\n')
+    (prompts / "numbers.jsonl").write_text("[1, 2]\n")
+    (root / "a_file").write_text("not a folder")
+    (root / "text_latin1.txt").write_bytes("caf\xe9 " .encode("latin-1") * 100)
+    (root / "text_empty.txt").write_text("   \n")
+    (root / "text_one.txt").write_text("a")
+    (root / "text_snow.txt").write_text("ROMEO: a snowman \u2603 here\n" * 200)
+    (root / "chats_bad.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
+    bpe = root / "bpe"
+    bpe.mkdir()
+    save_tiny_bpe(bpe)
+    (root / "config_yaml.py").write_text("n_layer: 4\n")
+    (root / "config_bad.py").write_text("n_layer = = 4\n")
+    (root / "config_raises.py").write_text("n_layer = 1 // 0\n")
+    (root / "config_unknown.py").write_text("n_layers = 4\n")
+    (root / "config_latin1.py").write_bytes(b"# caf\xe9\nn_layer = 4\n")
+    readonly = root / "readonly"
+    readonly.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(readonly)],
+                             capture_output=True).returncode == 0 if os.geteuid() == 0 else False
+    if not mounted:
+        os.chmod(readonly, 0o555)
+    yield root, mounted
+    if mounted:
+        subprocess.run(["umount", str(readonly)], check=True)
+
+
+# -----------------------------------------------------------------------------
+# The table. A case: (id, script, arguments, words of the one-line error). In arguments, {root}
+# is the world's folder; every train.py case also gets TRAIN, --dataset={root}/data and a new
+# --out_dir (which must stay uncreated) unless it sets its own.
+
+def knob_cases():
+    """For every knob of every script whose default is not None (and that may not be set to
+    None): --knob=None, and a value of another type."""
+    scripts = ["train.py", "sample.py", "chat.py", "export_hf.py", "data/text/prepare.py",
+               "data/chat/prepare.py", "data/shakespeare_char/prepare.py",
+               "data/shakespeare/prepare.py", "bench/train_step.py", "bench/loading.py",
+               "bench/lora_memory.py", "bench/generation.py"]
+    nullable = {"sample.py": ("top_k", "seed"), "chat.py": ("top_k", "seed")}
+    cases = []
+    from configurator import knobs
+    for script in scripts:
+        if "/" in script:
+            spec = importlib.util.spec_from_file_location("knobs_" + script[:-3].replace("/", "_"),
+                                                          os.path.join(REPO, script))
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(script[:-3])
+        for key, default in knobs(vars(module)).items():
+            if default is None or key in nullable.get(script, ()):
+                continue
+            cases.append((f"{script}:{key}=None", script, [f"--{key}=None"], [f"{key} cannot be None"]))
+            wrong, kind = ("3", "str") if isinstance(default, str) else ("abc", type(default).__name__)
+            cases.append((f"{script}:{key} of another type", script, [f"--{key}={wrong}"],
+                          [f"{key} must be", kind, "got"]))
+    return cases
+
+
+# train.py: values out of range, config files, datasets, init_from folders
+TRAIN_CASES = [
+    ("train: batch_size 0", ["--batch_size=0"], ["batch_size must be at least 1"]),
+    ("train: n_layer 0", ["--n_layer=0"], ["n_layer must be at least 1"]),
+    ("train: grad_clip negative", ["--grad_clip=-1.0"], ["grad_clip must not be negative"]),
+    ("train: lora_dropout 1", ["--lora_dropout=1.0"], ["lora_dropout must be in [0, 1)"]),
+    ("train: finetune unknown", ["--finetune=half"], ["finetune must be 'full', 'freeze' or 'lora'"]),
+    ("train: lora from scratch", ["--finetune=lora"], ["finetune=lora trains adapters on a pretrained model"]),
+    ("train: compile a string", ["--compile=yes"], ["compile must be True or False"]),
+    ("train: init_from empty", ["--init_from="], ["init_from must be"]),
+    ("train: config not Python", ["{root}/config_bad.py"], ["is not Python"]),
+    ("train: config YAML", ["{root}/config_yaml.py"], ["not YAML"]),
+    ("train: config that raises", ["{root}/config_raises.py"], ["failed: ZeroDivisionError"]),
+    ("train: config unknown key", ["{root}/config_unknown.py"], ["unknown config key 'n_layers'"]),
+    ("train: config not UTF-8", ["{root}/config_latin1.py"], ["is not UTF-8 text"]),
+    ("train: config missing", ["{root}/no_such_config.py"], ["cannot read config file"]),
+    ("train: --key without value", ["--batch_size"], ["must look like --key=value"]),
+    ("train: dataset missing", ["--dataset={root}/no_such_data"], ["has no train.bin"]),
+    ("train: dataset a file", ["--dataset={root}/a_file"], ["has no train.bin"]),
+    ("train: block_size past the model's", ["--init_from={root}/run", "--block_size=64"],
+     ["block_size=64 is larger than the context"]),
+    ("train: init_from a missing folder", ["--init_from={root}/no_such_model"], ["is not a folder"]),
+    ("train: init_from a file", ["--init_from={root}/a_file"], ["a_file"]),
+    ("train: init_from a hub id offline", ["--init_from=no-such-owner/no-such-model"],
+     ["cannot get 'no-such-owner/no-such-model'"]),
+    ("train: resume without a checkpoint", ["--init_from=resume", "--out_dir={root}/new_out"], ["no checkpoint"]),
+    ("train: init_from a folder without config.json", ["--init_from={root}/bpe", "--finetune=lora"],
+     ["has no config.json"]),
+]
+# damaged checkpoints, HF folders and nanoGPT runs: the same line from train.py (init_from=)
+# and sample.py (init_from=)
+FOLDER_CASES = [
+    ("ckpt/no_model_args", ["is not a checkpoint of a run"]),
+    ("ckpt/model_args_list", ["is not a checkpoint of a run"]),
+    ("ckpt/model_not_dict", ["is not a checkpoint of a run"]),
+    ("ckpt/n_layer_str", ["n_layer must be a positive integer, got '2'"]),
+    ("ckpt/n_embd_negative", ["n_embd must be a positive integer, got -32"]),
+    ("ckpt/n_head_not_dividing", ["n_embd (32) must be divisible by n_head (3)"]),
+    ("ckpt/family_unknown", ["family must be 'gpt2' or 'llama'"]),
+    ("ckpt/norm_eps_str", ["norm_eps must be a float, got 'small'"]),
+    ("ckpt/bias_str", ["bias must be a bool, got 'yes'"]),
+    ("ckpt/activation_unknown", ["activation must be"]),
+    ("ckpt/tensor_missing", ["is corrupted", "c_fc.weight is missing"]),
+    ("ckpt/tensor_missing_no_checksums", ["lacks 1 tensor(s)", "c_fc.weight"]),
+    ("ckpt/tensor_wrong_shape", ["is corrupted", "c_fc.weight does not match the checksum"]),
+    ("ckpt/tensor_wrong_shape_no_checksums", ["c_fc.weight has shape [3, 3]"]),
+    ("ckpt/tensor_extra", ["has a tensor transformer.h.9.mlp.c_fc.weight"]),
+    ("ckpt/tensor_name_int", ["a tensor is named 7"]),
+    ("ckpt/tensor_changed", ["is corrupted", "does not match the checksum it was saved with"]),
+    ("ckpt/checksums_list", ["is corrupted", "checksums are not a dict"]),
+    ("ckpt/tokenizer_unknown_kind", ["unknown tokenizer 'sentencepiece'"]),
+    ("ckpt/tokenizer_tiktoken_unknown", ["unknown tiktoken encoding 'nope'"]),
+    ("ckpt/tokenizer_char_not_str", ["char tokenizer spec has no chars"]),
+    ("ckpt/tokenizer_json_garbage", ["tokenizer.json is unreadable"]),
+    ("ckpt/tokenizer_a_string", ["unknown tokenizer 'gpt2'"]),
+    ("ckpt/a_list", ["is not a checkpoint of a run"]),
+    ("ckpt/pickled_code", ["refused", "calls code", "system", "nothing of it was run"]),
+    ("ckpt/empty_file", ["is unreadable or corrupt"]),
+    ("ckpt/truncated", ["is unreadable or corrupt"]),
+    ("ckpt/garbage", ["is unreadable or corrupt"]),
+    ("hf_bad/config_a_list", ["config.json does not hold a JSON object"]),
+    ("hf_bad/config_not_json", ["config.json is unreadable"]),
+    ("hf_bad/config_n_layer_str", ["n_layer must be a positive integer, got '2'"]),
+    ("hf_bad/config_n_embd_negative", ["n_embd must be a positive integer, got -32"]),
+    ("hf_bad/config_vocab_zero", ["vocab_size must be a positive integer, got 0"]),
+    ("hf_bad/config_n_positions_str", ["block_size must be a positive integer, got '32'"]),
+    ("hf_bad/config_n_head_not_dividing", ["must be divisible by n_head (3)"]),
+    ("hf_bad/config_model_type_bert", ["is a 'bert' model"]),
+    ("hf_bad/config_no_n_layer", ["config.json lacks n_layer"]),
+    ("hf_bad/config_epsilon_str", ["layer_norm_epsilon='tiny'"]),
+    ("hf_bad/config_llama_sizes_str", ["hidden_size must be a positive integer, got '32'"]),
+    ("hf_bad/config_llama_layers_negative", ["num_hidden_layers must be a positive integer, got -2"]),
+    ("hf_bad/config_llama_kv_heads", ["num_key_value_heads (3) must divide num_attention_heads (4)"]),
+    ("hf_bad/config_llama_rope_theta_str", ["rope_theta must be a positive number"]),
+    ("hf_bad/no_config", ["has no config.json"]),
+    ("hf_bad/header_size_huge", ["is not a safetensors file"]),
+    ("hf_bad/header_not_json", ["is not a safetensors file"]),
+    ("hf_bad/header_a_list", ["is not a safetensors file"]),
+    ("hf_bad/header_entry_a_string", ["is not a safetensors file"]),
+    ("hf_bad/header_dtype_int", ["has dtype I64, not a float type"]),
+    ("hf_bad/header_shape_negative", ["is corrupt", "do not match its shape"]),
+    ("hf_bad/header_shape_str", ["is not a safetensors file"]),
+    ("hf_bad/header_offsets_past_end", ["is truncated"]),
+    ("hf_bad/header_offsets_reversed", ["is corrupt", "do not match its shape"]),
+    ("hf_bad/header_shape_swapped", ["tensor transformer.wte.weight has shape [32, ", "its config implies"]),
+    ("hf_bad/header_unknown_tensor", ["has a tensor transformer.h.7.foo"]),
+    ("hf_bad/header_tensor_missing", ["lacks 1 tensor(s)", "ln_f.weight"]),
+    ("hf_bad/safetensors_empty", ["is not a safetensors file"]),
+    ("hf_bad/safetensors_truncated", ["is truncated"]),
+    ("hf_bad/index_missing_shard", ["names the shard", "model-00001-of-00002.safetensors", "missing"]),
+    ("hf_bad/index_no_weight_map", ["has no weight_map"]),
+    ("hf_bad/index_weight_map_list", ["has no weight_map"]),
+    ("hf_bad/index_not_json", ["model.safetensors.index.json is unreadable"]),
+    ("hf_bad/no_weights", ["has no weights"]),
+    ("hf_bad/bin_pickled_code", ["refused", "calls code", "system", "the weights of the model folder"]),
+    ("hf_bad/bin_garbage", ["is unreadable or corrupt"]),
+    ("hf_bad/tokenizer_json_garbage", ["tokenizer.json is unreadable"]),
+    ("nano/meta_a_list", ["meta.pkl is not a nanoGPT meta.pkl"]),
+    ("nano/meta_no_itos", ["meta.pkl is not a nanoGPT meta.pkl"]),
+    ("nano/meta_itos_gaps", ["meta.pkl is not a nanoGPT meta.pkl"]),
+    ("nano/meta_itos_words", ["meta.pkl is not a nanoGPT meta.pkl"]),
+    ("nano/meta_itos_ints", ["meta.pkl is not a nanoGPT meta.pkl"]),
+    ("nano/meta_pickled_code", ["refused", "calls code", "system", "the vocabulary of the nanoGPT run"]),
+    ("nano/meta_truncated", ["is not a plain nanoGPT meta.pkl"]),
+    ("nano/meta_missing", ["-token vocabulary but no meta.pkl"]),
+    ("lora_base_gone", ["is a LoRA run on", "base_gone, which is missing"]),
+    ("lora_base_changed", ["is a LoRA run on", "whose weights have changed since the run was trained"]),
+    ("loop_a", ["leads back to", "two runs name each other"]),
+    ("lora_no_base", ["is a LoRA run without the name of its base model"]),
+    ("lora_base_not_on_hub", ["cannot get 'no-such-owner/no-such-model'"]),
+    ("lora_no_rank", ["has no valid lora_rank"]),
+    ("lora_adapters_shapes", ["the saved adapters", "do not fit"]),
+    ("lora_adapters_not_tensors", ["adapters are not a state dict of tensors"]),
+]
+# only sample.py reads these from the checkpoint (train.py's dropout replaces the checkpoint's)
+SAMPLE_ONLY_FOLDERS = [("ckpt/dropout_1_5", ["dropout must be in [0, 1), got 1.5"])]
+# train.py --init_from=resume (a copy of the checkpoint in out_dir)
+RESUME_CASES = [
+    ("ckpt/no_iter_num", ["cannot be resumed", "iter_num is None"]),
+    ("ckpt/iter_num_str", ["cannot be resumed", "iter_num is '20'"]),
+    ("ckpt/no_optimizer", ["cannot be resumed", "no optimizer state"]),
+    ("ckpt/sampler_not_state", ["cannot be resumed", "sampler is not a random generator's state"]),
+    ("ckpt/config_list", ["cannot be resumed", "config is not a dict"]),
+    ("ckpt/tensor_changed", ["is corrupted"]),
+    ("ckpt/pickled_code", ["refused", "calls code"]),
+    ("lora_base_changed", ["whose weights have changed"]),
+]
+SAMPLE_CASES = [
+    ("sample: start None", ["--start=None"], ["start cannot be None"]),
+    ("sample: start a binary file", ["--start=FILE:{root}/prompts/binary.bin"], ["is binary", "NUL bytes"]),
+    ("sample: start a latin-1 file", ["--start=FILE:{root}/prompts/latin1.txt"], ["is not UTF-8 text", "byte 10"]),
+    ("sample: start an empty file", ["--start=FILE:{root}/prompts/empty.txt"], ["holds no prompt"]),
+    ("sample: start a folder", ["--start=FILE:{root}/prompts"], ["cannot read prompt file"]),
+    ("sample: jsonl not JSON", ["--start=FILE:{root}/prompts/bad.jsonl"], ["line 2: not JSON"]),
+    ("sample: jsonl not strings", ["--start=FILE:{root}/prompts/numbers.jsonl"], ["must be a JSON string"]),
+    ("sample: start outside the vocabulary", ["--start=snow \u2603"], ["outside the vocabulary"]),
+    ("sample: num_samples 0", ["--num_samples=0"], ["num_samples must be >= 1"]),
+    ("sample: num_samples 10**9", ["--num_samples=1000000000"], ["GB", "lower num_samples or max_new_tokens"]),
+    ("sample: max_new_tokens 10**12", ["--max_new_tokens=1000000000000"], ["GB", "max_new_tokens=1,000,000,000,000"]),
+    ("sample: max_length 1", ["--max_length=1"], ["leaves no room"]),
+    ("sample: min_new_tokens negative", ["--min_new_tokens=-1"], ["min_new_tokens"]),
+    ("sample: top_p 0", ["--top_p=0.0"], ["top_p must be in (0, 1]"]),
+    ("sample: top_p 1.5", ["--top_p=1.5"], ["top_p must be in (0, 1]"]),
+    ("sample: min_p 2", ["--min_p=2.0"], ["min_p must be in [0, 1]"]),
+    ("sample: typical_p 0", ["--typical_p=0.0"], ["typical_p must be in (0, 1]"]),
+    ("sample: repetition_penalty 0", ["--repetition_penalty=0.0"], ["repetition_penalty must be > 0"]),
+    ("sample: no_repeat_ngram_size negative", ["--no_repeat_ngram_size=-2"], ["no_repeat_ngram_size must be >= 0"]),
+    ("sample: num_beams 0", ["--num_beams=0"], ["num_beams must be >= 1"]),
+    ("sample: beams with samples", ["--num_beams=2", "--num_samples=3"], ["beam search"]),
+    ("sample: return sequences without beams", ["--num_return_sequences=2"], ["num_return_sequences counts the beams"]),
+    ("sample: early_stopping a word", ["--early_stopping=sometimes"], ["early_stopping"]),
+    ("sample: do_sample with temperature 0", ["--do_sample=True", "--temperature=0.0"], ["do_sample=True samples"]),
+    ("sample: stop empty", ["--stop=['']"], ["stop must be a non-empty string"]),
+    ("sample: bad_words a number list", ["--bad_words=[[]]"], ["bad_words"]),
+    ("sample: suppress_tokens a dict", ["--suppress_tokens={'a': 1}"], ["suppress_tokens must be"]),
+    ("sample: quantize int4", ["--quantize=int4"], ["quantize must be None or 'int8'"]),
+    ("sample: device tpu", ["--device=tpu"], ["device must be"]),
+    ("sample: dtype float8", ["--dtype=float8"], ["dtype must be"]),
+    ("sample: init_from empty", ["--init_from="], ["init_from must be"]),
+    ("sample: out_dir without a run", ["--out_dir={root}/prompts"], ["no checkpoint"]),
+    ("sample: out_dir a file", ["--out_dir={root}/a_file"], ["no checkpoint"]),
+]
+CHAT_CASES = [
+    ("chat: beams", ["--num_beams=2"], ["beam search"]),
+    ("chat: temperature negative", ["--temperature=-1.0"], ["temperature must be >= 0"]),
+    ("chat: max_new_tokens negative", ["--max_new_tokens=-1"], ["max_new_tokens must be >= 0"]),
+    ("chat: top_p 0", ["--top_p=0.0"], ["top_p must be in (0, 1]"]),
+    ("chat: no checkpoint", ["--out_dir={root}/prompts"], ["no checkpoint"]),
+    ("chat: a damaged run", ["--init_from={root}/ckpt/tensor_changed"], ["is corrupted"]),
+]
+EXPORT_CASES = [
+    ("export: no checkpoint", ["--out_dir={root}/prompts", "--export_dir={root}/new_export"], ["no checkpoint"]),
+    ("export: export_dir a file", ["--out_dir={root}/run", "--export_dir={root}/a_file"], ["is a file or a link"]),
+    ("export: export_dir under a file", ["--out_dir={root}/run", "--export_dir={root}/a_file/hf"],
+     ["cannot write the export", "left as it was"]),
+    ("export: export_dir the dataset", ["--out_dir={root}/run", "--export_dir={root}/data"], ["which are not an export's files"]),
+    ("export: a corrupted run", ["--out_dir={root}/ckpt/tensor_changed", "--export_dir={root}/new_export"], ["is corrupted"]),
+    ("export: a LoRA run whose base changed", ["--out_dir={root}/lora_base_changed", "--export_dir={root}/new_export"],
+     ["whose weights have changed"]),
+    ("export: its LoRA base", ["--out_dir={root}/lora", "--export_dir={root}/hf"], ["LoRA base"]),
+]
+PREPARE_CASES = [
+    ("text: no input", "data/text/prepare.py", ["--out={root}/new_data"], ["give --input=FILE"]),
+    ("text: input missing", "data/text/prepare.py", ["--input={root}/nope.txt", "--out={root}/new_data"], ["cannot read --input"]),
+    ("text: input not UTF-8", "data/text/prepare.py", ["--input={root}/text_latin1.txt", "--out={root}/new_data"], ["is not UTF-8 text"]),
+    ("text: input blank", "data/text/prepare.py", ["--input={root}/text_empty.txt", "--out={root}/new_data"], ["is empty"]),
+    ("text: input one character", "data/text/prepare.py", ["--input={root}/text_one.txt", "--out={root}/new_data",
+                                                           "--tokenizer=char"], ["too short"]),
+    ("text: documents unknown", "data/text/prepare.py", ["--input={root}/text_snow.txt", "--out={root}/new_data",
+                                                         "--documents=pages"], ["documents must be 'stream' or 'lines'"]),
+    ("text: unknown unknown", "data/text/prepare.py", ["--input={root}/text_snow.txt", "--out={root}/new_data",
+                                                       "--unknown=keep"], ["unknown must be 'error' or 'drop'"]),
+    ("text: num_proc negative", "data/text/prepare.py", ["--input={root}/text_snow.txt", "--out={root}/new_data",
+                                                         "--num_proc=-1"], ["num_proc must be"]),
+    ("text: char documents", "data/text/prepare.py", ["--input={root}/text_snow.txt", "--out={root}/new_data",
+                                                      "--tokenizer=char", "--documents=lines"], ["no end-of-text token"]),
+    ("text: a char run's tokenizer, other characters", "data/text/prepare.py",
+     ["--input={root}/text_snow.txt", "--out={root}/new_data", "--tokenizer={root}/run"], ["outside the vocabulary"]),
+    ("text: tokenizer a missing folder", "data/text/prepare.py",
+     ["--input={root}/text_snow.txt", "--out={root}/new_data", "--tokenizer={root}/nope"], ["is not a folder"]),
+    ("text: tokenizer a damaged run", "data/text/prepare.py",
+     ["--input={root}/text_snow.txt", "--out={root}/new_data", "--tokenizer={root}/ckpt/tokenizer_unknown_kind"],
+     ["unknown tokenizer"]),
+    ("text: out a file", "data/text/prepare.py", ["--input={root}/text_snow.txt", "--out={root}/a_file",
+                                                  "--tokenizer=char"], ["a_file is a file"]),
+    ("text: out under a file", "data/text/prepare.py", ["--input={root}/text_snow.txt", "--out={root}/a_file/d",
+                                                        "--tokenizer=char"], ["is under", "a_file, a file"]),
+    ("chat data: no input", "data/chat/prepare.py", ["--out={root}/new_data", "--tokenizer={root}/run"], ["input"]),
+    ("chat data: a bad line", "data/chat/prepare.py", ["--input={root}/chats_bad.jsonl", "--out={root}/new_data",
+                                                       "--tokenizer={root}/run"], ["line"]),
+    ("char data: input missing", "data/shakespeare_char/prepare.py",
+     ["--input={root}/nope.txt", "--out_dir={root}/new_data"], ["cannot read --input"]),
+    ("char data: input not UTF-8", "data/shakespeare_char/prepare.py",
+     ["--input={root}/text_latin1.txt", "--out_dir={root}/new_data"], ["is not UTF-8 text"]),
+    ("char data: out_dir a file", "data/shakespeare_char/prepare.py",
+     ["--input={root}/text_snow.txt", "--out_dir={root}/a_file"], ["cannot write the dataset"]),
+    ("bpe data: input missing", "data/shakespeare/prepare.py",
+     ["--input={root}/nope.txt", "--out_dir={root}/new_data"], ["cannot read --input"]),
+]
+BENCH_CASES = [
+    ("train_step: steps 0", "bench/train_step.py", ["--steps=0"], ["steps must be at least 1"]),
+    ("train_step: warmup negative", "bench/train_step.py", ["--warmup_steps=-1"], ["warmup_steps must not be negative"]),
+    ("train_step: batch_size 0", "bench/train_step.py", ["--batch_size=0"], ["batch_size must be at least 1"]),
+    ("train_step: n_embd huge", "bench/train_step.py", ["--n_embd=65536", "--n_head=16", "--device=cpu"], ["GB", "memory"]),
+    ("train_step: n_head not dividing", "bench/train_step.py", ["--n_head=5"], ["must be divisible by n_head"]),
+    ("train_step: vocab 0", "bench/train_step.py", ["--vocab_size=0"], ["vocab_size must be a positive integer"]),
+    ("train_step: optim sgd", "bench/train_step.py", ["--optim=sgd"], ["optim must be 'adamw' or 'muon'"]),
+    ("train_step: precision float8", "bench/train_step.py", ["--compare=True", "--precisions=float8"], ["float8"]),
+    ("train_step: device tpu", "bench/train_step.py", ["--device=tpu"], ["device must be"]),
+    ("loading: model unknown", "bench/loading.py", ["--model=gpt3"], ["model must be one of"]),
+    ("loading: repeats 0", "bench/loading.py", ["--repeats=0"], ["repeats must be at least 1"]),
+    ("loading: folder missing", "bench/loading.py", ["--folder={root}/no_such_folder"], ["no_such_folder", "not a folder"]),
+    ("loading: folder a file", "bench/loading.py", ["--folder={root}/a_file"], ["not a folder"]),
+    ("lora_memory: n_layer 0", "bench/lora_memory.py", ["--n_layer=0"], ["n_layer must be a positive integer"]),
+    ("lora_memory: n_embd huge", "bench/lora_memory.py", ["--n_embd=65536"], ["GB", "memory"]),
+    ("lora_memory: tokens 0", "bench/lora_memory.py", ["--tokens=0"], ["tokens must be in 1"]),
+    ("lora_memory: tokens past the context", "bench/lora_memory.py", ["--tokens=5000"], ["tokens must be in 1"]),
+    ("lora_memory: lora_rank 0", "bench/lora_memory.py", ["--n_layer=2", "--n_embd=64", "--n_head=2", "--lora_rank=0"],
+     ["lora_rank must be at least 1"]),
+    ("lora_memory: freeze_layers past the model", "bench/lora_memory.py", ["--n_layer=2", "--n_embd=64",
+                                                                           "--n_head=2", "--freeze_layers=9"],
+     ["freeze_layers=9"]),
+    ("lora_memory: targets unknown", "bench/lora_memory.py", ["--n_layer=2", "--n_embd=64", "--n_head=2",
+                                                              "--lora_targets=q_proj"], ["unknown lora target"]),
+    ("generation: repeat 0", "bench/generation.py", ["--repeat=0"], ["repeat must be at least 1"]),
+    ("generation: new_tokens 0", "bench/generation.py", ["--new_tokens=0"], ["new_tokens must be at least 1"]),
+    ("generation: prompt_tokens 0", "bench/generation.py", ["--prompt_tokens=0"], ["prompt_tokens must be at least 1"]),
+    ("generation: char_samples 0", "bench/generation.py", ["--char_samples=0"], ["char_samples must be at least 1"]),
+    ("generation: char_tokens 0", "bench/generation.py", ["--char_tokens=0"], ["char_tokens must be at least 1"]),
+    ("generation: parts unknown", "bench/generation.py", ["--parts=gpt3"], ["parts must be"]),
+    ("generation: quality_from missing", "bench/generation.py", ["--parts=", "--quality_from={root}/prompts"],
+     ["no checkpoint"]),
+    ("generation: prompt past the context", "bench/generation.py", ["--prompt_tokens=2000", "--parts=gpt2"],
+     ["prompt_tokens"]),
+]
+# out_dir for train.py: checked by checkpoint.check_out_dir, which train.py calls
+OUT_DIR_CASES = [
+    ("train: out_dir a file", ["--out_dir={root}/a_file"], ["out_dir=", "a_file is a file, not a folder"]),
+    ("train: out_dir empty", ["--out_dir="], ["out_dir must be a folder's path"]),
+    ("train: out_dir under a file", ["--out_dir={root}/a_file/out"], ["is under", "a_file, which is a file"]),
+    ("train: out_dir read-only", ["--out_dir={root}/readonly/out"], ["cannot be written", "Read-only file system"]),
+    ("train: resume in a read-only out_dir", ["--out_dir={root}/readonly", "--init_from=resume"],
+     ["cannot be written"]),
+]
+
+
+def all_cases():
+    """[(id, script, args, words, marks)] of every case."""
+    cases = [(i, s, a, w, ()) for i, s, a, w in knob_cases()]
+    new_out = "--out_dir={root}/new_out"
+    for what, args, words in TRAIN_CASES:
+        cases.append((what, "train.py", [*TRAIN, "--dataset={root}/data", new_out, *args], words, ()))
+    for folder, words in FOLDER_CASES:
+        cases.append((f"train: init_from={folder}", "train.py",
+                      [*TRAIN, "--dataset={root}/data", new_out, f"--init_from={{root}}/{folder}"], words, ()))
+    for folder, words in FOLDER_CASES + SAMPLE_ONLY_FOLDERS:
+        cases.append((f"sample: init_from={folder}", "sample.py",
+                      [*SAMPLE, f"--init_from={{root}}/{folder}"], words, ()))
+    for folder, words in RESUME_CASES:
+        cases.append((f"train: resume {folder}", "train.py",
+                      [*TRAIN, "--dataset={root}/data", "--init_from=resume", f"--out_dir={{root}}/{folder}"],
+                      words, ()))
+    for what, args, words in SAMPLE_CASES:
+        cases.append((what, "sample.py", [*SAMPLE, "--out_dir={root}/run", *args], words, ()))
+    for what, args, words in CHAT_CASES:
+        cases.append((what, "chat.py", ["--device=cpu", "--out_dir={root}/run", "--prompt=ROMEO:", *args], words, ()))
+    for what, args, words in EXPORT_CASES:
+        cases.append((what, "export_hf.py", args, words, ()))
+    for what, script, args, words in PREPARE_CASES + BENCH_CASES:
+        cases.append((what, script, args, words, ()))
+    wiring = pytest.mark.skipif(not OUT_DIR_WIRED, reason="train.py does not call checkpoint.check_out_dir yet")
+    for what, args, words in OUT_DIR_CASES:
+        cases.append((what, "train.py", [*TRAIN, "--dataset={root}/data", *args], words, (wiring,)))
+    return cases
+
+
+CASES = all_cases()
+assert len({c[0] for c in CASES}) == len(CASES), "case ids must be unique"
+
+
+@pytest.fixture(scope="module")
+def results(world, tmp_path_factory, request):
+    """{id: (result, changed paths)} of every case this session runs (-k may select some), run
+    in one go."""
+    root, _ = world
+    logs = tmp_path_factory.mktemp("logs")
+    selected = {item.callspec.params["what"] for item in request.session.items
+                if getattr(item, "callspec", None) and "what" in item.callspec.params}
+    cases = [c for c in CASES if c[0] in selected]
+    specs = [{"script": script, "args": [a.replace("{root}", str(root)) for a in args], "watch": [root]}
+             for _, script, args, _, _ in cases]
+    ran = run_cases(specs, logs, timeout=30)
+    return {case[0]: outcome for case, outcome in zip(cases, ran)}
+
+
+@pytest.mark.parametrize("what, words", [pytest.param(c[0], c[3], marks=c[4], id=c[0]) for c in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(what, words, results, world):
+    root, mounted = world
+    if what.endswith("read-only") and not mounted:
+        pytest.skip("a read-only folder needs a read-only mount (root ignores permissions)")
+    result, changed = results[what]
+    assert_user_error(result, *words)
+    assert changed == [], changed
+
+
+def test_the_table_covers_every_kind():
+    ids = [c[0] for c in CASES]
+    assert len(ids) >= 150
+    for kind in ("ckpt/", "hf_bad/", "nano/", "lora", "sample: start", "out_dir", "text:",
+                 "train_step:", "loading:", "lora_memory:", "generation:", "export:", "chat:",
+                 "resume", "None", "another type"):
+        assert any(kind in i for i in ids), kind
+
+
+def test_prepare_char_tokenizer_error_is_the_first_line(world, tmp_path):
+    """A char model's tokenizer meets a character it lacks: the error comes before any
+    progress bar, as the only line on stderr."""
+    root, _ = world
+    result = subprocess.run([sys.executable, "data/text/prepare.py", f"--input={root}/text_snow.txt",
+                             f"--out={tmp_path}/out", f"--tokenizer={root}/run"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert_user_error(result, "outside the vocabulary", "'\u2603'")
+    assert not (tmp_path / "out").exists()

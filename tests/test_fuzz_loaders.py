@@ -1,0 +1,216 @@
+"""Seeded mutation fuzzing of the loaders: byte flips, truncations and JSON / structure value
+swaps of a real ckpt.pt (written by checkpoint.save_run), a safetensors file's header, a
+config.json and a nanoGPT meta.pkl. Every outcome must be a load or a clean UserError: no other
+exception escapes. Seeded, so a failure repeats; each failure names its mutation."""
+
+import json
+import os
+import pickle
+import random
+import shutil
+
+import pytest
+import torch
+
+import checkpoint
+import hf
+from errors import UserError
+from model import GPT, GPTConfig
+from optim import configure_optimizers
+from tokenizer import CharTokenizer
+
+CHARS = "\n !'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# what a swapped value becomes: each kind of JSON / pickle value, and the awkward numbers
+VALUES = [None, True, False, 0, -1, 1, 3, 2**70, -(2**40), 0.5, -1e308, 1e308, float("nan"),
+          float("inf"), "", "x", "gpt2", "F32", [], [1, -2], [[]], {}, {"kind": "char"}]
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory):
+    """(ckpt.pt bytes, the checkpoint as a dict, the HF folder, meta.pkl's object): a tiny char
+    run saved by save_run, its export, and its vocabulary as nanoGPT's meta.pkl."""
+    root = tmp_path_factory.mktemp("originals")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=len(CHARS)))
+    optimizer = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
+    _, loss = model(torch.zeros(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.long))
+    loss.backward()
+    optimizer.step()
+    tokenizer = CharTokenizer(CHARS)
+    path = str(root / "ckpt.pt")
+    checkpoint.save_run(path, model, optimizer, {"dataset": "x"}, tokenizer.spec(), iter_num=1,
+                        best_val_loss=2.0, val_loss=2.0, sampler=torch.Generator().get_state(),
+                        torch_rng=torch.get_rng_state(), cuda_rng=[])
+    hf.export(model, tokenizer, str(root / "hf"))
+    with open(path, "rb") as f:
+        data = f.read()
+    return data, torch.load(path, weights_only=True), str(root / "hf"), {
+        "vocab_size": len(CHARS), "itos": dict(enumerate(CHARS)), "stoi": {c: i for i, c in enumerate(CHARS)}}
+
+
+def flip(data, rng, n=None):
+    """data with n (1 to 4) random bytes replaced by random ones."""
+    out = bytearray(data)
+    for _ in range(n or rng.randint(1, 4)):
+        out[rng.randrange(len(out))] = rng.randrange(256)
+    return bytes(out)
+
+
+def swap(obj, rng):
+    """A deep copy of a JSON-like / pickled structure with one randomly chosen value (at any
+    depth) replaced by one of VALUES, or one key deleted; returns (copy, what was done)."""
+    paths = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                paths.append(path + [key])
+                walk(value, path + [key])
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                paths.append(path + [i])
+                walk(value, path + [i])
+
+    walk(obj, [])
+    out = copy_structure(obj)
+    path = rng.choice(paths)
+    parent = out
+    for key in path[:-1]:
+        parent = parent[key]
+    if isinstance(parent, dict) and rng.random() < 0.2:
+        del parent[path[-1]]
+        return out, f"deleted {path}"
+    value = rng.choice(VALUES)
+    parent[path[-1]] = copy_structure(value)
+    return out, f"{path} = {value!r}"
+
+
+def copy_structure(obj):
+    if isinstance(obj, dict):
+        return {k: copy_structure(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [copy_structure(v) for v in obj]
+    return obj  # tensors are not changed in place, so they may be shared
+
+
+def outcome(load):
+    """None if load() loads or refuses with a UserError; else the exception that escaped."""
+    try:
+        load()
+    except UserError as e:
+        assert "\n" not in str(e), str(e)
+    except Exception as e:  # anything else escaping is the failure this test looks for
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    return None
+
+
+def fuzz(tmp_path, originals, kind, n, seed):
+    """Apply n seeded mutations of one kind; returns the [(mutation, escaped exception)]."""
+    data, run, hf_folder, meta = originals
+    rng = random.Random(seed)
+    escaped = []
+    for i in range(n):
+        case = tmp_path / f"{kind}{i}"
+        if kind == "ckpt bytes":
+            case.mkdir()
+            what = "truncated" if rng.random() < 0.3 else "flipped"
+            body = data[:rng.randrange(len(data))] if what == "truncated" else flip(data, rng)
+            (case / "ckpt.pt").write_bytes(body)
+            loads = [lambda: checkpoint.load_model(str(case)), lambda: checkpoint.load_run(str(case / "ckpt.pt"))]
+        elif kind == "ckpt values":
+            case.mkdir()
+            mutated, what = swap(run, rng)
+            torch.save(mutated, str(case / "ckpt.pt"))
+            loads = [lambda: checkpoint.load_model(str(case)), lambda: checkpoint.load_run(str(case / "ckpt.pt"))]
+        elif kind in ("safetensors header", "config.json"):
+            shutil.copytree(hf_folder, case)
+            what = mutate_folder(case, kind, rng)
+            loads = [lambda: checkpoint.load_model(str(case))]
+        else:  # meta.pkl of a nanoGPT run: its ckpt.pt without a tokenizer
+            case.mkdir()
+            nanogpt = {k: v for k, v in run.items() if k not in ("tokenizer", "checksums")}
+            torch.save(nanogpt, str(case / "ckpt.pt"))
+            good = pickle.dumps(meta)
+            r = rng.random()
+            if r < 0.4:
+                body, what = flip(good, rng), "flipped"
+            elif r < 0.55:
+                body, what = good[:rng.randrange(len(good))], "truncated"
+            else:
+                mutated, what = swap(meta, rng)
+                body = pickle.dumps(mutated)
+            (case / "meta.pkl").write_bytes(body)
+            loads = [lambda: checkpoint.load_tokenizer(str(case)), lambda: checkpoint.load_model(str(case))]
+        for load in loads:
+            error = outcome(load)
+            if error:
+                escaped.append((f"{kind} #{i}: {what}", error))
+                break
+        shutil.rmtree(case)
+    return escaped
+
+
+def mutate_folder(folder, kind, rng):
+    """Mutate the folder's model.safetensors header or its config.json in place; returns what."""
+    if kind == "config.json":
+        path = folder / "config.json"
+        text = path.read_text()
+        if rng.random() < 0.25:
+            path.write_bytes(flip(text.encode(), rng))
+            return "flipped"
+        mutated, what = swap(json.loads(text), rng)
+        path.write_text(json.dumps(mutated))
+        return what
+    path = folder / "model.safetensors"
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header, body = raw[8:8 + size], raw[8 + size:]
+    r = rng.random()
+    if r < 0.3:  # bytes of the header itself, its length unchanged
+        header, what = flip(header, rng), "header bytes flipped"
+    elif r < 0.4:  # the 8-byte length
+        path.write_bytes(flip(raw[:8], rng, 1) + raw[8:])
+        return "header size flipped"
+    elif r < 0.5:
+        path.write_bytes(raw[:rng.randrange(8 + size + 16)])
+        return "truncated in or just past the header"
+    else:
+        mutated, what = swap(json.loads(header), rng)
+        header = json.dumps(mutated).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + body)
+    return what
+
+
+@pytest.mark.parametrize("kind, n, seed", [("ckpt bytes", 120, 1), ("ckpt values", 80, 2),
+                                           ("safetensors header", 120, 3), ("config.json", 80, 4),
+                                           ("meta.pkl", 80, 5)])
+def test_mutated_files_load_or_give_one_clean_error(kind, n, seed, originals, tmp_path):
+    escaped = fuzz(tmp_path, originals, kind, n, seed)
+    assert not escaped, "\n".join(f"{what} -> {error}" for what, error in escaped)
+
+
+def test_the_unmutated_files_load(originals, tmp_path):
+    data, run, hf_folder, meta = originals
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt.pt").write_bytes(data)
+    model, tokenizer = checkpoint.load_model(str(tmp_path / "run"))
+    assert tokenizer.chars == CHARS
+    checkpoint.load_run(str(tmp_path / "run" / "ckpt.pt"))
+    assert checkpoint.load_model(hf_folder)[0].config.vocab_size == len(CHARS)
+    nanogpt = {k: v for k, v in run.items() if k not in ("tokenizer", "checksums")}
+    (tmp_path / "nano").mkdir()
+    torch.save(nanogpt, str(tmp_path / "nano" / "ckpt.pt"))
+    (tmp_path / "nano" / "meta.pkl").write_bytes(pickle.dumps(meta))
+    assert checkpoint.load_tokenizer(str(tmp_path / "nano")).chars == CHARS
+
+
+def test_a_flipped_tensor_byte_is_reported_as_corruption(originals, tmp_path):
+    """A byte of a tensor's data flipped on disk (torch.load does not notice: the file is still
+    a valid zip of the right sizes) is caught by the checksum save_run stored."""
+    data, run, _, _ = originals
+    target = run["model"]["transformer.h.0.mlp.c_fc.weight"].numpy().tobytes()[:16]
+    at = data.index(target)
+    (tmp_path / "ckpt.pt").write_bytes(data[:at] + bytes([data[at] ^ 0x40]) + data[at + 1:])
+    with pytest.raises(UserError, match=r"is corrupted: tensor transformer.h.0.mlp.c_fc.weight "
+                                        "does not match the checksum"):
+        checkpoint.load_model(str(tmp_path))
