@@ -682,3 +682,27 @@ def test_prepare_char_tokenizer_error_is_the_first_line(world, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert_user_error(result, "outside the vocabulary", "'\u2603'")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where, words", [
+    ("a_file", ["is a file, not a folder"]),
+    ("", ["out_dir must be a folder's path"]),
+    ("a_file/out", ["is under", "a_file, which is a file"]),
+    ("readonly/out", ["cannot be written", "Read-only file system"]),
+    ("readonly", ["cannot be written", "Read-only file system"]),
+])
+def test_check_out_dir_refuses_what_no_run_can_write_into(where, words, world):
+    """checkpoint.check_out_dir itself (train.py's out_dir cases above run once train.py calls
+    it): one line, and nothing made, not even the probe file."""
+    from checkpoint import check_out_dir
+    from errors import UserError
+    root, mounted = world
+    if where.startswith("readonly") and not mounted:
+        pytest.skip("a read-only folder needs a read-only mount (root ignores permissions)")
+    before = sorted(os.listdir(root))
+    with pytest.raises(UserError) as info:
+        check_out_dir(str(root / where) if where else "")
+    assert "\n" not in str(info.value) and all(w in str(info.value) for w in words), str(info.value)
+    assert sorted(os.listdir(root)) == before
+    check_out_dir(str(root / "new_out" / "deeper"))  # a new folder in a writable one: fine
+    assert not (root / "new_out").exists()
