@@ -81,18 +81,28 @@ def setup(device_type, backend=None, kind="ddp"):
                        int(os.environ["WORLD_SIZE"]))
 
 
-def shard(model, dist, precision, device_type):
+def shard(model, dist, precision, device_type, device, from_rank0=True):
     """FSDP2 on model, in place: each Block its own unit (its weights gathered for its forward
     and backward, then freed), then the root. On a GPU the blocks compute in the run's precision
-    from float32 master weights, and gradients are reduced in float32."""
+    from float32 master weights, and gradients are reduced in float32. from_rank0: rank 0's
+    model holds the weights and the others were built on the meta device: each process gets
+    its shards from rank 0, so one copy of the model passes through host memory, not one a
+    process. Else each process's model is its own: drawn alike, or empty (on the meta device)
+    for a sharded checkpoint to fill."""
     if not dist.sharded:
         return
+    whole = model.state_dict() if from_rank0 and dist.rank == 0 else {}
     policy = MixedPrecisionPolicy()
     if device_type == "cuda" and precision != "float32":
         policy = MixedPrecisionPolicy(param_dtype=getattr(torch, precision), reduce_dtype=torch.float32)
     for block in model.blocks:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    if any(p.is_meta for p in model.parameters()):
+        materialize(model, device)
+    if from_rank0:
+        set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True,
+                                                                     broadcast_from_rank0=True))
 
 
 def accumulating(model, raw_model, dist, sync):

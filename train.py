@@ -173,11 +173,12 @@ def override(values, passed, why):
         print(f"note: {why}: {', '.join(ignored)} ignored")
 
 
-def load_or_build_model(meta, passed, device_type):
+def load_or_build_model(meta, passed, device_type, build_on="cpu"):
     """(model, tokenizer spec, run, base) for init_from: a new GPT of the configured shape, the
     run in out_dir/ckpt.pt (with its optimizer and counters in `run`), or a pretrained model
     (GPT-2, a hub id, a folder, a run of ours or nanoGPT's). base: where a LoRA run's base model
-    is, which its checkpoints name. A resumed or pretrained model's shape replaces the flags'."""
+    is, which its checkpoints name. A resumed or pretrained model's shape replaces the flags'.
+    build_on: 'cpu', or 'meta' for a model of the right shape without its values."""
     run, base = None, None
     if init_from == "resume":
         ckpt_path, sharded = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, distributed.SHARDED)
@@ -190,7 +191,7 @@ def load_or_build_model(meta, passed, device_type):
                 model = GPT(config)
             run["sharded"] = sharded
         else:
-            model, run = checkpoint.load_run(ckpt_path, dropout=dropout)
+            model, run = checkpoint.load_run(ckpt_path, device=build_on, dropout=dropout)
         if run["iter_num"] > max_iters:
             raise UserError(f"max_iters={max_iters} is below iteration {run['iter_num']}, where "
                             f"{ckpt_path} stopped: raise --max_iters to train on (nothing written)")
@@ -203,10 +204,12 @@ def load_or_build_model(meta, passed, device_type):
         config = checkpoint.model_config({**args, "dropout": dropout,
                                           "vocab_size": meta.get("vocab_size", 50304)})
         check_memory(dataclasses.asdict(config), device_type)
-        return GPT(config), meta.get("tokenizer"), run, base
+        with torch.device(build_on):
+            model = GPT(config)
+        return model, meta.get("tokenizer"), run, base
     # the architecture is the pretrained model's; dropout applies, block_size crops;
     # a LoRA run as init_from comes with its adapters merged into the weights
-    model, tokenizer = checkpoint.load_model(init_from, dropout=dropout, block_size=block_size)
+    model, tokenizer = checkpoint.load_model(init_from, build_on, dropout=dropout, block_size=block_size)
     override({k: getattr(model.config, k) for k in ARCHITECTURE}, passed,
              f"the architecture is {init_from}'s")
     if meta.get("vocab_size", 0) > model.config.vocab_size:
@@ -318,15 +321,19 @@ def main():
     # the dataset's files before any model is loaded; then its length against the model's
     # context and its token ids against the model's vocabulary
     _, meta = open_dataset(dataset)
-    model, tokenizer_spec, run, base = load_or_build_model(meta, passed, device_type)
+    # under FSDP rank 0 alone builds or loads the model in host memory; the others build it
+    # empty and receive their shards from rank 0 (distributed.shard)
+    build_on = "meta" if dist.sharded and rank > 0 else "cpu"
+    model, tokenizer_spec, run, base = load_or_build_model(meta, passed, device_type, build_on)
     check_config(knobs(globals()))  # again, with what a resumed run keeps of its checkpoint
     splits, meta = open_dataset(dataset, block_size, model.config.vocab_size)
     trainable_count, total = setup_finetune(model, finetune, freeze_layers, checkpoint.lora_settings(globals()),
                                             run and run.get("adapters"), trainable)
     torch.manual_seed(seed + rank)
-    distributed.shard(model, dist, precision, device_type)
-    if run is not None and "sharded" in run:
-        distributed.materialize(model, dev)  # built on the meta device: the checkpoint's shards fill it
+    resuming_shards = run is not None and "sharded" in run  # the model is empty: the shards fill it
+    distributed.shard(model, dist, precision, device_type, dev, from_rank0=not resuming_shards)
+    if next(model.parameters()).is_meta:
+        distributed.materialize(model, dev)
     else:
         model.to(dev)
     tokens_per_iter = accum_steps * world_size * batch_size * block_size

@@ -65,7 +65,7 @@ def measure(kind, config, rank, world_size):
     torch.manual_seed(seed)  # the same weights on every process, as train.py draws them
     model = GPT(config)
     dist = distributed.Distributed(kind, rank, rank, world_size)
-    distributed.shard(model, dist, "float32", "cpu")
+    distributed.shard(model, dist, "float32", "cpu", "cpu", from_rank0=False)  # drawn alike on each
     optimizer = configure_optimizers(model, 0.1, 1e-4, (0.9, 0.95), "cpu")
     wrapped = DDP(model) if kind == "ddp" else model
     x = torch.randint(0, config.vocab_size, (1, tokens + 1), generator=torch.Generator().manual_seed(rank))
