@@ -146,20 +146,24 @@ def model_config(args, source=None):
 # -----------------------------------------------------------------------------
 # Our runs (and nanoGPT's, whose format ours keeps)
 
-def save_run(path, model, optimizer, config, tokenizer_spec, base=None, **progress):
+def save_run(path, model, optimizer, config, tokenizer_spec, base=None, model_state=None,
+             optimizer_state=None, **progress):
     """Write a training run's checkpoint. tokenizer_spec: tokenizer.py's spec of the run's
     tokens (None if its dataset names none). base: where a LoRA run's base model comes from
     (a name, a hub id, or a path, stored absolute so the run loads from anywhere); such a run
-    saves its adapters, not the base's weights. progress: iter_num, best_val_loss, val_loss
-    and the sampler / RNG states, stored as they are. Weights (or adapters) or optimizer state
+    saves its adapters, not the base's weights. model_state, optimizer_state: the states to
+    save when model and optimizer hold shards of them (distributed.full_state gathers them
+    under FSDP); by default model.state_dict() and optimizer.state_dict(). progress: iter_num,
+    best_val_loss, val_loss and the sampler / RNG states, stored as they are. Weights (or adapters) or optimizer state
     holding a NaN or an infinity are refused with a UserError, the file at path untouched: a
     diverged run never replaces a good checkpoint."""
+    model_state = model.state_dict() if model_state is None else model_state
     if base is None:
-        weights = {"model": model.state_dict()}
+        weights = {"model": model_state}
     else:
-        weights = {"adapters": lora.adapters(model),
+        weights = {"adapters": lora.adapters(model_state),
                    "base": os.path.abspath(base) if os.path.exists(base) else base}
-    optimizer_state = optimizer.state_dict()
+    optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
     bad = nonfinite(weights.get("model", weights.get("adapters")))
     bad = bad or nonfinite(dict(named_tensors(optimizer_state, "the optimizer's state")))
     if bad is not None:
