@@ -92,6 +92,12 @@ def open_dataset(name, block_size=None, vocab_size=None):
         raise UserError(f"{meta_path} names dtype {dtype!r}: token ids are stored as 'uint16' or "
                         "'uint32'")
     dtype = np.dtype(dtype)
+    if meta.get("tokenizer") is not None:  # a run trained on it carries this spec: check it now
+        from tokenizer import check_spec
+        try:
+            check_spec(meta["tokenizer"])
+        except UserError as e:
+            raise UserError(f"{meta_path}: {e}; prepare the dataset again") from None
     meta_vocab = meta.get("vocab_size")
     if meta_vocab is not None and (isinstance(meta_vocab, bool) or not isinstance(meta_vocab, int)
                                    or meta_vocab < 1):

@@ -96,6 +96,34 @@ def damaged_checkpoints(root, good):
     (root / "garbage" / "ckpt.pt").write_bytes(b"not a checkpoint at all" * 100)
 
 
+def damaged_datasets(root, good):
+    """Folders root/<how>, each a copy of the good dataset damaged one way."""
+    meta = json.load(open(os.path.join(good, "meta.json")))
+
+    def variant(how, change=None, files=None):
+        folder = root / how
+        shutil.copytree(good, folder)
+        if change is not None:
+            m = json.loads(json.dumps(meta))
+            change(m)
+            (folder / "meta.json").write_text(json.dumps(m))
+        for name, content in (files or {}).items():
+            if content is None:
+                os.remove(folder / name)
+            else:
+                (folder / name).write_bytes(content)
+
+    variant("vocab_size_str", lambda m: m.update(vocab_size="65"))
+    variant("vocab_size_zero", lambda m: m.update(vocab_size=0))
+    variant("tokenizer_unknown", lambda m: m.update(tokenizer={"kind": "bpe"}))
+    variant("tokenizer_no_chars", lambda m: m.update(tokenizer={"kind": "char"}))
+    variant("dtype_int8", lambda m: m.update(dtype="int8"))
+    variant("no_val", files={"val.bin": None})
+    variant("mask_short", files={"train.mask.bin": b"\1" * 10})
+    variant("meta_null", files={"meta.json": b"null"})
+    variant("meta_latin1", files={"meta.json": b'{"source": "caf\xe9"}'})
+
+
 def safetensors_with(header, data, path):
     raw = json.dumps(header).encode() if not isinstance(header, bytes) else header
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -271,6 +299,7 @@ def world(trained, char_dataset, tmp_path_factory):
     model, tokenizer = load_model(str(root / "run"))
     hf.export(model, tokenizer, str(root / "hf"))
     damaged_checkpoints(root / "ckpt", str(root / "run" / "ckpt.pt"))
+    damaged_datasets(root / "data_bad", str(root / "data"))
     damaged_hf_folders(root / "hf_bad", str(root / "hf"))
     nanogpt_runs(root / "nano", str(root / "run" / "ckpt.pt"))
     lora_runs(root, root / "hf")
@@ -358,6 +387,20 @@ TRAIN_CASES = [
     ("train: --key without value", ["--batch_size"], ["must look like --key=value"]),
     ("train: dataset missing", ["--dataset={root}/no_such_data"], ["has no train.bin"]),
     ("train: dataset a file", ["--dataset={root}/a_file"], ["has no train.bin"]),
+    ("train: meta.json vocab_size a string", ["--dataset={root}/data_bad/vocab_size_str"],
+     ["vocab_size must be a positive integer, got '65'"]),
+    ("train: meta.json vocab_size 0", ["--dataset={root}/data_bad/vocab_size_zero"],
+     ["vocab_size must be a positive integer, got 0"]),
+    ("train: meta.json tokenizer unknown", ["--dataset={root}/data_bad/tokenizer_unknown"],
+     ["meta.json: unknown tokenizer 'bpe'"]),
+    ("train: meta.json tokenizer without chars", ["--dataset={root}/data_bad/tokenizer_no_chars"],
+     ["meta.json: the char tokenizer spec has no chars"]),
+    ("train: meta.json dtype int8", ["--dataset={root}/data_bad/dtype_int8"], ["names dtype 'int8'"]),
+    ("train: no val.bin", ["--dataset={root}/data_bad/no_val"], ["has no val.bin"]),
+    ("train: a mask of the wrong length", ["--dataset={root}/data_bad/mask_short"],
+     ["train.mask.bin has 10 bytes for"]),
+    ("train: meta.json null", ["--dataset={root}/data_bad/meta_null"], ["holds a JSON NoneType"]),
+    ("train: meta.json not UTF-8", ["--dataset={root}/data_bad/meta_latin1"], ["is not readable JSON"]),
     ("train: block_size past the model's", ["--init_from={root}/run", "--block_size=64"],
      ["block_size=64 is larger than the context"]),
     ("train: init_from a missing folder", ["--init_from={root}/no_such_model"], ["is not a folder"]),
