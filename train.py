@@ -295,6 +295,7 @@ def estimate_loss(model, batch, autocast):
 def main():
     passed = configure(globals(), nullable=()).passed  # None only where the default is None
     check_config(knobs(globals()))
+    checkpoint.check_out_dir(out_dir)  # a file, under a file, read-only: before any work
 
     dev, device_type, precision, autocast = hardware.setup(device, dtype)
     dist = distributed.setup(device_type, backend, parallel)
