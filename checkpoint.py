@@ -225,7 +225,7 @@ def verify_checksums(path, run, parts=("weights", "optimizer")):
                                 "written); restore it or train again")
 
 
-def base_fingerprint(base):
+def base_fingerprint(base, origin=None):
     """What identifies a LoRA run's base model, to tell later whether it is still the one the
     adapters were trained on: for a run of ours, the checksums its checkpoint carries; for a
     model folder, its weight files' names, sizes and a crc32 of 16 chunks of 64 KiB spread
@@ -233,7 +233,7 @@ def base_fingerprint(base):
     GPT-2 size: the hub's copy is named, not held."""
     path = run_path(base) if isinstance(base, str) else None
     if path is not None:
-        run = load_checkpoint(path)
+        run = load_checkpoint(path, origin)
         sums = run.get("checksums") if isinstance(run, dict) else None
         return {"kind": "run", "crc32": zlib.crc32(repr(sums).encode())} if sums else None
     if not (isinstance(base, str) and os.path.isdir(base)):
@@ -289,7 +289,7 @@ def load_run(path, device="cpu", dtype=torch.float32, dropout=None, _loading=(),
     the checkpoint: optimizer, iter_num, config, tokenizer (a spec), sampler and RNG states.
     dropout replaces the checkpoint's. verify: which tensors to check against the checksums
     save_run stored (verify_checksums); a corrupted file is a UserError."""
-    run = load_checkpoint(path)
+    run = load_checkpoint(path, f"the LoRA base of {_loading[-1]}" if _loading else None)
     if not isinstance(run, dict) or not isinstance(run.get("model_args"), dict) or \
             not isinstance(run.get("model", run.get("adapters")), dict):
         raise UserError(f"{path} is not a checkpoint of a run (no model / model_args)")
@@ -357,7 +357,7 @@ def load_lora_base(path, run, device, dtype, dropout, loading):
         if not os.path.exists(base):
             raise UserError(f"{path} is a LoRA run on {base}, which is missing (moved or deleted "
                             "since the run): put the base model back there")
-        if base_fingerprint(base) != recorded:
+        if base_fingerprint(base, f"the LoRA base of {path}") != recorded:
             raise UserError(f"{path} is a LoRA run on {base}, whose weights have changed since "
                             "the run was trained: its adapters belong to the model that was there; "
                             "restore that model, or train the adapters again")

@@ -275,6 +275,9 @@ def lora_runs(root, hf_folder):
     for me, other in (("loop_a", "loop_b"), ("loop_b", "loop_a")):
         save({**good, "base": str(root / other), "base_fingerprint": None}, str(root / me / "ckpt.pt"))
     save({**good, "base": ""}, str(root / "lora_no_base" / "ckpt.pt"))
+    save({"model": Evil(), "model_args": {}}, str(root / "evil_base" / "ckpt.pt"))
+    save({**good, "base": str(root / "evil_base"), "base_fingerprint": None},
+         str(root / "lora_base_pickled_code" / "ckpt.pt"))
     save({**good, "base": "no-such-owner/no-such-model", "base_fingerprint": None},
          str(root / "lora_base_not_on_hub" / "ckpt.pt"))
     config = dict(good["config"])
@@ -491,6 +494,8 @@ FOLDER_CASES = [
     ("lora_base_changed", ["is a LoRA run on", "whose weights have changed since the run was trained"]),
     ("loop_a", ["leads back to", "two runs name each other"]),
     ("lora_no_base", ["is a LoRA run without the name of its base model"]),
+    ("lora_base_pickled_code", ["evil_base/ckpt.pt, the LoRA base of", "lora_base_pickled_code/ckpt.pt: refused",
+                                "calls code", "nothing of it was run"]),
     ("lora_base_not_on_hub", ["cannot get 'no-such-owner/no-such-model'"]),
     ("lora_no_rank", ["has no valid lora_rank"]),
     ("lora_adapters_shapes", ["the saved adapters", "do not fit"]),
