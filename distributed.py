@@ -173,13 +173,14 @@ def sharded_state(model, optimizer):
 def save_sharded(folder, model, optimizer, dist, progress):
     """Write a sharded checkpoint: every process its shards of the model and optimizer states
     (torch.distributed.checkpoint), rank 0 the rest (progress: model_args, config, tokenizer,
-    counters, random states; a file torch.load reads as plain data). All processes call this.
+    counters, random states; a file torch.load reads as plain data). Under FSDP all processes
+    call this; else one process holds the whole state and writes it alone.
     The folder is written beside and swapped in whole, so a crash leaves the last good one.
     Non-finite weights or moments are refused on every process, nothing written."""
     state = sharded_state(model, optimizer)
     local = {n: getattr(t, "_local_tensor", t) for n, t in checkpoint.named_tensors(state, "state")}
     bad = torch.tensor(float(checkpoint.nonfinite(local) is not None))
-    if dist.kind is not None:
+    if dist.sharded:
         torch_dist.all_reduce(bad.to(flag_device(dist)), op=torch_dist.ReduceOp.MAX)
     if bad.item():
         raise UserError(f"the model or optimizer state holds NaN or infinite values at iteration "
@@ -187,10 +188,10 @@ def save_sharded(folder, model, optimizer, dist, progress):
                         f"learning_rate); not saved, {folder} left as it was")
 
     def write(tmp):
-        if dist.kind is not None:  # every process writes into the folder rank 0 made
-            torch_dist.broadcast_object_list(names := [tmp], src=0)
+        if dist.sharded:  # every process writes into the folder rank 0 made
+            torch_dist.broadcast_object_list([tmp], src=0)
         with alone(dist):
-            dcp.save(state, checkpoint_id=tmp, no_dist=dist.kind is None)
+            dcp.save(state, checkpoint_id=tmp, no_dist=not dist.sharded)
         if dist.rank == 0:
             checkpoint.save_checkpoint(progress, os.path.join(tmp, PROGRESS))
 
@@ -200,7 +201,7 @@ def save_sharded(folder, model, optimizer, dist, progress):
         names = [None]
         torch_dist.broadcast_object_list(names, src=0)
         dcp.save(state, checkpoint_id=names[0])
-    if dist.kind is not None:
+    if dist.sharded:
         torch_dist.barrier()  # the folder is in place before anyone goes on
 
 
@@ -245,8 +246,8 @@ def load_sharded(folder, model, optimizer, dist):
     config) from a sharded checkpoint written by any number of processes."""
     state = sharded_state(model, optimizer)
     try:
-        with alone(dist):
-            dcp.load(state, checkpoint_id=folder, no_dist=dist.kind is None)
+        with alone(dist):  # without FSDP each process reads the whole state for itself
+            dcp.load(state, checkpoint_id=folder, no_dist=not dist.sharded)
     except (Exception, CheckpointException) as e:
         raise UserError(f"the sharded checkpoint {folder} does not fit this model ({reason(e)}): "
                         "resume it with the settings it was trained with") from None
@@ -256,10 +257,10 @@ def load_sharded(folder, model, optimizer, dist):
 
 @contextmanager
 def alone(dist):
-    """torch.distributed.checkpoint used by one process without a process group, as it is
-    meant to be here: without its warning that it assumes so."""
+    """torch.distributed.checkpoint used by one process on its own (no_dist), as it is meant
+    to be here: without its warning that it assumes so."""
     with warnings.catch_warnings():
-        if dist.kind is None:
+        if not dist.sharded:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
 

@@ -300,6 +300,10 @@ def main():
     dev, device_type, precision, autocast = hardware.setup(device, dtype)
     dist = distributed.setup(device_type, backend, parallel)
     rank, world_size = dist.rank, dist.world_size
+    if sharded_checkpoint and dist.kind == "ddp":
+        raise UserError("sharded_checkpoint=True writes each process's shard of the model, but under "
+                        "parallel=ddp each process holds all of it (rank 0 writes ckpt.pt): use "
+                        "parallel=fsdp, or leave sharded_checkpoint off")
     if dist.kind and device_type == "cuda":
         dev = f"cuda:{dist.local_rank}"
         torch.cuda.set_device(dev)

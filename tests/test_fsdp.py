@@ -137,6 +137,13 @@ def test_bad_parallel_settings(char_dataset, tmp_path):
         result = run_script("train.py", *RUN, f"--dataset={char_dataset}", f"--out_dir={out}", *args)
         assert_user_error(result, *words)
         assert not out.exists()
+    # under DDP (torchrun, here with one process) every process holds the whole state
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=1", "train.py", *RUN, f"--dataset={char_dataset}",
+                             f"--out_dir={out}", "--sharded_checkpoint=True"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and not out.exists()
+    assert "sharded_checkpoint=True writes each process's shard" in result.stderr
     # one process, without torchrun: nothing to shard, it says so and trains
     result = run_script("train.py", *RUN, f"--dataset={char_dataset}", f"--out_dir={out}",
                         "--parallel=fsdp", "--max_iters=2")
