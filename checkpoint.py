@@ -318,9 +318,13 @@ def check_resumable(path, run):
         raise UserError(f"{path} cannot be resumed: {what} (a damaged checkpoint, or one "
                         "saved without its training state); start a new run from it with "
                         f"--init_from={os.path.dirname(os.path.abspath(path))} instead")
+    def torch_optimizer_state(state):
+        return isinstance(state, dict) and isinstance(state.get("state"), dict) and \
+            isinstance(state.get("param_groups"), list)
     optimizer = run.get("optimizer")
-    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) or \
-            not isinstance(optimizer.get("param_groups"), list):
+    # one torch.optim state dict, or optim.py's several (Muon with AdamW) under "optimizers"
+    parts = optimizer.get("optimizers") if isinstance(optimizer, dict) and "optimizers" in optimizer else [optimizer]
+    if not isinstance(parts, list) or not parts or not all(map(torch_optimizer_state, parts)):
         refuse("it has no optimizer state")
     iter_num = run.get("iter_num")
     if isinstance(iter_num, bool) or not isinstance(iter_num, int) or iter_num < 0:

@@ -83,6 +83,7 @@ def damaged_checkpoints(root, good):
     variant("no_iter_num", lambda r: r.pop("iter_num"))
     variant("iter_num_str", lambda r: r.update(iter_num="20"))
     variant("no_optimizer", lambda r: r.pop("optimizer"))
+    variant("optimizers_not_states", lambda r: r.update(optimizer={"optimizers": [{"state": 3}]}))
     variant("sampler_not_state", lambda r: r.update(sampler=[1, 2, 3]))
     variant("config_list", lambda r: r.update(config=["dataset"]))
     save([1, 2, 3], str(root / "a_list" / "ckpt.pt"))
@@ -512,6 +513,7 @@ RESUME_CASES = [
     ("ckpt/no_iter_num", ["cannot be resumed", "iter_num is None"]),
     ("ckpt/iter_num_str", ["cannot be resumed", "iter_num is '20'"]),
     ("ckpt/no_optimizer", ["cannot be resumed", "no optimizer state"]),
+    ("ckpt/optimizers_not_states", ["cannot be resumed", "no optimizer state"]),
     ("ckpt/sampler_not_state", ["cannot be resumed", "sampler is not a random generator's state"]),
     ("ckpt/config_list", ["cannot be resumed", "config is not a dict"]),
     ("ckpt/tensor_changed", ["is corrupted"]),
