@@ -221,6 +221,19 @@ def quality_part():
             print(f"{name:18s} {torch.stack(losses).mean():.4f}")
 
 
+def check_settings():
+    """Refuse settings no measurement can come from, before anything is built."""
+    for key in ("repeat", "new_tokens", "prompt_tokens", "char_samples", "char_tokens", "qwen_tokens"):
+        if key in globals() and globals()[key] < 1:
+            raise UserError(f"{key} must be at least 1, got {globals()[key]}")
+    unknown = [p for p in parts.split(",") if p and p not in ("gpt2", "char", "qwen")]
+    if unknown:
+        raise UserError(f"parts must be a comma-separated list of gpt2, char and qwen, got {parts!r}")
+    if prompt_tokens >= 1024:
+        raise UserError(f"prompt_tokens={prompt_tokens} does not fit GPT-2's 1024-token context "
+                        "with room to generate: choose fewer")
+
+
 def main():
     configure(globals(), nullable=())
     check_settings()
@@ -236,16 +249,3 @@ def main():
 
 if __name__ == "__main__":
     run(main)
-def check_settings():
-    """Refuse settings no measurement can come from, before anything is built."""
-    for key in ("repeat", "new_tokens", "prompt_tokens", "char_samples", "char_tokens", "qwen_tokens"):
-        if key in globals() and globals()[key] < 1:
-            raise UserError(f"{key} must be at least 1, got {globals()[key]}")
-    unknown = [p for p in parts.split(",") if p and p not in ("gpt2", "char", "qwen")]
-    if unknown:
-        raise UserError(f"parts must be a comma-separated list of gpt2, char and qwen, got {parts!r}")
-    if prompt_tokens >= 1024:
-        raise UserError(f"prompt_tokens={prompt_tokens} does not fit GPT-2's 1024-token context "
-                        "with room to generate: choose fewer")
-
-
