@@ -111,11 +111,14 @@ def summary(runs, key, scale):
 
 
 def main():
-    configure(globals())
+    configure(globals(), nullable=())
     if model not in SIZES:
         raise UserError(f"model must be one of {', '.join(SIZES)}, got {model!r}")
     if repeats < 1:
         raise UserError(f"repeats must be at least 1, got {repeats}")
+    if folder and not os.path.isdir(folder):
+        raise UserError(f"--folder={folder} is not a folder: give an existing folder for the "
+                        "checkpoint (or leave it empty for a temp folder)")
     with tempfile.TemporaryDirectory(dir=folder or None) as path:
         t0 = time.perf_counter()
         weight_bytes = write_checkpoint(path, *SIZES[model])
@@ -145,6 +148,3 @@ def main():
 
 if __name__ == "__main__":
     run(main)
-    if folder and not os.path.isdir(folder):
-        raise UserError(f"--folder={folder} is not a folder: give an existing folder for the "
-                        "checkpoint (or leave it empty for a temp folder)")
