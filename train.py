@@ -273,21 +273,23 @@ def estimate_loss(model, batch, autocast):
     """Mean loss and next-token accuracy (how often the most likely token is the right one)
     over eval_iters batches of each split, batch(split, generator) drawing them; the same
     batches every time, so successive evaluations compare. Runs without DDP, on the master
-    only; under FSDP on every process (each holds a shard), the same batches on each."""
+    only; under FSDP on every process (each holds a shard), the same batches on each. The sums
+    stay on the device until the end: one wait for it a split, not three a batch."""
     model.eval()
     out = {}
     for split in ("train", "val"):
         generator = torch.Generator().manual_seed(seed)
-        losses, accuracies = torch.zeros(eval_iters), torch.zeros(eval_iters)
-        for k in range(eval_iters):
+        losses, accuracies = [], []
+        for _ in range(eval_iters):
             X, Y = batch(split, generator)
             with autocast:
                 logits, loss = model(X, Y)
-            losses[k] = loss.item()
             learned = Y != -1  # targets a loss mask leaves out do not count
-            accuracies[k] = ((logits.argmax(dim=-1) == Y) & learned).sum().item() / max(learned.sum().item(), 1)
-        out[split] = losses.mean().item()
-        out[f"{split}_acc"] = accuracies.mean().item()
+            right = ((logits.argmax(dim=-1) == Y) & learned).sum()
+            losses.append(loss.float())
+            accuracies.append(right / learned.sum().clamp(min=1))
+        out[split] = torch.stack(losses).mean().item()
+        out[f"{split}_acc"] = torch.stack(accuracies).float().mean().item()
     model.train()
     return out
 
@@ -334,7 +336,8 @@ def main():
     splits, meta = open_dataset(dataset, block_size, model.config.vocab_size)
     trainable_count, total = setup_finetune(model, finetune, freeze_layers, checkpoint.lora_settings(globals()),
                                             run and run.get("adapters"), trainable)
-    torch.manual_seed(seed + rank)
+    if rank > 0:  # rank 0 (and a single process) goes on drawing from where the model left off
+        torch.manual_seed(seed + rank)
     resuming_shards = run is not None and "sharded" in run  # the model is empty: the shards fill it
     distributed.shard(model, dist, precision, device_type, dev, from_rank0=not resuming_shards)
     if next(model.parameters()).is_meta:
