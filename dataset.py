@@ -10,6 +10,7 @@ JSON instead of nanoGPT's meta.pkl, so reading a dataset never unpickles anythin
     read_text(path)                                  # a preparer's UTF-8 input
     write_dataset(folder, tokenizer, train_ids, val_ids, source)
     splits, meta = open_dataset("shakespeare_char", block_size, vocab_size)   # memory-mapped, checked
+    splits = to_device(splits, "cuda")               # a small corpus: held on the GPU whole
     x, y = get_batch(splits["train"], block_size, rows, generator)
 """
 
@@ -137,16 +138,34 @@ def open_dataset(name, block_size=None, vocab_size=None):
     return splits, meta
 
 
+def to_device(splits, device, max_tokens=2**28):
+    """The splits (and their masks) as tensors on device, when all of them hold at most
+    max_tokens (2**28: 1 GiB as int32), so that batches are cut there, with no gather on the
+    host, pinning and copy at every step; larger corpora stay memory-mapped, as they are."""
+    import torch
+    if sum(len(ids) for name, ids in splits.items() if not name.endswith(".mask")) > max_tokens:
+        return splits
+    return {name: torch.from_numpy(np.asarray(ids, dtype=np.uint8 if name.endswith(".mask") else np.int32)).to(device)
+            for name, ids in splits.items()}
+
+
 def get_batch(data, block_size, n_rows, generator, rows=slice(None), mask=None):
     """Random windows of block_size + 1 tokens of data, as inputs and the targets shifted by one
     ((rows, block_size) int64 tensors each). n_rows starts are drawn and `rows` of them kept, so
     every process of a distributed run draws the same global batch and takes its own share.
-    mask: the split's loss mask; targets it marks 0 become -1, which the loss ignores."""
+    mask: the split's loss mask; targets it marks 0 become -1, which the loss ignores. data (and
+    mask): memory-mapped arrays, or tensors (to_device), whose batches are cut where they are."""
     import torch  # the preparers import this module too, and need no torch
     starts = torch.randint(len(data) - block_size, (n_rows,), generator=generator)[rows]
-    offsets = starts.numpy()[:, None] + np.arange(block_size + 1)
-    windows = torch.from_numpy(data[offsets].astype(np.int64))
+    if isinstance(data, torch.Tensor):
+        offsets = starts.to(data.device)[:, None] + torch.arange(block_size + 1, device=data.device)
+        windows = data[offsets].long()
+        hidden = None if mask is None else mask[offsets[:, 1:]] == 0
+    else:
+        offsets = starts.numpy()[:, None] + np.arange(block_size + 1)
+        windows = torch.from_numpy(data[offsets].astype(np.int64))
+        hidden = None if mask is None else torch.from_numpy(mask[offsets[:, 1:]] == 0)
     x, y = windows[:, :-1], windows[:, 1:]
-    if mask is not None:
-        y = y.masked_fill(torch.from_numpy(mask[offsets[:, 1:]] == 0), -1)
+    if hidden is not None:
+        y = y.masked_fill(hidden, -1)
     return x, y

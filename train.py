@@ -29,7 +29,7 @@ import distributed
 import hardware
 import lora
 from configurator import configure, knobs, run
-from dataset import get_batch, open_dataset
+from dataset import get_batch, open_dataset, to_device
 from errors import UserError
 from model import GPT
 from optim import configure_optimizers
@@ -386,9 +386,12 @@ def main():
     if dist.kind == "ddp":
         model = DDP(model, device_ids=[dist.local_rank] if device_type == "cuda" else None)
 
+    if device_type == "cuda":  # a small corpus is copied to the GPU once, not a batch at a time
+        splits = to_device(splits, dev)
+
     def batch(split, generator, n_rows=batch_size, rows=slice(None)):
         x, y = get_batch(splits[split], block_size, n_rows, generator, rows, splits.get(f"{split}.mask"))
-        if device_type == "cuda":  # pinned memory lets the copy overlap with compute
+        if x.device.type == "cpu" and device_type == "cuda":  # pinned memory lets the copy overlap with compute
             return x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
         return x.to(dev), y.to(dev)
 

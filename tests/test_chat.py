@@ -232,3 +232,19 @@ def test_get_batch_hides_the_targets_a_mask_leaves_out():
     x, y = get_batch(data, 8, 4, torch.Generator().manual_seed(0), mask=mask)
     assert torch.equal(y[y != -1] % 3, torch.zeros_like(y[y != -1])) and (y == -1).any()
     assert torch.equal(x[:, 1:], torch.where(y[:, :-1] == -1, x[:, 1:], y[:, :-1]))
+
+
+def test_batches_cut_from_tensors_on_a_device_equal_the_memory_mapped_ones(tmp_path):
+    import numpy as np
+    import torch
+
+    from dataset import get_batch, to_device
+    ids = np.random.default_rng(0).integers(0, 60000, 5000).astype(np.uint16)
+    splits = {"train": ids, "train.mask": (ids % 3 == 0).astype(np.uint8)}
+    held = to_device(splits, "cpu")
+    assert isinstance(held["train"], torch.Tensor) and held["train"].dtype == torch.int32
+    for mask in (None, "train.mask"):
+        a = get_batch(splits["train"], 16, 6, torch.Generator().manual_seed(1), slice(2, 5), mask and splits[mask])
+        b = get_batch(held["train"], 16, 6, torch.Generator().manual_seed(1), slice(2, 5), mask and held[mask])
+        assert all(torch.equal(u, v) and v.dtype == torch.int64 for u, v in zip(a, b))
+    assert to_device(splits, "cpu", max_tokens=4999) is splits  # too large: left memory-mapped
