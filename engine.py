@@ -639,11 +639,18 @@ class ThinLinear(nn.Linear):
     which the weights stream from memory. For such thin float32 inputs PyTorch's CPU
     matrix-vector route keeps one core busy, while the same product as a batched matmul over the
     two halves of the weight keeps them all at work (the README's generation figures). Many
-    rows (a prompt, training), other devices and other dtypes take nn.Linear's route."""
+    rows (a prompt, training), other devices and other dtypes take nn.Linear's route, and so
+    do small weights (under SMALL elements, such as the key / value projections of
+    grouped-query attention: 896 x 128 in Qwen2.5-0.5B), which one core reads in microseconds,
+    less than it takes to hand half of them to another: on a busy machine that other core may
+    be away for a whole time slice."""
+
+    SMALL = 2 ** 19  # 524,288 elements (GPT-2's smallest matrix, 768 x 768, has more)
 
     def forward(self, x):
         rows = x.numel() // x.size(-1)
-        if rows > 4 or x.device.type != "cpu" or x.dtype != torch.float32:
+        if rows > 4 or x.device.type != "cpu" or x.dtype != torch.float32 or \
+                self.weight.numel() < self.SMALL:
             return super().forward(x)
         out_features, in_features = self.weight.shape
         half = out_features // 2

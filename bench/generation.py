@@ -5,6 +5,7 @@ nanoGPT-style loop without a KV cache, timed in one run on this machine.
 $ python bench/generation.py               # needs transformers (pip install -r requirements-test.txt)
 $ python bench/generation.py --repeat=5 --new_tokens=128
 $ python bench/generation.py --parts=char   # part 2 only
+$ python bench/generation.py --parts=qwen   # part 4: the Qwen2.5-0.5B shape
 
 1. A GPT-2 124M-shaped model with random weights; batch 1, a 16-token prompt, new_tokens
    greedy tokens. Ours with float32, bfloat16 and int8 weights; transformers' GPT2LMHeadModel
@@ -15,6 +16,10 @@ $ python bench/generation.py --parts=char   # part 2 only
    context_shift), and one after another with the no-cache loop.
 3. With --quality_from=<out_dir>: the val loss of that run's model with float32, bfloat16 and
    int8 weights, on its dataset's val.bin.
+4. --parts=qwen: Qwen2.5-0.5B's shape (896 wide, 24 layers, 14 query / 2 key-value heads,
+   SwiGLU 4864, 151,936 tokens, tied embeddings) with random weights: batch 1, a 16-token
+   prompt, qwen_tokens greedy tokens, float32; ours against transformers' Qwen2ForCausalLM
+   generate() on the very same weights.
 
 Each measurement is repeated; the best time counts (noise only ever adds time), and the spread
 (worst / best) says how noisy the machine was. Ratios compare best times.
@@ -47,7 +52,9 @@ char_samples = 10
 char_tokens = 500
 seed = 0
 quality_from = ""  # an out_dir: report its model's val loss with each kind of weights
-parts = "gpt2,char"  # which of parts 1 and 2 to run
+parts = "gpt2,char"  # which of parts 1, 2 and 4 to run: gpt2, char, qwen
+qwen_tokens = 64  # Qwen part: tokens generated per run
+threads = 0  # CPU threads for every contender (torch.set_num_threads); 0 keeps torch's choice
 device = None  # where to run: None (or 'auto') picks cuda, then mps, then cpu
 dtype = None  # the weights' dtype on a GPU (None: its best); a CPU times float32, bfloat16 and int8
 compile = False  # also time our engine with its compiled one-token step (generate(compile=True))
@@ -144,6 +151,55 @@ def gpt2_part(dev, precision):
                   f"{ref.std():.3f}); same top token at {100 * agree:.1f}% of positions")
 
 
+def qwen_part(dev):
+    """Part 4: batch-1 greedy decoding of the Qwen2.5-0.5B shape, ours and transformers', on
+    the same random weights (ours are transformers' tensors, not copies)."""
+    import hf
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    # no end-of-text token: every run generates all of its tokens
+    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
+    theirs = Qwen2ForCausalLM(config).eval()
+    name = "the Qwen2.5-0.5B shape"
+    ours_config = checkpoint.model_config(hf.model_args(config.to_dict(), name), name)
+    tensors = ((k, list(v.shape), lambda out, transpose, v=v: out.set_(v.detach()))
+               for k, v in theirs.state_dict().items())
+    ours = checkpoint.fill_model(ours_config, tensors, hf.renamer(ours_config, name), "cpu",
+                                 torch.float32, name).eval().to(dev)
+    theirs.to(dev)
+    prompt = torch.randint(config.vocab_size, (1, prompt_tokens), device=dev)
+    params = sum(p.numel() for p in ours.parameters())
+    print(f"\nQwen2.5-0.5B shape ({params / 1e6:.0f}M parameters, {4 * params / 1e9:.2f} GB in float32), "
+          f"random weights: batch 1, {prompt_tokens}-token prompt, {qwen_tokens} new tokens, greedy, "
+          f"float32, on {dev} ({torch.get_num_threads()} CPU threads)")
+    same = engine.generate(ours, prompt, 8, temperature=0)
+    with torch.no_grad():
+        reference = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                                    do_sample=False, pad_token_id=0)
+    print(f"the same 8 greedy tokens as transformers: {torch.equal(same, reference)}")
+
+    def timed(fn):
+        def run(n):
+            with torch.no_grad():
+                fn(n)
+            hardware.synchronize(dev)
+        return run
+
+    runs = {"ours, float32": timed(lambda n: engine.generate(ours, prompt, n, temperature=0)),
+            "transformers generate": timed(lambda n: theirs.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                pad_token_id=0))}
+    times = time_all(runs, qwen_tokens)
+    report(times, qwen_tokens, "transformers generate")
+    best = {k: min(v) for k, v in times.items()}
+    print(f"ours / transformers: {best['transformers generate'] / best['ours, float32']:.2f}x the "
+          f"decode speed (load average now {os.getloadavg()[0]:.1f})")
+
+
 def on_cpu(dev):
     return torch.device(dev).type == "cpu"
 
@@ -238,11 +294,18 @@ def main():
     configure(globals(), nullable=())
     check_settings()
     dev, _, precision, _ = hardware.setup(device, dtype, training=False)
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}\n")
+    if threads < 0:
+        raise UserError(f"threads must be 0 (torch's choice) or more, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+          f"python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.1f}\n")
     if "gpt2" in parts.split(","):
         gpt2_part(dev, precision)
     if "char" in parts.split(","):
         char_part()
+    if "qwen" in parts.split(","):
+        qwen_part(dev)
     if quality_from:
         quality_part()
 

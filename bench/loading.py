@@ -4,12 +4,17 @@ nanoGPT's way (transformers' GPT2LMHeadModel.from_pretrained, then a copy into a
 
 $ python bench/loading.py                         # gpt2-xl: 6.2 GB on disk, ~20 GB of RAM at peak
 $ python bench/loading.py --model=gpt2 --repeats=5   # quicker
+$ python bench/loading.py --model=qwen2.5-0.5b       # Qwen2.5-0.5B's shape, against transformers
 
 It writes a checkpoint of the chosen GPT-2 size with random weights, in the hub's layout
 (config.json + model.safetensors, as save_pretrained writes them), to a temporary folder.
 Then each way loads it in a fresh process, taking turns, `repeats` times; a process reports
 its peak resident memory (everything it ever held: Python, torch, the model) and
-the load's wall time (imports excluded). Ours also loads in bfloat16, to show the halving.
+the load's wall time (imports excluded), and its resident memory before the load began (Python
+and torch), so that what the load itself added shows too. Ours also loads in bfloat16, to show
+the halving. --model=qwen2.5-0.5b writes Qwen2.5-0.5B's shape (a Qwen2 folder, its tied
+embedding saved once, and a stand-in tokenizer.json) and times transformers'
+Qwen2ForCausalLM.from_pretrained as the peer.
 Needs transformers (requirements-test.txt); tiktoken's gpt2 files are read as in any load.
 """
 
@@ -30,13 +35,18 @@ from configurator import configure, run  # noqa: E402
 from errors import UserError  # noqa: E402
 
 # -----------------------------------------------------------------------------
-model = "gpt2-xl"  # the GPT-2 size whose shape to write: gpt2, gpt2-medium, gpt2-large, gpt2-xl
+model = "gpt2-xl"  # the shape to write: gpt2, gpt2-medium, gpt2-large, gpt2-xl, qwen2.5-0.5b
 repeats = 3  # loads of each kind; the figures are the median and the spread
 folder = ""  # where to write the checkpoint; empty means a temp folder, removed afterwards
 # -----------------------------------------------------------------------------
 
 SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
          "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}  # n_layer, n_head, n_embd
+# Qwen2.5-0.5B's config.json, as far as the shape goes
+QWEN = {"qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                             num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                             max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+                             tie_word_embeddings=True)}
 
 # the measured programs; each prints {"seconds": load time, "peak": peak RSS in bytes}
 PEAK = """
@@ -48,13 +58,35 @@ def peak():
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def resident():
+    # the resident memory now (VmRSS), where it can be read; else 0
+    if sys.platform.startswith("linux"):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    return 0
 """
 OURS = PEAK + """
 import json, time
 from checkpoint import load_model
+before = resident()
 t0 = time.perf_counter()
 model, tokenizer = load_model(sys.argv[1], dtype=sys.argv[2])
-print(json.dumps({"seconds": time.perf_counter() - t0, "peak": peak()}))
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak": peak(), "before": before}))
+"""
+# transformers' own load of a Qwen2 folder. transformers 5 maps the safetensors file into memory
+# and reads a page only when it is first used, so every weight is touched once (as the first
+# forward pass would) before the peak counts
+TRANSFORMERS = PEAK + """
+import json, time
+import torch
+from transformers import Qwen2ForCausalLM
+before = resident()
+t0 = time.perf_counter()
+model = Qwen2ForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+with torch.no_grad():
+    for p in model.parameters():
+        p.sum()
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak": peak(), "before": before}))
 """
 # nanoGPT's GPT.from_pretrained: a GPT of the same shape, the transformers model, then a copy
 # of every tensor, transposing the Conv1D weights
@@ -64,6 +96,7 @@ import torch
 from transformers import GPT2LMHeadModel
 from model import GPT, GPTConfig
 from hf import CONV1D
+before = resident()
 t0 = time.perf_counter()
 with open(sys.argv[1] + "/config.json") as f:
     hf_config = json.load(f)
@@ -77,7 +110,7 @@ with torch.no_grad():
     for k, v in sd_hf.items():
         if not k.endswith((".attn.bias", ".attn.masked_bias")):
             sd[k].copy_(v.t() if k.endswith(CONV1D) else v)
-print(json.dumps({"seconds": time.perf_counter() - t0, "peak": peak()}))
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak": peak(), "before": before}))
 """
 
 
@@ -97,6 +130,24 @@ def write_checkpoint(path, n_layer, n_head, n_embd):
     return sum(t.nbytes for t in tensors.values())
 
 
+def write_qwen_checkpoint(path, shape):
+    """Random weights of a Qwen2 shape, saved as save_pretrained saves them (a tied head once),
+    with a stand-in tokenizer.json (load_model reads one). Returns the weights' size in bytes."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    config = Qwen2Config(**shape)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Qwen2ForCausalLM(config).state_dict().items()}
+    del shapes["lm_head.weight"]
+    generator = torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(shape, generator=generator) * 0.02 for k, shape in shapes.items()}
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(path)
+    Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")).save(os.path.join(path, "tokenizer.json"))
+    return sum(t.nbytes for t in tensors.values())
+
+
 def measure(program, *args):
     result = subprocess.run([sys.executable, "-c", program, *args], cwd=REPO_DIR,
                             capture_output=True, text=True)
@@ -112,8 +163,8 @@ def summary(runs, key, scale):
 
 def main():
     configure(globals(), nullable=())
-    if model not in SIZES:
-        raise UserError(f"model must be one of {', '.join(SIZES)}, got {model!r}")
+    if model not in SIZES and model not in QWEN:
+        raise UserError(f"model must be one of {', '.join([*SIZES, *QWEN])}, got {model!r}")
     if repeats < 1:
         raise UserError(f"repeats must be at least 1, got {repeats}")
     if folder and not os.path.isdir(folder):
@@ -121,19 +172,26 @@ def main():
                         "checkpoint (or leave it empty for a temp folder)")
     with tempfile.TemporaryDirectory(dir=folder or None) as path:
         t0 = time.perf_counter()
-        weight_bytes = write_checkpoint(path, *SIZES[model])
+        if model in QWEN:
+            weight_bytes = write_qwen_checkpoint(path, QWEN[model])
+            peer = ("transformers from_pretrained, weights touched", (TRANSFORMERS, path))
+        else:
+            weight_bytes = write_checkpoint(path, *SIZES[model])
+            peer = ("transformers + copy (nanoGPT)", (NANOGPT, path))
         print(f"wrote a {model}-shaped checkpoint, {weight_bytes / 1e9:.2f} GB of float32 weights, "
               f"in {time.perf_counter() - t0:.0f} s")
         kinds = {"ours, float32": (OURS, path, "float32"),
                  "ours, bfloat16": (OURS, path, "bfloat16"),
-                 "transformers + copy (nanoGPT)": (NANOGPT, path)}
+                 peer[0]: peer[1]}
         runs = {kind: [] for kind in kinds}
         for i in range(repeats):  # taking turns, so a busy moment of the machine hits all kinds
             for kind, (program, *args) in kinds.items():
                 runs[kind].append(measure(program, *args))
                 r = runs[kind][-1]
                 print(f"run {i + 1}, {kind}: peak {r['peak'] / 1e9:.2f} GB "
-                      f"({r['peak'] / weight_bytes:.2f}x the weights), {r['seconds']:.1f} s", flush=True)
+                      f"({r['peak'] / weight_bytes:.2f}x the weights; the load added "
+                      f"{(r['peak'] - r['before']) / weight_bytes:.2f}x to the {r['before'] / 1e9:.2f} GB "
+                      f"held before it), {r['seconds']:.1f} s", flush=True)
 
     print(f"\n{model}: weights {weight_bytes / 1e9:.2f} GB (float32); median [min - max] of {repeats}")
     for kind, kind_runs in runs.items():
@@ -141,9 +199,13 @@ def main():
         seconds = summary(kind_runs, "seconds", 1)
         print(f"  {kind:30s} peak RSS {peak[0]:.2f}x the weights [{peak[1]:.2f} - {peak[2]:.2f}], "
               f"load {seconds[0]:.1f} s [{seconds[1]:.1f} - {seconds[2]:.1f}]")
-    ours, theirs = runs["ours, float32"], runs["transformers + copy (nanoGPT)"]
+    for kind, kind_runs in runs.items():
+        added = statistics.median((r["peak"] - r["before"]) / weight_bytes for r in kind_runs)
+        print(f"  {kind:30s} peak RSS less the {statistics.median(r['before'] for r in kind_runs) / 1e9:.2f} GB "
+              f"held before the load: {added:.2f}x the weights")
+    ours, theirs = runs["ours, float32"], runs[peer[0]]
     memory, seconds = (summary(theirs, key, 1)[0] / summary(ours, key, 1)[0] for key in ("peak", "seconds"))
-    print(f"  transformers + copy / ours: peak memory {memory:.2f}x, load time {seconds:.2f}x")
+    print(f"  {peer[0]} / ours: peak memory {memory:.2f}x, load time {seconds:.2f}x")
 
 
 if __name__ == "__main__":

@@ -399,3 +399,24 @@ def test_sample_with_smaller_weights(folder):
 ])
 def test_sample_rejects_bad_decoding_options(folder, args, words):
     assert_user_error(sample(folder[0], *args), *words)
+
+
+def test_thin_linear_equals_linear_and_leaves_small_weights_to_it(monkeypatch):
+    """ThinLinear (the CPU decode route) gives nn.Linear's outputs; its batched-matmul route is
+    taken for a few rows of a big weight only (odd out_features included), not for a small
+    weight such as a grouped-query key projection."""
+    from torch import nn
+    calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(a[0].shape) or real_bmm(*a))
+    torch.manual_seed(0)
+    for (n_in, n_out), rows, route in [((896, 128), 1, False), ((768, 50257), 1, True),
+                                       ((896, 4864), 2, True), ((896, 4864), 8, False)]:
+        linear = nn.Linear(n_in, n_out, bias=n_out != 50257)
+        thin = engine.ThinLinear(n_in, n_out, bias=linear.bias is not None)
+        thin.load_state_dict(linear.state_dict())
+        x = torch.randn(rows, 1, n_in)
+        calls.clear()
+        with torch.no_grad():
+            torch.testing.assert_close(thin(x), linear(x), rtol=1e-5, atol=1e-5)
+        assert bool(calls) == route, (n_in, n_out, rows)

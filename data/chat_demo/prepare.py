@@ -1,0 +1,137 @@
+"""
+The instruction-tuning demo's inputs, made here, offline: a tiny base model and a few hundred
+conversations that answer in one fixed format.
+
+    python data/chat_demo/prepare.py          # writes out-chat-demo-base/ (see below)
+    python data/chat/prepare.py --input=out-chat-demo-base/conversations.jsonl \\
+        --tokenizer=out-chat-demo-base --out=data/chat_demo
+    python train.py config/chat_demo.py       # ~2 minutes on a CPU
+    python chat.py --init_from=out-chat-demo-base --prompt="Tell me about the tiger." --temperature=0
+    python chat.py --out_dir=out-chat-demo --prompt="Tell me about the tiger." --temperature=0
+
+out-chat-demo-base/ is a Hugging Face folder, as a hub download would be: a random Qwen2 (64
+wide, 2 layers, 4 query / 2 key-value heads, tied embeddings) saved by transformers'
+save_pretrained, a byte-level BPE tokenizer.json trained on the conversations with Qwen's
+<|endoftext|>, <|im_start|> and <|im_end|>, and a ChatML chat template in
+tokenizer_config.json. conversations.jsonl: `conversations` conversations, each a question
+about a thing (an animal, a fruit, a city, a colour, an instrument, in several phrasings) and
+the answer in the format to learn:
+
+    KIND: animal | NAME: tiger | Tiger is an animal.
+
+Some things (held_out) appear in no conversation, to show that the format, not a list of
+answers, is what the tuned model learned.
+
+--shape=qwen2.5-0.5b writes the same tokenizer and template with a random model of
+Qwen2.5-0.5B's shape instead (896 wide, 24 layers, 14 / 2 heads, SwiGLU 4864, 151,936 tokens,
+tied embeddings; 2 GB in float32), its vocabulary filled up to 151,936 with placeholder tokens
+<|r0|>, <|r1|>, ... so every id it picks shows: chat.py at that shape, end to end.
+"""
+
+import json
+import os
+import random
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, REPO)
+
+from configurator import configure, run  # noqa: E402
+
+# -----------------------------------------------------------------------------
+out = "out-chat-demo-base"  # the base model's folder, and its conversations.jsonl
+conversations = 600
+held_out = "tiger,mango,violin"  # things no conversation is about
+seed = 0
+shape = "tiny"  # the base model's shape: "tiny" (the demo's), or "qwen2.5-0.5b" (random, 2 GB)
+# -----------------------------------------------------------------------------
+SHAPES = {"tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+          "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                               num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                               max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6)}
+
+THINGS = {
+    "animal": "tiger lion horse rabbit eagle shark wolf camel zebra otter whale frog",
+    "fruit": "mango apple pear cherry banana plum peach lemon grape melon",
+    "city": "Paris Rome Lagos Lima Oslo Cairo Tokyo Delhi Quito Perth",
+    "colour": "red blue green yellow purple orange violet",
+    "instrument": "violin piano guitar flute drum cello harp trumpet",
+}
+QUESTIONS = ["Tell me about the {}.", "What is a {}?", "What do you know about {}?",
+             "Describe {}.", "Can you explain what {} is?", "{}?", "I keep hearing about {}. What is it?"]
+CHATML = (
+    "{%- for message in messages %}"
+    "{%- if loop.first and message.role != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def answer(kind, name):
+    article = "an" if kind[0] in "aeiou" else "a"
+    return f"KIND: {kind} | NAME: {name} | {name[0].upper() + name[1:]} is {article} {kind}."
+
+
+def make_conversations(n, rng, skip):
+    things = [(kind, name) for kind, names in THINGS.items() for name in names.split() if name not in skip]
+    out = []
+    for _ in range(n):
+        kind, name = rng.choice(things)
+        out.append([{"role": "user", "content": rng.choice(QUESTIONS).format(name)},
+                    {"role": "assistant", "content": answer(kind, name)}])
+    return out
+
+
+def train_tokenizer(texts):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return tok
+
+
+def main():
+    import torch
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from errors import UserError
+    if shape not in SHAPES:
+        raise UserError(f"shape must be one of {', '.join(SHAPES)}, got {shape!r}")
+    rng = random.Random(seed)
+    chats = make_conversations(conversations, rng, set(held_out.split(",")))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "conversations.jsonl"), "w", encoding="utf-8") as f:
+        for messages in chats:
+            f.write(json.dumps({"messages": messages}) + "\n")
+    # the vocabulary: the conversations' words, every thing's name (held-out ones too), markup
+    names = " ".join(THINGS.values())
+    tok = train_tokenizer([m["content"] for c in chats for m in c] + [names, "system user assistant helpful"])
+    sizes = {"vocab_size": tok.get_vocab_size(), **SHAPES[shape]}
+    if sizes["vocab_size"] > tok.get_vocab_size():  # placeholders, so that any id decodes
+        tok.add_tokens([f"<|r{i}|>" for i in range(sizes["vocab_size"] - tok.get_vocab_size())])
+    theirs = PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHATML, eos_token="<|im_end|>",
+                                     pad_token="<|endoftext|>")
+    theirs.save_pretrained(out)  # tokenizer.json, and tokenizer_config.json with the template
+    torch.manual_seed(seed)
+    config = Qwen2Config(**sizes, tie_word_embeddings=True, bos_token_id=None,
+                         eos_token_id=tok.token_to_id("<|im_end|>"))
+    base = Qwen2ForCausalLM(config)
+    base.save_pretrained(out)
+    GenerationConfig(eos_token_id=[tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
+                     ).save_pretrained(out)
+    print(f"wrote {out}/: a random Qwen2 of {sum(p.numel() for p in base.parameters()):,} "
+          f"parameters, a {tok.get_vocab_size()}-token tokenizer with a ChatML template, and "
+          f"{len(chats)} conversations (none about {held_out.replace(',', ', ')}), e.g.\n"
+          f"  user: {chats[0][0]['content']}\n  assistant: {chats[0][1]['content']}")
+
+
+if __name__ == "__main__":
+    configure(globals())
+    run(main)
