@@ -26,8 +26,6 @@ from conftest import REPO, TINY, assert_user_error, run_cases, save_tiny_bpe
 
 TRAIN = [*TINY, "--peak_flops=1e12", "--max_iters=25"]
 SAMPLE = ["--device=cpu", "--max_new_tokens=5", "--num_samples=1"]
-# train.py calls checkpoint.check_out_dir: the out_dir cases run once it does
-OUT_DIR_WIRED = "check_out_dir" in open(os.path.join(REPO, "train.py"), encoding="utf-8").read()
 
 
 # -----------------------------------------------------------------------------
@@ -683,9 +681,8 @@ def all_cases():
         cases.append((what, "export_hf.py", args, words, ()))
     for what, script, args, words in PREPARE_CASES + BENCH_CASES:
         cases.append((what, script, args, words, ()))
-    wiring = pytest.mark.skipif(not OUT_DIR_WIRED, reason="train.py does not call checkpoint.check_out_dir yet")
     for what, args, words in OUT_DIR_CASES:
-        cases.append((what, "train.py", [*TRAIN, "--dataset={root}/data", *args], words, (wiring,)))
+        cases.append((what, "train.py", [*TRAIN, "--dataset={root}/data", *args], words, ()))
     return cases
 
 

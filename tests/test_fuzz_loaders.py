@@ -4,7 +4,6 @@ config.json and a nanoGPT meta.pkl. Every outcome must be a load or a clean User
 exception escapes. Seeded, so a failure repeats; each failure names its mutation."""
 
 import json
-import os
 import pickle
 import random
 import shutil

@@ -3,7 +3,6 @@ beam search with them, stop strings (begun in the prompt, and with beams), speci
 decoded text, the exact GELU of nanoGPT runs, and beam search from --num_beams alone.
 transformers is the oracle; the models and the tokenizer are tiny and built here."""
 
-import os
 import pickle
 
 import pytest

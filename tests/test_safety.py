@@ -5,7 +5,6 @@ stderr, exit code 2."""
 import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
