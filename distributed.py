@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 import checkpoint
 from atomic import replace_folder
@@ -178,10 +179,12 @@ def save_sharded(folder, model, optimizer, dist, progress):
     The folder is written beside and swapped in whole, so a crash leaves the last good one.
     Non-finite weights or moments are refused on every process, nothing written."""
     state = sharded_state(model, optimizer)
-    local = {n: getattr(t, "_local_tensor", t) for n, t in checkpoint.named_tensors(state, "state")}
+    local = {n: t.to_local() if isinstance(t, DTensor) else t
+             for n, t in checkpoint.named_tensors(state, "state")}
     bad = torch.tensor(float(checkpoint.nonfinite(local) is not None))
-    if dist.sharded:
-        torch_dist.all_reduce(bad.to(flag_device(dist)), op=torch_dist.ReduceOp.MAX)
+    if dist.sharded:  # one process's NaN stops them all
+        bad = bad.to(flag_device(dist))
+        torch_dist.all_reduce(bad, op=torch_dist.ReduceOp.MAX)
     if bad.item():
         raise UserError(f"the model or optimizer state holds NaN or infinite values at iteration "
                         f"{progress.get('iter_num')}: the training diverged (try a lower "

@@ -178,3 +178,19 @@ def test_a_sharded_checkpoint_that_does_not_fit_or_runs_code_is_refused(char_dat
         result = run_script(script, *args)
         assert_user_error(result, "refused", "posix.system")
         assert not os.path.exists(os.path.join(REPO, "pwned"))
+
+
+def test_a_sharded_checkpoint_is_never_written_with_nonfinite_weights(tmp_path):
+    import distributed
+    from errors import UserError
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20))
+    optimizer = torch.optim.AdamW(model.parameters())
+    folder = tmp_path / "ckpt.dcp"
+    distributed.save_sharded(str(folder), model, optimizer, distributed.Distributed(), {"iter_num": 1})
+    before = digests(folder)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match="NaN or infinite values at iteration 2"):
+        distributed.save_sharded(str(folder), model, optimizer, distributed.Distributed(), {"iter_num": 2})
+    assert digests(folder) == before
