@@ -595,6 +595,8 @@ def tokenizer_files(tokenizer, block_size):
         settings.update(tokenizer_class="GPT2Tokenizer", bos_token=eot, eos_token=eot, unk_token=eot)
     elif spec["kind"] == "tokenizers":
         files = {"tokenizer.json": spec["json"].encode("utf-8")}
+        if tokenizer.chat_template is not None:  # a chat model's template and its tokens' texts
+            settings.update(chat_template=tokenizer.chat_template, **tokenizer.special_tokens)
     elif spec["kind"] == "char":
         files = {"tokenizer.json": char_tokenizer_json(spec["chars"]).encode("utf-8")}
     else:
@@ -614,7 +616,8 @@ def char_tokenizer_json(chars):
 
 def export(model, tokenizer, folder):
     """Write model and tokenizer into folder as config.json, model.safetensors and the
-    tokenizer's files; returns the names of the tokenizer's files (none if it has no
+    tokenizer's files (with its chat template, if it has one), and generation_config.json if the
+    tokenizer carries decoding defaults; returns the names of the tokenizer's files (none if it has no
     Hugging Face form). The files are written into a temporary folder beside it, which replaces
     the folder whole once complete (atomic.replace_folder): a failure part way, a full disk,
     leaves the previous export as it was. A folder that holds anything but an export's files
@@ -624,8 +627,13 @@ def export(model, tokenizer, folder):
 
     from atomic import replace_folder
     files = tokenizer_files(tokenizer, model.config.block_size)
-    exported = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                *GPT2_TOKENIZER_FILES}
+    exported = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                "tokenizer_config.json", *GPT2_TOKENIZER_FILES}
+    config = export_config(model.config, tokenizer)
+    # the decoding defaults the model came with (its folder's generation_config.json), and
+    # the token ids transformers reads beside them there
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
+                  **tokenizer.generation} if getattr(tokenizer, "generation", None) else None
     if os.path.lexists(folder):
         if not os.path.isdir(folder) or os.path.islink(folder):
             raise UserError(f"cannot export to {folder}: it is a file or a link, not a folder")
@@ -637,7 +645,10 @@ def export(model, tokenizer, folder):
 
     def write(tmp):
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(export_config(model.config, tokenizer), f, indent=2)
+            json.dump(config, f, indent=2)
+        if generation is not None:
+            with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
+                json.dump(generation, f, indent=2)
         # "format": "pt" is the metadata transformers expects of a PyTorch safetensors file
         save_file(export_tensors(model), os.path.join(tmp, "model.safetensors"),
                   metadata={"format": "pt"})

@@ -161,3 +161,28 @@ def test_a_bad_value_in_the_file_is_a_one_line_error(tmp_path):
     with pytest.raises(Exception) as info:
         checkpoint.load_tokenizer(str(folder))
     assert type(info.value).__name__ == "UserError" and "top_k must be int" in str(info.value)
+
+
+def test_an_export_keeps_the_settings_and_the_chat_template(tmp_path):
+    """export_hf.py's folder gives transformers the same decoding defaults and chat template."""
+    import hf
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    template = ("{% for m in messages %}{{ '<|endoftext|>' + m.role + ': ' + m.content }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|endoftext|>assistant: ' }}{% endif %}")
+    folder = qwen_folder(tmp_path / "model", **INSTRUCT)
+    PreTrainedTokenizerFast(tokenizer_object=tiny_bpe(), chat_template=template,
+                            eos_token="<|endoftext|>").save_pretrained(folder)
+    model, tok = checkpoint.load_model(str(folder))
+    hf.export(model, tok, str(tmp_path / "export"))
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    for key, value in INSTRUCT.items():
+        assert getattr(theirs.generation_config, key) == pytest.approx(value), key
+    assert theirs.generation_config.eos_token_id == model.config.eos_token_id[0]
+    assert checkpoint.load_tokenizer(str(tmp_path / "export")).generation == tok.generation
+    messages = [{"role": "user", "content": "Who wrote Hamlet?"}]
+    assert AutoTokenizer.from_pretrained(tmp_path / "export").apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True) == tok.apply_chat_template(messages, add_generation_prompt=True)
+    # a tokenizer without settings (GPT-2's, a char vocabulary) exports no generation_config.json
+    tok.generation = {}
+    hf.export(model, tok, str(tmp_path / "plain"))
+    assert not (tmp_path / "plain" / "generation_config.json").exists()
