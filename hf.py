@@ -493,6 +493,9 @@ def safetensors_tensors(path):
                                                  end - begin, SAFETENSORS_DTYPES[dtype], shape)
 
 
+BLOCK_BYTES = 1 << 24  # 16 MiB: what read_tensor converts at a time
+
+
 def read_tensor(f, buffer, offset, nbytes, dtype, shape, out, transpose):
     """Read the tensor at offset of file f into out, transposed if asked."""
     f.seek(offset)
@@ -500,11 +503,23 @@ def read_tensor(f, buffer, offset, nbytes, dtype, shape, out, transpose):
         # the common case: the file's bytes go straight into the parameter's memory
         f.readinto(out.view(-1).view(torch.uint8).numpy())
         return
-    # a transpose, another dtype or another device: through the buffer
-    raw = buffer[:nbytes]
-    f.readinto(raw.numpy())
-    tensor = raw.view(dtype).view(shape)
-    out.copy_(tensor.t() if transpose else tensor)  # converts dtype and device as needed
+    # a transpose, another dtype or another device: through the buffer, a block of the file's
+    # rows at a time, so converting a tensor takes a block of memory beside it, not a copy of it
+    # (loading in bfloat16 then peaks at about half the float32 weights)
+    if not shape:
+        raw = buffer[:nbytes]
+        f.readinto(raw.numpy())
+        out.copy_(raw.view(dtype).view(shape))
+        return
+    row_bytes = nbytes // shape[0] if shape[0] else 0
+    step = max(1, BLOCK_BYTES // max(row_bytes, 1))
+    for begin in range(0, shape[0], step):
+        end = min(shape[0], begin + step)
+        raw = buffer[:(end - begin) * row_bytes]
+        f.readinto(raw.numpy())
+        rows = raw.view(dtype).view(end - begin, *shape[1:])
+        # converts dtype and device as needed; the file's rows are out's columns if transposed
+        (out[:, begin:end] if transpose else out[begin:end]).copy_(rows.t() if transpose else rows)
 
 
 # -----------------------------------------------------------------------------
