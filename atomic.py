@@ -13,23 +13,44 @@ import glob
 import os
 import shutil
 
+from errors import UserError
+
 
 def atomic_write(path, write):
-    """Call write(f) on a binary file that becomes `path` only once it is whole."""
+    """Call write(f) on a binary file that becomes `path` only once it is whole. A write that
+    fails (a full disk) is a UserError, the file at path as it was."""
     # a process killed while writing leaves its temporary file behind: clear those first
     for stale in glob.glob(glob.escape(path) + ".tmp.*"):
         os.remove(stale)
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp, failed = f"{path}.tmp.{os.getpid()}", None
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a short write as a RuntimeError
+        failed = e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    if failed is not None:
+        raise UserError(could_not_write(path, failed))
     sync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def could_not_write(path, error):
+    """The line for a write to path that failed: why, and the room left on its disk."""
+    if isinstance(error, OSError):
+        reason = error.strerror or type(error).__name__
+    else:  # torch's words for a write that stopped short
+        reason = f"the write stopped short, as on a full disk: {(str(error).strip().splitlines() or [''])[0][:80]}"
+    try:
+        free = f"; {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 1e6:,.1f} MB free there"
+    except OSError:
+        free = ""
+    return (f"could not write {path} ({reason}{free}): what was there before is as it was; "
+            "make room (or choose another folder) and run again")
 
 
 def sync_folder(folder):

@@ -11,7 +11,8 @@ Only the master process of a distributed run makes a RunLog.
 import json
 import os
 
-from atomic import atomic_write
+from atomic import atomic_write, could_not_write
+from errors import UserError
 
 
 class RunLog:
@@ -34,8 +35,7 @@ class RunLog:
             atomic_write(self.metrics_path, lambda f: f.write(line))  # the old run's goes now
             self.started = True
         else:
-            with open(self.metrics_path, "ab") as f:
-                f.write(line)
+            self.append(line)
         if self.wandb_config is not None and self.wandb is None:
             import wandb  # only needed when asked for
             project, name, config = self.wandb_config
@@ -44,6 +44,18 @@ class RunLog:
             self.wandb.log(record, step=record["iter"])
         if "val_loss" in record:
             self.plot()
+
+    def append(self, line):
+        """Add a line to metrics.jsonl; one that cannot be written whole (a full disk) is taken
+        back, so the file keeps whole lines only."""
+        with open(self.metrics_path, "ab") as f:
+            size = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+            except OSError as e:
+                f.truncate(size)
+                raise UserError(could_not_write(self.metrics_path, e)) from None
 
     def read(self):
         with open(self.metrics_path, encoding="utf-8") as f:

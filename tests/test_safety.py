@@ -3,6 +3,7 @@ export, leaves every checkpoint, metrics file and export as it was; bad input is
 stderr, exit code 2."""
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -223,19 +224,44 @@ def test_a_failed_export_leaves_the_previous_one(where, exported, trained):
     assert_previous_export_intact(folder, before, model)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs of 160 KiB at tmp_path/disk: room for one tiny export, not two."""
-    mount = tmp_path / "disk"
+def mount_tmpfs(mount, size):
+    """A tmpfs of size bytes at mount (a new folder), or the test skipped with the reason."""
     mount.mkdir()
     if os.geteuid() != 0:
         pytest.skip("a real full disk needs a tmpfs, which only root can mount (the simulated one runs)")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)],
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
                             capture_output=True, text=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); the simulated full disk runs")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    return mount
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 160 KiB at tmp_path/disk: room for one tiny export, not two."""
+    yield mount_tmpfs(tmp_path / "disk", 160 << 10)
+    subprocess.run(["umount", str(tmp_path / "disk")], check=True)
+
+
+def test_a_full_disk_while_training_keeps_the_last_checkpoint(char_dataset, tmp_path):
+    # room for a run's first checkpoint, plot and log, and half of a second checkpoint
+    args = [*TRAIN, f"--dataset={char_dataset}", "--max_iters=30", "--eval_interval=10"]
+    sizing = tmp_path / "sizing"
+    result = run_script("train.py", *args, "--max_iters=10", f"--out_dir={sizing}")
+    assert result.returncode == 0, result.stderr
+    size = sum(f.stat().st_size for f in sizing.iterdir())
+    disk = mount_tmpfs(tmp_path / "disk", size + (sizing / "ckpt.pt").stat().st_size // 2)
+    try:
+        out = disk / "run"
+        result = run_script("train.py", *args, f"--out_dir={out}")
+        assert_user_error(result, f"could not write {out / 'ckpt.pt'}", "as it was")
+        assert "No space left on device" in result.stderr or "as on a full disk" in result.stderr
+        assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 10
+        assert not list(out.glob("*.tmp.*"))
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert records and records[-1]["iter"] == 20  # whole lines only
+    finally:
+        subprocess.run(["umount", str(tmp_path / "disk")], check=True)
 
 
 def test_a_real_full_disk_leaves_the_previous_export(small_disk, trained):
