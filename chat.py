@@ -18,11 +18,12 @@ import os
 import sys
 import time
 
+from configurator import configure, run  # first: Ctrl-C while the rest loads exits quietly
+
 import checkpoint
 import engine
 import hardware
 import sample
-from configurator import configure, run
 from errors import UserError
 
 # -----------------------------------------------------------------------------

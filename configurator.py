@@ -18,13 +18,39 @@ line on stderr and exit code 2, no traceback (see `run`).
 """
 
 import ast
+import os
+import signal
 import sys
 
 from errors import UserError
 
 
+def _interrupted_while_starting(signum, frame):
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+def _is_our_script(path):
+    """Whether path is one of this repo's scripts (not a test runner or a tool in its venv)."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.dirname(os.path.abspath(__file__)))
+    parts = rel.split(os.sep)
+    return rel.endswith(".py") and parts[0] != ".." and \
+        not any(p.startswith(".") or p == "site-packages" for p in parts)
+
+
+# Ctrl-C while a script is still starting (torch takes seconds to import) exits as quietly as
+# it does later on (run): each script imports this module before anything heavy. Only a script
+# of this repo run as the program: a test runner importing the scripts keeps its own Ctrl-C.
+if _is_our_script(getattr(sys.modules.get("__main__"), "__file__", None) or "") and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
 def run(main):
-    """Call main(), turning a UserError into a one-line message and exit code 2."""
+    """Call main(), turning a UserError into a one-line message and exit code 2, Ctrl-C into
+    "interrupted" and exit code 130."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C is Python's again
     try:
         main()
     except UserError as e:

@@ -22,9 +22,10 @@ so is one holding files that are not an export's: the swap would delete them.
 
 import os
 
+from configurator import configure, run  # first: Ctrl-C while the rest loads exits quietly
+
 import checkpoint
 import hf
-from configurator import configure, run
 from errors import UserError
 
 # -----------------------------------------------------------------------------

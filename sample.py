@@ -17,11 +17,12 @@ import os
 import sys
 import time
 
+from configurator import configure, knobs, run  # first: Ctrl-C while the rest loads exits quietly
+
 import checkpoint
 import engine
 import hardware
 import hf
-from configurator import configure, knobs, run
 from errors import UserError
 
 # -----------------------------------------------------------------------------

@@ -20,6 +20,8 @@ import os
 import signal
 import time
 
+from configurator import configure, knobs, run  # first: Ctrl-C while the rest loads exits quietly
+
 import torch
 from torch.distributed import ReduceOp, all_reduce, destroy_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -28,7 +30,6 @@ import checkpoint
 import distributed
 import hardware
 import lora
-from configurator import configure, knobs, run
 from dataset import get_batch, open_dataset, to_device
 from errors import UserError
 from model import GPT

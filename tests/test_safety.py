@@ -6,8 +6,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -464,3 +466,16 @@ def test_sigterm_stops_saves_and_exits_0_like_ctrl_c(run_copy, char_dataset):
     assert "SIGTERM again to quit at once" in result.stdout
     assert f"interrupted: saved iteration 23 to {run_copy / 'ckpt.pt'}" in result.stdout
     assert torch.load(run_copy / "ckpt.pt", weights_only=True)["iter_num"] == 23
+
+
+@pytest.mark.parametrize("script, delay", [("train.py", 0.1), ("train.py", 0.6), ("train.py", 1.2),
+                                           ("sample.py", 0.6)])
+def test_ctrl_c_while_a_script_starts_exits_quietly(script, delay, tmp_path):
+    # while torch and the rest are still being imported: one line, exit code 130, no traceback
+    proc = subprocess.Popen([sys.executable, script, "--device=cpu", f"--out_dir={tmp_path / 'out'}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and stderr.strip() == "interrupted", stderr[-2000:]
+    assert not (tmp_path / "out").exists()
