@@ -41,12 +41,12 @@ import engine  # noqa: E402
 import hardware  # noqa: E402
 from configurator import configure, run  # noqa: E402
 from dataset import open_dataset  # noqa: E402
+from errors import UserError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 # -----------------------------------------------------------------------------
 repeat = 3  # timed runs of each measurement
 new_tokens = 256  # GPT-2 part: tokens generated per run
-from errors import UserError  # noqa: E402
 prompt_tokens = 16
 char_samples = 10
 char_tokens = 500
