@@ -33,14 +33,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 import checkpoint
 from atomic import replace_folder
@@ -48,6 +40,8 @@ from configurator import configure, run
 from errors import UserError
 from model import GPT
 
+# FSDP and torch.distributed.checkpoint are imported by the functions that use them: importing
+# them takes most of a second, which a run that uses neither need not pay
 KINDS = ("ddp", "fsdp")
 SHARDED = "ckpt.dcp"  # the sharded checkpoint's folder in out_dir
 PROGRESS = "run.pt"  # ... and the file in it with everything but the tensors' shards
@@ -90,6 +84,9 @@ def shard(model, dist, precision, device_type, device, from_rank0=True):
     its shards from rank 0, so one copy of the model passes through host memory, not one a
     process. Else each process's model is its own: drawn alike, or empty (on the meta device)
     for a sharded checkpoint to fill."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     if not dist.sharded:
         return
     whole = model.state_dict() if from_rank0 and dist.rank == 0 else {}
@@ -146,6 +143,9 @@ def full_state(model, optimizer, dist):
     """(model state, optimizer state) whole, as one process would have them: under FSDP
     gathered from every process (all must call this) into rank 0's memory, the other ranks
     getting (None, None); otherwise (None, None), meaning the model's and optimizer's own."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
     if not dist.sharded:
         return None, None
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -159,6 +159,8 @@ def full_state(model, optimizer, dist):
 def load_full_optimizer_state(model, optimizer, state, dist):
     """Load a ckpt.pt's optimizer state (whole, keyed by position): under FSDP each process
     keeps its shard of it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     if not dist.sharded:
         optimizer.load_state_dict(state)
         return
@@ -168,6 +170,8 @@ def load_full_optimizer_state(model, optimizer, state, dist):
 
 def sharded_state(model, optimizer):
     """What a sharded checkpoint holds, as this process has it (its shards under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
     return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
 
 
@@ -178,6 +182,9 @@ def save_sharded(folder, model, optimizer, dist, progress):
     call this; else one process holds the whole state and writes it alone.
     The folder is written beside and swapped in whole, so a crash leaves the last good one.
     Non-finite weights or moments are refused on every process, nothing written."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import DTensor
+
     state = sharded_state(model, optimizer)
     local = {n: t.to_local() if isinstance(t, DTensor) else t
              for n, t in checkpoint.named_tensors(state, "state")}
@@ -247,6 +254,10 @@ def materialize(model, device):
 def load_sharded(folder, model, optimizer, dist):
     """Fill model and optimizer (built, and under FSDP sharded, for the checkpoint's model
     config) from a sharded checkpoint written by any number of processes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
     state = sharded_state(model, optimizer)
     try:
         with alone(dist):  # without FSDP each process reads the whole state for itself
@@ -316,6 +327,9 @@ def consolidate(folder, path):
     would have saved it (a LoRA run's adapters and base, else the whole model). On the way, the
     shards become one torch.save file beside path (torch.distributed.checkpoint's converter),
     removed at the end: the disk needs room for the state twice."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
     progress = read_progress(folder)
     whole = f"{path}.whole.{os.getpid()}"
     try:

@@ -79,9 +79,10 @@ def peak_flops(device, precision):
     return measure_matmul_flops(device, precision)
 
 
-def measure_matmul_flops(device, precision, size=2048, repeats=4):
+def measure_matmul_flops(device, precision, size=1024, repeats=4):
     """The FLOP/s of a square matmul in precision on device: the ceiling MFU is measured
-    against where no datasheet figure is known (well under a second on a CPU)."""
+    against where no datasheet figure is known (a tenth of a second on a 2-core CPU: every
+    CPU run pays it at its start)."""
     # its own generator: measuring leaves the global random state (which a resume restores) as it was
     generator = torch.Generator(device).manual_seed(0)
     a, b = (torch.randn(size, size, device=device, dtype=DTYPES[precision], generator=generator)

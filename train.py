@@ -23,7 +23,7 @@ import time
 from configurator import configure, knobs, run  # first: Ctrl-C while the rest loads exits quietly
 
 import torch
-from torch.distributed import ReduceOp, all_reduce, destroy_process_group
+from torch.distributed import ReduceOp, all_reduce, barrier, destroy_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
@@ -525,6 +525,7 @@ def main():
     if runlog is not None:
         runlog.finish()
     if dist.kind:
+        barrier()  # leave together: none tears its group down while another still saves
         destroy_process_group()
 
 
