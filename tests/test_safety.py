@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from checkpoint import save_run
-from conftest import REPO, TINY, assert_user_error
+from conftest import REPO, TINY, assert_user_error, run_cases
 from errors import UserError
 from model import GPT, GPTConfig
 from optim import configure_optimizers
@@ -377,45 +377,14 @@ TRAIN_CASES = [
     ("a split shorter than a window", [], "short split", ["val.bin", "20 tokens", "block_size=32"]),
 ]
 
-# every case is a process of its own, forked from one that has imported train.py (and torch)
-# once: as `python train.py ARGS` would, it runs configurator.run(train.main), its stdout and
-# stderr going to files; it prints the exit codes as JSON
-FORKED = """
-import json, os, sys, traceback
-import configurator, train
-codes = []
-for args, log in json.loads(sys.argv[1]):
-    pid = os.fork()
-    if pid == 0:
-        for fd, name in ((1, log + ".out"), (2, log + ".err")):
-            os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        sys.argv, code = ["train.py", *args], 0
-        try:
-            configurator.run(train.main)
-        except SystemExit as e:
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-            code = e.code if isinstance(e.code, int) else int(e.code is not None)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-print(json.dumps(codes))
-"""
-
-
 @pytest.fixture(scope="module")
 def train_cases(trained, char_dataset, tmp_path_factory):
-    """{what: (CompletedProcess-like result, folder of its run and dataset, digests before)}:
-    each case runs on its own copies of the trained run and the dataset."""
-    import json
+    """{what: (CompletedProcess-like result, the watched files that changed)}: each case runs
+    (conftest.run_cases) on its own copies of the trained run and the dataset."""
     root = tmp_path_factory.mktemp("bad")
     (root / "config.yaml").write_text(YAML)
     (root / "comments.py").write_text("# n_layer = 4\n")
-    cases, folders = [], []
+    cases = []
     for i, (what, args, how, _) in enumerate(TRAIN_CASES):
         folder = root / str(i)
         shutil.copytree(trained[0], folder / "out")
@@ -423,30 +392,19 @@ def train_cases(trained, char_dataset, tmp_path_factory):
         if how:
             damage(str(folder / "data"), how)
         args = [a.format(yaml=root / "config.yaml", none=root / "comments.py") for a in args]
-        cases.append([[*TRAIN, f"--dataset={folder / 'data'}", f"--out_dir={folder / 'out'}",
-                       "--max_iters=25", *args], str(folder / "log")])
-        folders.append(folder)
-    before = [{**digests(f / "out"), **{f"data/{k}": v for k, v in digests(f / "data").items()}}
-              for f in folders]
-    result = run_script("-c", FORKED, json.dumps(cases))
-    assert result.returncode == 0, result.stderr
-    codes = json.loads(result.stdout.splitlines()[-1])
-    out = {}
-    for (what, *_), folder, code, digest in zip(TRAIN_CASES, folders, codes, before):
-        ran = subprocess.CompletedProcess([], code, (folder / "log.out").read_text(),
-                                          (folder / "log.err").read_text())
-        out[what] = ran, folder, digest
-    return out
+        cases.append({"script": "train.py", "watch": [folder / "out", folder / "data"],
+                      "args": [*TRAIN, f"--dataset={folder / 'data'}", f"--out_dir={folder / 'out'}",
+                               "--max_iters=25", *args]})
+    logs = root / "logs"
+    logs.mkdir()
+    return {what: ran for (what, *_), ran in zip(TRAIN_CASES, run_cases(cases, logs))}
 
 
 @pytest.mark.parametrize("what, words", [(c[0], c[3]) for c in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES])
 def test_train_refuses_bad_input_and_changes_nothing(what, words, train_cases):
-    result, folder, before = train_cases[what]
+    result, changed = train_cases[what]
     assert_user_error(result, *words)
-    os.remove(folder / "log.out")
-    os.remove(folder / "log.err")
-    after = {**digests(folder / "out"), **{f"data/{k}": v for k, v in digests(folder / "data").items()}}
-    assert after == before
+    assert changed == []
 
 
 def test_prepare_refuses_a_text_too_short_to_split(char_dataset, tmp_path):
