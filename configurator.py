@@ -26,8 +26,10 @@ from errors import UserError
 
 
 def _interrupted_while_starting(signum, frame):
-    print("interrupted", file=sys.stderr)
-    sys.exit(130)
+    # at once, not by raising: an import's bare `except:` could swallow a SystemExit, and
+    # nothing has been written yet that a cleanup would need to finish
+    print("interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
 
 
 def _is_our_script(path):
