@@ -63,9 +63,7 @@ class Distributed:
 
 def setup(device_type, backend=None, kind="ddp"):
     """The process group torchrun asks for (nccl on CUDA, gloo otherwise), or none when the
-    script was started without torchrun."""
-    if kind not in KINDS:
-        raise UserError(f"parallel must be 'ddp' or 'fsdp', got {kind!r}")
+    script was started without torchrun. kind: "ddp" or "fsdp" (train.check_config checks it)."""
     if int(os.environ.get("RANK", -1)) == -1:
         if kind == "fsdp":
             print("note: parallel=fsdp shards the model across the processes torchrun starts; "
