@@ -12,7 +12,8 @@ engine.py apart from gpt.py:
   processors, then temperature -> top-k -> top-p -> min-p.
 - generate(): greedy decoding and sampling of many rows at once; beam_search().
 - quantize_int8(): int8 weight-only Linear layers, for fast decoding on a CPU; ThinLinear, the
-  route generate() gives float32 Linear layers on a CPU for the few rows decoding feeds them.
+  route generate() gives float32 Linear layers on a CPU for the few rows decoding feeds them,
+  on machines where it is the faster one (measured once per process).
 - TextStream: the text of one row as its tokens arrive, for streaming and stop strings.
 
 Rows of a batch are left-padded to the longest prompt; each row's tokens get the positions
@@ -22,6 +23,7 @@ References: Hugging Face transformers, generation/utils.py and generation/logits
 OpenAI's API reference for the presence and frequency penalties.
 """
 
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -139,24 +141,65 @@ def next_logits(model, cache, ids, end, context_shift=False, step=None):
     context_shift instead drops the older half of the window once and re-reads the newer half,
     after which block_size / 2 tokens decode from the cache again (llama.cpp's context shift)."""
     if cache.size < cache.length:
-        return cache.feed(model if step is None else step, ids[:, end - 1:end])
+        # a copy: a compiled step is traced for its input's strides too, and a column of ids
+        # has the stride of ids' width, which differs from call to call (contiguous() would
+        # keep it for a single row)
+        column = ids[:, end - 1:end].clone(memory_format=torch.contiguous_format)
+        return cache.feed(model if step is None else step, column)
     return fill(model, cache, ids, end, max(1, cache.length // 2) if context_shift else None)
 
 
-_compiled_steps = weakref.WeakKeyDictionary()
+_compiled_steps = weakref.WeakKeyDictionary()  # model -> its compiled one-token step
+_kept_caches = weakref.WeakKeyDictionary()  # model -> the cache its compiled step last wrote
 
 
-def decode_step(model, compile):
-    """What runs the one-token steps of decoding: the model itself, or (compile=True) the model
-    compiled once for the static cache's fixed shapes, kept for the model's lifetime; on CUDA
-    as CUDA graphs (mode="reduce-overhead", gpt-fast's way), which replay a whole step in one
-    launch. Prompts and re-reads of a cropped window run eagerly: their shapes vary."""
+def cache_and_step(model, rows, length, compile):
+    """The KV cache of one generate call, and what runs its one-token steps (decode_step).
+    Static on a GPU and when compiled. A compiled step writes the cache inside its CUDA graph,
+    which CUDA graphs allow only for tensors whose address never changes (parameters, buffers,
+    tensors marked static; any other mutated input makes torch skip the graphs): so the
+    buffers are marked static and kept for the model's next call of the same shape, emptied
+    (zeroed) for it, as gpt-fast keeps its caches. Their length (the slots per row) is the
+    sequence's, or more: the masked slots change no result."""
+    weight = float_weight(model)
+    device = weight.device
     if not compile:
-        return model
+        return KVCache(model, rows, length, static=device.type == "cuda"), model
+    # a length in powers of two (at least 64, at most the context), not each call's own: a
+    # few shapes to compile and capture, not one for every max_new_tokens
+    length = min(model.config.block_size, max(64, 1 << (length - 1).bit_length()))
+    cache = _kept_caches.get(model)
+    key = (rows, length, weight.dtype, device)
+    if cache is None or cache.key != key:
+        _kept_caches.pop(model, None)  # the old buffers go before the new ones are made
+        cache = KVCache(model, rows, length, static=True)
+        cache.key = key
+        for layer in cache.layers:
+            torch._dynamo.mark_static_address(layer.k)
+            torch._dynamo.mark_static_address(layer.v)
+        _kept_caches[model] = cache
+    else:
+        for layer in cache.layers:
+            layer.k.zero_()
+            layer.v.zero_()
+    return cache, decode_step(model)
+
+
+def decode_step(model):
+    """The model compiled once for the static cache's fixed shapes, kept for the model's
+    lifetime; on CUDA as CUDA graphs (mode="reduce-overhead", gpt-fast's way), which replay a
+    whole step in one launch. Prompts and re-reads of a cropped window run eagerly: their
+    shapes vary."""
     if model not in _compiled_steps:
         cuda = float_weight(model).device.type == "cuda"
-        _compiled_steps[model] = torch.compile(model, mode="reduce-overhead" if cuda else None,
-                                               dynamic=False)
+        compiled = torch.compile(model, mode="reduce-overhead" if cuda else None, dynamic=False)
+
+        def step(idx, kv_cache):
+            logits, loss = compiled(idx, kv_cache=kv_cache)
+            # a CUDA graph's outputs live in its memory pool and are overwritten by its next
+            # replay: the logits leave as a copy of their own
+            return logits.clone(), loss
+        _compiled_steps[model] = step
     return _compiled_steps[model]
 
 
@@ -457,9 +500,7 @@ def generate(model, prompts, max_new_tokens, stop_tokens=(), stop_strings=(), to
     generator = None
     if opts.seed is not None:
         generator = torch.Generator(device).manual_seed(opts.seed)
-    cache = KVCache(model, ids.size(0), min(model.config.block_size, total),
-                    static=compile or device.type == "cuda")
-    step = decode_step(model, compile)
+    cache, step = cache_and_step(model, ids.size(0), min(model.config.block_size, total), compile)
     # whether every row has ended is asked of the device every `check_every` steps only (each
     # ask waits for it), unless tokens go to the host anyway (streaming, stop strings)
     host_work = on_token is not None or bool(stop_strings)
@@ -549,9 +590,7 @@ def beam_search(model, prompts, opts, stop_tokens=(), logits_processors=(), stop
     # a finished sequence is padded with pad_token_id, as Hugging Face's (the first eos by default)
     pad_token_id = default_pad(pad_token_id, stop_tokens)
     fill_token = PAD if pad_token_id is None else pad_token_id
-    cache = KVCache(model, P * K, min(model.config.block_size, total),
-                    static=compile or device.type == "cuda")
-    step = decode_step(model, compile)
+    cache, step = cache_and_step(model, P * K, min(model.config.block_size, total), compile)
     logits = fill(model, cache, ids, width)
 
     # the beams of all prompts run as rows P * K; only the first starts live, so that step
@@ -633,14 +672,16 @@ def beam_search(model, prompts, opts, stop_tokens=(), logits_processors=(), stop
 # Linear layers for decoding on a CPU
 
 class ThinLinear(nn.Linear):
-    """nn.Linear, with a faster route for the few rows of input that decoding gives it on a CPU.
+    """nn.Linear, with another route for the few rows of input that decoding gives it on a CPU.
 
     Decoding multiplies one row per sequence by every weight matrix, so its speed is the speed at
     which the weights stream from memory. For such thin float32 inputs PyTorch's CPU
-    matrix-vector route keeps one core busy, while the same product as a batched matmul over the
-    two halves of the weight keeps them all at work (the README's generation figures). Many
-    rows (a prompt, training), other devices and other dtypes take nn.Linear's route, and so
-    do small weights (under SMALL elements, such as the key / value projections of
+    matrix-vector route keeps one core busy on some machines (an AMD EPYC's, with MKL), while
+    the same product as a batched matmul over the two halves of the weight keeps them all at
+    work; on others (an Intel Xeon with AMX) the plain route is the faster by 2x. So
+    use_thin_linears measures both once per process and takes this route only where it wins.
+    Many rows (a prompt, training), other devices and other dtypes take nn.Linear's route, and
+    so do small weights (under SMALL elements, such as the key / value projections of
     grouped-query attention: 896 x 128 in Qwen2.5-0.5B), which one core reads in microseconds,
     less than it takes to hand half of them to another: on a busy machine that other core may
     be away for a whole time slice."""
@@ -649,34 +690,74 @@ class ThinLinear(nn.Linear):
 
     def forward(self, x):
         rows = x.numel() // x.size(-1)
-        if rows > 4 or x.device.type != "cpu" or x.dtype != torch.float32 or \
-                self.weight.numel() < self.SMALL:
+        if rows > 4 or x.dtype != torch.float32 or not self.suits(self.weight):
             return super().forward(x)
-        out_features, in_features = self.weight.shape
+        return self.halves(self.weight, self.bias, x)
+
+    @classmethod
+    def suits(cls, weight):
+        """Whether a weight is one this route is for: a big float32 one on a CPU."""
+        return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() >= cls.SMALL
+
+    @staticmethod
+    def halves(weight, bias, x):
+        """x @ weight.T + bias as one batched matmul over the two halves of weight's rows."""
+        rows = x.numel() // x.size(-1)
+        out_features, in_features = weight.shape
         half = out_features // 2
         columns = x.reshape(rows, in_features).t()
-        y = torch.bmm(self.weight[:2 * half].view(2, half, in_features), columns.expand(2, -1, -1))
+        y = torch.bmm(weight[:2 * half].view(2, half, in_features), columns.expand(2, -1, -1))
         y = y.reshape(2 * half, rows)
         if 2 * half < out_features:  # the odd row out (GPT-2's vocabulary has 50257 tokens)
-            y = torch.cat((y, self.weight[2 * half:] @ columns))
-        y = y.t() if self.bias is None else y.t() + self.bias
+            y = torch.cat((y, weight[2 * half:] @ columns))
+        y = y.t() if bias is None else y.t() + bias
         return y.reshape(*x.shape[:-1], out_features)
+
+
+_halves_win = None  # whether ThinLinear's route beats nn.Linear's on this machine: measured once
+
+
+@torch.no_grad()
+def halves_win(linears):
+    """Whether ThinLinear's batched matmul decodes one row through these Linear layers (a
+    model's own: its real shapes, and all of its weights, more than the CPU caches hold) clearly
+    faster than nn.Linear's route: each route runs them all three times, taking turns, and the
+    best pass of each counts (noise only adds time). About four tokens' worth of decoding, once
+    per process."""
+    global _halves_win
+    if _halves_win is None:
+        rows = {layer: torch.randn(1, layer.in_features) for layer in linears}
+        routes = {"plain": lambda layer: F.linear(rows[layer], layer.weight, layer.bias),
+                  "halves": lambda layer: ThinLinear.halves(layer.weight, layer.bias, rows[layer])}
+        best = dict.fromkeys(routes, float("inf"))
+        for _ in range(3):
+            for name, route in routes.items():
+                t0 = time.perf_counter()
+                for layer in linears:
+                    route(layer)
+                best[name] = min(best[name], time.perf_counter() - t0)
+        _halves_win = best["halves"] < 0.9 * best["plain"]
+    return _halves_win
 
 
 def use_thin_linears(model):
     """Give every plain nn.Linear of a CPU model ThinLinear's route, in place (merged LoRA layers
-    included). The parameters stay the very same tensors, under the same names, so ties, state
-    dicts and training are unchanged."""
+    included), where that route is the faster on this machine (halves_win). The parameters stay
+    the very same tensors, under the same names, so ties, state dicts and training are
+    unchanged."""
     if float_weight(model).device.type != "cpu":
         return model
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if type(child) is nn.Linear:
-                with torch.device("meta"):  # no memory for weights about to be replaced
-                    thin = ThinLinear(child.in_features, child.out_features, bias=False)
-                thin.weight, thin.bias = child.weight, child.bias
-                thin.train(child.training)
-                setattr(module, name, thin)
+    slots = [(module, name, child) for module in list(model.modules())
+             for name, child in module.named_children() if type(child) is nn.Linear]
+    big = [child for _, _, child in slots if ThinLinear.suits(child.weight)]
+    if not big or not halves_win(big):
+        return model
+    for module, name, child in slots:
+        with torch.device("meta"):  # no memory for weights about to be replaced
+            thin = ThinLinear(child.in_features, child.out_features, bias=False)
+        thin.weight, thin.bias = child.weight, child.bias
+        thin.train(child.training)
+        setattr(module, name, thin)
     return model
 
 

@@ -34,10 +34,13 @@ def test_static_cache_logits_equal_the_growing_cache_and_a_full_forward(model):
 def test_compiled_decode_step_gives_the_eager_tokens(model):
     """Greedy, seeded sampling and beams, with left-padded prompts and past block_size; every
     case has 2 rows of the same length, so the step is compiled once (a compile takes ~40 s on
-    a 2-core CPU)."""
+    a 2-core CPU). CUDA graphs need what the graph writes at a fixed address: each call writes
+    the same cache buffers, and no call after the first compiles anything."""
+    from torch._dynamo.utils import counters
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     cases = [dict(temperature=0), dict(temperature=0.9, top_k=20, seed=3),
              dict(temperature=0, num_beams=2, num_return_sequences=1)]
+    addresses, compiles = set(), []
     for options in cases:
         beams = options.get("num_beams", 1) > 1
         rows = prompts[:1] if beams else prompts  # 1 prompt x 2 beams: 2 rows too
@@ -45,6 +48,11 @@ def test_compiled_decode_step_gives_the_eager_tokens(model):
         compiled = engine.generate(model, rows, 30, compile=True, **options)
         assert torch.equal(compiled, eager), options
         assert eager.size(1) > model.config.block_size  # the window was cropped on the way
+        cache = engine._kept_caches[model]
+        addresses.add(tuple(t.data_ptr() for layer in cache.layers for t in (layer.k, layer.v)))
+        compiles.append(counters["stats"]["unique_graphs"])
+    assert len(addresses) == 1
+    assert compiles[0] == compiles[-1]
 
 
 def test_stop_flag_all_reduces_on_the_process_group_s_device(monkeypatch):
