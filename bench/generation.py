@@ -6,10 +6,11 @@ $ python bench/generation.py               # needs transformers (pip install -r 
 $ python bench/generation.py --repeat=5 --new_tokens=128
 $ python bench/generation.py --parts=char   # part 2 only
 $ python bench/generation.py --parts=qwen   # part 4: the Qwen2.5-0.5B shape
+$ python bench/generation.py --parts=gpt2 --gpt2_size=gpt2-xl --device=cuda --compile=True
 
-1. A GPT-2 124M-shaped model with random weights; batch 1, a 16-token prompt, new_tokens
-   greedy tokens. Ours with float32, bfloat16 and int8 weights; transformers' GPT2LMHeadModel
-   (the same weights, float32); the no-cache loop. Also the quality cost of the smaller
+1. A GPT-2 124M-shaped model (gpt2_size: another GPT-2 size's shape) with random weights;
+   batch 1, a 16-token prompt, new_tokens greedy tokens. Ours with float32, bfloat16 and
+   int8 weights; transformers' GPT2LMHeadModel (the same weights, float32); the no-cache loop. Also the quality cost of the smaller
    weights: their logits against float32's over a whole sequence.
 2. A char-level model shaped as nanoGPT's Shakespeare one (6 layers, 384 wide, 256 context,
    65 characters): 10 samples of 500 characters, as one batch with our engine (exact, and with
@@ -42,6 +43,7 @@ import hardware  # noqa: E402
 from configurator import configure, run  # noqa: E402
 from dataset import open_dataset  # noqa: E402
 from errors import UserError  # noqa: E402
+from bench import shapes  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -53,6 +55,7 @@ char_tokens = 500
 seed = 0
 quality_from = ""  # an out_dir: report its model's val loss with each kind of weights
 parts = "gpt2,char"  # which of parts 1, 2 and 4 to run: gpt2, char, qwen
+gpt2_size = "gpt2"  # part 1's shape: gpt2, gpt2-medium, gpt2-large, gpt2-xl
 qwen_tokens = 64  # Qwen part: tokens generated per run
 threads = 0  # CPU threads for every contender (torch.set_num_threads); 0 keeps torch's choice
 device = None  # where to run: None (or 'auto') picks cuda, then mps, then cpu
@@ -106,7 +109,9 @@ def gpt2_part(dev, precision):
 
     torch.manual_seed(seed)
     # no end-of-text token: every run generates all of its tokens
-    hf = GPT2LMHeadModel(GPT2Config(bos_token_id=None, eos_token_id=None)).eval()
+    n_layer, n_head, n_embd = shapes.GPT2[gpt2_size]
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                                    bos_token_id=None, eos_token_id=None)).eval()
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
         ours = checkpoint.load_model(folder, dev, "float32" if on_cpu(dev) else precision)[0].eval()
@@ -131,7 +136,7 @@ def gpt2_part(dev, precision):
             pad_token_id=0)),
         "no-cache loop (nanoGPT)": timed(lambda n: no_cache_generate(ours, prompt, n)),
     })
-    print(f"GPT-2 124M shape, random weights: batch 1, {prompt_tokens}-token prompt, {new_tokens} "
+    print(f"{gpt2_size} shape, random weights: batch 1, {prompt_tokens}-token prompt, {new_tokens} "
           f"new tokens, greedy, on {dev} ({torch.get_num_threads()} CPU threads)")
     times = time_all(runs, new_tokens)
     report(times, new_tokens, "transformers generate")
@@ -159,10 +164,7 @@ def qwen_part(dev):
 
     torch.manual_seed(seed)
     # no end-of-text token: every run generates all of its tokens
-    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                         max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
-                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
+    config = Qwen2Config(**shapes.QWEN2_5_0_5B, bos_token_id=None, eos_token_id=None)
     theirs = Qwen2ForCausalLM(config).eval()
     name = "the Qwen2.5-0.5B shape"
     ours_config = checkpoint.model_config(hf.model_args(config.to_dict(), name), name)
@@ -285,6 +287,8 @@ def check_settings():
     unknown = [p for p in parts.split(",") if p and p not in ("gpt2", "char", "qwen")]
     if unknown:
         raise UserError(f"parts must be a comma-separated list of gpt2, char and qwen, got {parts!r}")
+    if gpt2_size not in shapes.GPT2:
+        raise UserError(f"gpt2_size must be one of {', '.join(shapes.GPT2)}, got {gpt2_size!r}")
     if prompt_tokens >= 1024:
         raise UserError(f"prompt_tokens={prompt_tokens} does not fit GPT-2's 1024-token context "
                         "with room to generate: choose fewer")

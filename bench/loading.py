@@ -31,6 +31,7 @@ import torch
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_DIR)
 
+from bench import shapes  # noqa: E402
 from configurator import configure, run  # noqa: E402
 from errors import UserError  # noqa: E402
 
@@ -40,13 +41,8 @@ repeats = 3  # loads of each kind; the figures are the median and the spread
 folder = ""  # where to write the checkpoint; empty means a temp folder, removed afterwards
 # -----------------------------------------------------------------------------
 
-SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
-         "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}  # n_layer, n_head, n_embd
-# Qwen2.5-0.5B's config.json, as far as the shape goes
-QWEN = {"qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                             num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                             max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
-                             tie_word_embeddings=True)}
+SIZES = shapes.GPT2
+QWEN = {"qwen2.5-0.5b": shapes.QWEN2_5_0_5B}
 
 # the measured programs; each prints {"seconds": load time, "peak": peak RSS in bytes}
 PEAK = """

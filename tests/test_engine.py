@@ -14,6 +14,7 @@ import engine
 from conftest import assert_user_error, run_script, save_tiny_bpe, tiny_bpe, until_stop
 from errors import UserError
 from checkpoint import load_model
+from model import GPT, GPTConfig
 
 VOCAB = tiny_bpe().get_vocab_size()  # the folder's tokenizer.json: a small byte-level BPE
 EOT = tiny_bpe().token_to_id("<|endoftext|>")
@@ -420,3 +421,24 @@ def test_thin_linear_equals_linear_and_leaves_small_weights_to_it(monkeypatch):
         with torch.no_grad():
             torch.testing.assert_close(thin(x), linear(x), rtol=1e-5, atol=1e-5)
         assert bool(calls) == route, (n_in, n_out, rows)
+
+
+@pytest.mark.parametrize("halves_win", [False, True])
+def test_thin_linears_are_given_only_where_their_route_wins(halves_win, monkeypatch):
+    """use_thin_linears swaps a CPU model's big Linear layers for ThinLinear only when the
+    once-a-process measurement (halves_win) says its route is the faster one on this machine;
+    either way the model's outputs and parameters stay the same."""
+    from torch import nn
+    monkeypatch.setattr(engine, "_halves_win", halves_win)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=256, block_size=8, vocab_size=4096)).eval()
+    params = dict(model.named_parameters())
+    x = torch.randint(4096, (1, 8))
+    with torch.no_grad():
+        before = model(x)[0]
+        engine.use_thin_linears(model)
+        after = model(x)[0]
+    kinds = {type(m) for m in model.modules() if isinstance(m, nn.Linear)}
+    assert kinds == ({engine.ThinLinear} if halves_win else {nn.Linear})
+    assert all(p is params[n] for n, p in model.named_parameters())
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
