@@ -133,6 +133,9 @@ def read_config(folder, name):
     if not os.path.exists(config_path):
         raise UserError(f"{name} has no config.json: not a Hugging Face model folder")
     config = read_json(config_path)
+    if not isinstance(config.get("model_type", ""), str):
+        raise UserError(f"{config_path}: model_type must be a name such as \"gpt2\" or \"qwen2\", "
+                        f"got {config['model_type']!r}")
     generation_path = os.path.join(folder, "generation_config.json")
     if os.path.exists(generation_path):
         eos = read_json(generation_path).get("eos_token_id")

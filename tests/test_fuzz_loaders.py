@@ -181,7 +181,7 @@ def mutate_folder(folder, kind, rng):
 
 
 @pytest.mark.parametrize("kind, n, seed", [("ckpt bytes", 120, 1), ("ckpt values", 80, 2),
-                                           ("safetensors header", 120, 3), ("config.json", 80, 4),
+                                           ("safetensors header", 120, 3), ("config.json", 80, 4), ("config.json", 45, 43),
                                            ("meta.pkl", 80, 5)])
 def test_mutated_files_load_or_give_one_clean_error(kind, n, seed, originals, tmp_path):
     escaped = fuzz(tmp_path, originals, kind, n, seed)
@@ -213,3 +213,13 @@ def test_a_flipped_tensor_byte_is_reported_as_corruption(originals, tmp_path):
     with pytest.raises(UserError, match=r"is corrupted: tensor transformer.h.0.mlp.c_fc.weight "
                                         "does not match the checksum"):
         checkpoint.load_model(str(tmp_path))
+
+
+def test_a_meta_pkl_whose_unpickling_error_runs_over_lines_is_one_line(originals, tmp_path):
+    """A persistent-id opcode makes pickle's error two lines long; the refusal is still one."""
+    _, run, _, _ = originals
+    torch.save({k: v for k, v in run.items() if k not in ("tokenizer", "checksums")}, str(tmp_path / "ckpt.pt"))
+    (tmp_path / "meta.pkl").write_bytes(b"P0\n.")
+    with pytest.raises(UserError) as refused:
+        checkpoint.load_tokenizer(str(tmp_path))
+    assert "\n" not in str(refused.value) and "meta.pkl" in str(refused.value)
