@@ -43,6 +43,7 @@ out_dir = "out"
 eval_interval = 2000
 log_interval = 1
 eval_iters = 200
+eval_batch_size = None  # rows of each evaluation batch; None: batch_size, as nanoGPT
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # save at every eval, not only when val loss improves
 init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or pretrained: gpt2 ... gpt2-xl, a hub id, a folder
@@ -122,6 +123,10 @@ def check_config(cfg):
                 "gradient_accumulation_steps", "eval_iters", "eval_interval", "log_interval"):
         if cfg[key] < 1:
             raise UserError(f"{key} must be at least 1, got {cfg[key]}")
+    size = cfg["eval_batch_size"]
+    if size is not None and (type(size) is not int or size < 1):
+        raise UserError(f"eval_batch_size must be a whole number of at least 1 (or None: "
+                        f"batch_size's), got {size!r}")
     if cfg["optim"] not in ("adamw", "muon"):
         raise UserError(f"optim must be 'adamw' or 'muon', got {cfg['optim']!r}")
     if cfg["parallel"] not in distributed.KINDS:
@@ -272,17 +277,18 @@ def get_lr(it):
 @torch.no_grad()
 def estimate_loss(model, batch, autocast):
     """Mean loss and next-token accuracy (how often the most likely token is the right one)
-    over eval_iters batches of each split, batch(split, generator) drawing them; the same
-    batches every time, so successive evaluations compare. Runs without DDP, on the master
-    only; under FSDP on every process (each holds a shard), the same batches on each. The sums
-    stay on the device until the end: one wait for it a split, not three a batch."""
+    over eval_iters batches of eval_batch_size rows of each split, batch(split, generator,
+    rows) drawing them; the same batches every time, so successive evaluations compare. Runs
+    compiled when training is, but without DDP, on the master only; under FSDP on every process
+    (each holds a shard), the same batches on each. The sums stay on the device until the end:
+    one wait for it a split, not three a batch."""
     model.eval()
     out = {}
     for split in ("train", "val"):
         generator = torch.Generator().manual_seed(seed)
         losses, accuracies = [], []
         for _ in range(eval_iters):
-            X, Y = batch(split, generator)
+            X, Y = batch(split, generator, eval_batch_size or batch_size)
             with autocast:
                 logits, loss = model(X, Y)
             learned = Y != -1  # targets a loss mask leaves out do not count
@@ -384,6 +390,9 @@ def main():
     raw_model = model
     if use_compile:
         model = torch.compile(model)
+    # evaluation runs compiled too, but not through DDP's wrapper: under DDP the master alone
+    # evaluates, and the wrapper's forward may talk to the other processes
+    eval_model = model
     if dist.kind == "ddp":
         model = DDP(model, device_ids=[dist.local_rank] if device_type == "cuda" else None)
 
@@ -446,7 +455,7 @@ def main():
         # evaluate, and save a checkpoint; not again at the iteration a resumed run starts from
         at_eval = iter_num % eval_interval == 0 or iter_num == max_iters
         if takes_part and at_eval and (iter_num != start_iter or iter_num == 0 or eval_only):
-            losses = estimate_loss(raw_model, batch, autocast)
+            losses = estimate_loss(eval_model, batch, autocast)
             if master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                       f"val acc {losses['val_acc']:.4f}")

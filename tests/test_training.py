@@ -145,3 +145,17 @@ def test_run_logs_metrics_plot_and_offline_wandb(char_dataset, tmp_path, monkeyp
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = [d for d in os.listdir(out / "wandb") if d.startswith("offline-run-")]
     assert len(runs) == 1 and os.listdir(out / "wandb" / runs[0])
+
+
+def test_compiled_evaluation_gives_the_eager_losses(trained, char_dataset, tmp_path):
+    """Evaluation runs through the compiled model when training does (compile=True) with the
+    same losses; eval_batch_size sets its batches' rows (other rows, other estimates)."""
+    def evaluate(name, *args):
+        shutil.copytree(trained[0], tmp_path / name)
+        stdout = train(tmp_path / name, char_dataset, "--init_from=resume", "--eval_only=True", *args)
+        line = next(line for line in stdout.splitlines() if line.startswith("step "))
+        return [float(part.split()[-1]) for part in line.split(":", 1)[1].split(",")]
+    eager, eager_4 = evaluate("eager"), evaluate("eager_4", "--eval_batch_size=4")
+    compiled_4 = evaluate("compiled_4", "--eval_batch_size=4", "--compile=True")
+    assert eager_4 != eager
+    assert compiled_4 == pytest.approx(eager_4, abs=2e-4)
