@@ -37,6 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)
 
+from bench import shapes  # noqa: E402
 from configurator import configure, run  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -47,10 +48,9 @@ seed = 0
 shape = "tiny"  # the base model's shape: "tiny" (the demo's), or "qwen2.5-0.5b" (random, 2 GB)
 # -----------------------------------------------------------------------------
 SHAPES = {"tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
-          "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                               num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                               max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6)}
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                       tie_word_embeddings=True),
+          "qwen2.5-0.5b": shapes.QWEN2_5_0_5B}
 
 THINGS = {
     "animal": "tiger lion horse rabbit eagle shark wolf camel zebra otter whale frog",
@@ -120,7 +120,7 @@ def main():
                                      pad_token="<|endoftext|>")
     theirs.save_pretrained(out)  # tokenizer.json, and tokenizer_config.json with the template
     torch.manual_seed(seed)
-    config = Qwen2Config(**sizes, tie_word_embeddings=True, bos_token_id=None,
+    config = Qwen2Config(**sizes, bos_token_id=None,
                          eos_token_id=tok.token_to_id("<|im_end|>"))
     base = Qwen2ForCausalLM(config)
     base.save_pretrained(out)
