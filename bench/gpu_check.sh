@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Every CUDA figure the README's "On a GPU" asks for, in one go on one GPU: the CUDA tests,
+# then decoding against transformers, then training and sampling on tinyshakespeare.
+#
+#   bash bench/gpu_check.sh                  # all three parts, ~10 minutes on an H100
+#   bash bench/gpu_check.sh tests,decode     # some of them: tests, decode, train
+#
+# SHARED (default ../shared) holds data/tinyshakespeare/input.txt and tiktoken_cache/, as
+# beside this repo's checkout; PYTHON (default python3) is the interpreter with CUDA torch.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PARTS=",${1:-tests,decode,train},"
+SHARED=${SHARED:-../shared}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$SHARED/tiktoken_cache}
+TIMEFORMAT="wall %R s"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 1
+
+if [[ $PARTS == *,tests,* ]]; then
+    echo "== CUDA tests"
+    $PY -m pytest -q tests/test_cuda.py tests/test_decode_speedups.py
+fi
+
+if [[ $PARTS == *,decode,* ]]; then
+    echo "== batch-1 greedy decoding, bfloat16 (targets: >= 2x transformers eager, >= 1,000 tok/s compiled)"
+    $PY bench/generation.py --device=cuda --dtype=bfloat16 --compile=True --parts=gpt2 --repeat=3
+    echo "== gpt2-xl shape (target: >= 300 tok/s compiled)"
+    $PY bench/generation.py --device=cuda --dtype=bfloat16 --compile=True --parts=gpt2 \
+        --gpt2_size=gpt2-xl --repeat=2 --new_tokens=128
+fi
+
+if [[ $PARTS == *,train,* ]]; then
+    echo "== prepare"
+    $PY data/shakespeare_char/prepare.py --input="$SHARED/data/tinyshakespeare/input.txt" || exit 1
+    echo "== torchrun, one process, NCCL (it crashed once)"
+    $PY -m torch.distributed.run --standalone --nproc_per_node=1 train.py \
+        config/train_shakespeare_char.py --max_iters=40 --eval_interval=20 --eval_iters=5 \
+        --out_dir=out-gpu-torchrun | tail -3
+    echo "== config/train_shakespeare_char.py (target: best val <= 1.47 in <= 60 s; nanoGPT 159 s)"
+    time $PY train.py config/train_shakespeare_char.py | grep -E "^step|best|saving" | tail -6
+    echo "== sample.py 10 x 500 characters (target: <= 8 s whole command; nanoGPT 33 s)"
+    for flags in "" "--context_shift=True" "--compile=True"; do
+        echo "-- sample.py $flags"
+        time $PY sample.py --out_dir=out-shakespeare-char --num_samples=10 --max_new_tokens=500 \
+            $flags > /dev/null
+    done
+    echo "== GPT-2 124M training step, bfloat16, compiled (target: >= 50% MFU)"
+    $PY bench/train_step.py --batch_size=12 --block_size=1024 --compile=True
+fi
