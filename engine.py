@@ -697,7 +697,8 @@ class ThinLinear(nn.Linear):
     @classmethod
     def suits(cls, weight):
         """Whether a weight is one this route is for: a big float32 one on a CPU."""
-        return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() >= cls.SMALL
+        return (weight.device.type == "cpu" and weight.dtype == torch.float32
+                and weight.numel() >= cls.SMALL)
 
     @staticmethod
     def halves(weight, bias, x):
@@ -722,7 +723,7 @@ def halves_win(linears):
     """Whether ThinLinear's batched matmul decodes one row through these Linear layers (a
     model's own: its real shapes, and all of its weights, more than the CPU caches hold) clearly
     faster than nn.Linear's route: each route runs them all three times, taking turns, and the
-    best pass of each counts (noise only adds time). About four tokens' worth of decoding, once
+    best pass of each counts (noise only adds time). About six tokens' worth of decoding, once
     per process."""
     global _halves_win
     if _halves_win is None:
