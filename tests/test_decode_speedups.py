@@ -83,3 +83,15 @@ def test_peak_flops_come_from_the_datasheet_or_a_measurement(monkeypatch):
     # a CPU's is measured: a bfloat16 or float32 training step of ours cannot beat it
     measured = hardware.peak_flops("cpu", "float32")
     assert 1e9 < measured < 1e14
+
+
+def test_fastest_attention_picks_a_backend_that_runs_the_step(model):
+    """The measured choice skips backends that cannot run a masked one-token query (on a CPU,
+    cuDNN's and the memory-efficient one) and keeps its answer per shape."""
+    from torch.nn.attention import SDPBackend
+    candidates = (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                  SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
+    chosen = engine.fastest_attention(model, 3, 20, candidates)
+    assert chosen in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
+    assert engine.fastest_attention(model, 3, 20, candidates) is chosen
+    assert engine.KVCache(model, 3, 20).backend is None  # the CPU keeps torch's own choice
