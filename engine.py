@@ -113,26 +113,37 @@ _fastest_attention = {}  # (device, dtype, shapes) -> the backend measured faste
 @torch.no_grad()
 def fastest_attention(model, rows, length, candidates=ATTENTION_BACKENDS):
     """The scaled_dot_product_attention backend (of candidates that run a masked one-token
-    query at all) that attends fastest over `length` cached slots of `rows` rows, measured
-    once per shape and kept. On a GPU the choice matters: torch's default took 0.37 ms a call
-    where cuDNN's took 0.08 (H100, bfloat16, 10 rows x 6 heads over 256 slots), and attention
-    runs once per layer per token. The CPU keeps torch's own choice (one backend, the same
-    numbers in every run)."""
+    query, with the math backend's result) that attends fastest over `length` cached slots of
+    `rows` rows, measured once per shape and kept. On a GPU the choice matters: torch's
+    default took 0.37 ms a call where cuDNN's took 0.08 (H100, bfloat16, 10 rows x 6 heads over
+    256 slots), and attention runs once per layer per token. The CPU keeps torch's own choice
+    (one backend, the same numbers in every run)."""
     cfg, weight = model.config, float_weight(model)
     key = (weight.device, weight.dtype, rows, length, cfg.n_head, cfg.kv_heads, cfg.head_size)
     if key not in _fastest_attention:
+        own = torch.Generator(weight.device).manual_seed(0)  # the run's random numbers untouched
+
         def make(heads, slots):
-            return torch.randn(rows, heads, slots, cfg.head_size, dtype=weight.dtype, device=weight.device)
+            return torch.randn(rows, heads, slots, cfg.head_size, dtype=weight.dtype,
+                               device=weight.device, generator=own)
         q, k, v = make(cfg.n_head, 1), make(cfg.kv_heads, length), make(cfg.kv_heads, length)
-        mask = torch.ones(rows, 1, 1, length, dtype=torch.bool, device=weight.device)
+        # slots masked out at random (the first kept), so a backend that ignored the mask shows
+        mask = torch.rand(rows, 1, 1, length, device=weight.device, generator=own) < 0.7
+        mask[..., 0] = True
         gqa = cfg.kv_heads != cfg.n_head
+        with sdpa_kernel(SDPBackend.MATH):  # the reference each backend must agree with
+            reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        tolerance = 5e-3 if weight.dtype == torch.float32 else 3e-2  # TF32 may be on
         times = {}
         for backend in candidates:
             try:
                 with sdpa_kernel(backend), warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # each backend that cannot run says why
                     for _ in range(3):  # the first calls plan and compile kernels
-                        F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+                        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+                    if not torch.allclose(out.float(), reference.float(), atol=tolerance,
+                                          rtol=tolerance):
+                        continue  # runs, but not right for these inputs: not taken
                     hardware.synchronize(weight.device)
                     t0 = time.perf_counter()
                     for _ in range(10):
