@@ -69,8 +69,12 @@ class KVCache:
                        for _ in range(cfg.n_layer)]
         self.length = length  # slots per row
         self.static = static
-        # on a GPU, the attention kernel measured fastest for this cache's shapes
-        self.backend = fastest_attention(model, rows, length) if device.type == "cuda" else None
+        # on a GPU, the attention kernel measured fastest for this cache's one-token steps
+        # first, the others after it, for shapes it cannot take (a prompt's many queries)
+        self.backends = None
+        if device.type == "cuda":
+            best = fastest_attention(model, rows, length)
+            self.backends = [best, *(b for b in ATTENTION_BACKENDS if b != best)]
         self.size = 0  # slots filled
         self.pad = self.slots = self.positions = self.mask = None  # set by reset() and feed()
 
@@ -92,7 +96,8 @@ class KVCache:
         # to attend to it would be NaN, and NaN values poison the rows that mask them out
         visible |= slots == new[:, None]
         self.mask = visible[:, None]  # (rows, 1 for all heads, T, slots)
-        with contextlib.nullcontext() if self.backend is None else sdpa_kernel(self.backend):
+        with contextlib.nullcontext() if self.backends is None else \
+                sdpa_kernel(self.backends, set_priority=True):
             logits, _ = model(idx, kv_cache=self)
         self.size += T
         return logits[:, -1].float()

@@ -96,4 +96,4 @@ def test_fastest_attention_picks_a_backend_that_runs_the_step(model):
     assert torch.equal(torch.get_rng_state(), state)  # seeded sampling after it is unchanged
     assert chosen in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
     assert engine.fastest_attention(model, 3, 20, candidates) is chosen
-    assert engine.KVCache(model, 3, 20).backend is None  # the CPU keeps torch's own choice
+    assert engine.KVCache(model, 3, 20).backends is None  # the CPU keeps torch's own choice

@@ -434,8 +434,11 @@ def test_ctrl_c_while_a_script_starts_exits_quietly(script, delay, trained, char
     # its iteration and saves: the tests of Ctrl-C during training.)
     args = {"train.py": [*TRAIN, f"--dataset={char_dataset}", f"--out_dir={tmp_path / 'out'}", "--max_iters=100000"],
             "sample.py": [f"--out_dir={trained[0]}", "--device=cpu", "--max_new_tokens=100000"]}[script]
+    # Ctrl-C as at a terminal: a child inherits an ignored SIGINT (as a shell's background
+    # jobs have it) and Python then keeps ignoring it, so the child starts with the default
     proc = subprocess.Popen([sys.executable, script, *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
