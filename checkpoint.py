@@ -112,8 +112,9 @@ def model_config(args, source=None):
         value = args.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{where}{key} must be a positive integer, got {value!r}")
-        if value >= 2 ** 31:  # beyond any model; past 2**63 torch cannot even hold the shape
-            raise UserError(f"{where}{key}={value} is beyond any model (at most 2**31 - 1)")
+        if value >= 2 ** 62:  # torch cannot even hold such a shape (smaller absurd sizes are
+            # refused with the memory they would need, where the model is built)
+            raise UserError(f"{where}{key}={value} is beyond any model (at most 2**62 - 1)")
     if args["n_embd"] % args["n_head"] != 0:
         raise UserError(f"{where}n_embd ({args['n_embd']}) must be divisible by n_head ({args['n_head']})")
     if args.get("activation", "gelu_tanh") not in ("gelu_tanh", "gelu", "silu"):
