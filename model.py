@@ -371,7 +371,9 @@ class GPT(nn.Module):
                 x = layer(x, rope, None if kv_cache is None else kv_cache.layers[i])
             x = self.model.norm(x)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
+            # a slice keeps the time dimension as nanoGPT's [-1] index does, but as a view:
+            # no index tensor built and no gather, in every decoding step
+            return self.lm_head(x[:, -1:, :]), None
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
