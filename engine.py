@@ -735,16 +735,17 @@ def beam_search(model, prompts, opts, stop_tokens=(), logits_processors=(), stop
 # Linear layers for decoding on a CPU
 
 class ThinLinear(nn.Linear):
-    """nn.Linear, with another route for the few rows of input that decoding gives it on a CPU.
+    """nn.Linear, with other routes for the few rows of input that decoding gives it on a CPU.
 
     Decoding multiplies one row per sequence by every weight matrix, so its speed is the speed at
-    which the weights stream from memory. For such thin float32 inputs PyTorch's CPU
-    matrix-vector route keeps one core busy on some machines (an AMD EPYC's, with MKL), while
-    the same product as a batched matmul over the two halves of the weight keeps them all at
-    work; on others (an Intel Xeon with AMX) the plain route is the faster by 2x. So
-    use_thin_linears measures both once per process and takes this route only where it wins.
-    Many rows (a prompt, training), other devices and other dtypes take nn.Linear's route, and
-    so do small weights (under SMALL elements, such as the key / value projections of
+    which the weights stream from memory, and which of PyTorch's routes streams them fastest
+    depends on the machine: on an AMD EPYC (MKL) F.linear's float32 matrix-vector product keeps
+    one core busy, while a batched matmul over the two halves of the weight ("halves") keeps
+    both at work, 2x faster; on an Intel Xeon with AMX F.linear is the faster by 2x, and its
+    bfloat16 products are compute-bound where torch.mv ("mv", one row only) reads 1.4x faster.
+    So use_thin_linears measures the routes once per process and dtype (fastest_route), and
+    ThinLinear takes the winner. Many rows (a prompt, training) take nn.Linear's route, and so
+    do small weights (under SMALL elements, such as the key / value projections of
     grouped-query attention: 896 x 128 in Qwen2.5-0.5B), which one core reads in microseconds,
     less than it takes to hand half of them to another: on a busy machine that other core may
     be away for a whole time slice."""
@@ -753,14 +754,17 @@ class ThinLinear(nn.Linear):
 
     def forward(self, x):
         rows = x.numel() // x.size(-1)
-        if rows > 4 or x.dtype != torch.float32 or not self.suits(self.weight):
-            return super().forward(x)
-        return self.halves(self.weight, self.bias, x)
+        route = _fastest_route.get(self.weight.dtype) if self.suits(self.weight) else "plain"
+        if route == "halves" and rows <= 4 and x.dtype == torch.float32:
+            return self.halves(self.weight, self.bias, x)
+        if route == "mv" and rows == 1 and x.dtype == self.weight.dtype:
+            return self.mv(self.weight, self.bias, x)
+        return super().forward(x)
 
     @classmethod
     def suits(cls, weight):
-        """Whether a weight is one this route is for: a big float32 one on a CPU."""
-        return (weight.device.type == "cpu" and weight.dtype == torch.float32
+        """Whether a weight is one these routes are for: a big float32 / bfloat16 one on a CPU."""
+        return (weight.device.type == "cpu" and weight.dtype in ROUTES
                 and weight.numel() >= cls.SMALL)
 
     @staticmethod
@@ -777,44 +781,53 @@ class ThinLinear(nn.Linear):
         y = y.t() if bias is None else y.t() + bias
         return y.reshape(*x.shape[:-1], out_features)
 
+    @staticmethod
+    def mv(weight, bias, x):
+        """x @ weight.T + bias for one row x, as a matrix-vector product."""
+        y = torch.mv(weight, x.reshape(-1))
+        y = y if bias is None else y + bias
+        return y.reshape(*x.shape[:-1], weight.size(0))
 
-_halves_win = None  # whether ThinLinear's route beats nn.Linear's on this machine: measured once
+
+ROUTES = {torch.float32: ("plain", "halves", "mv"), torch.bfloat16: ("plain", "mv")}
+_fastest_route = {}  # dtype -> the route measured fastest on this machine for one row
 
 
 @torch.no_grad()
-def halves_win(linears):
-    """Whether ThinLinear's batched matmul decodes one row through these Linear layers (a
-    model's own: its real shapes, and all of its weights, more than the CPU caches hold) clearly
-    faster than nn.Linear's route: each route runs them all three times, taking turns, and the
-    best pass of each counts (noise only adds time). About six tokens' worth of decoding, once
-    per process."""
-    global _halves_win
-    if _halves_win is None:
-        rows = {layer: torch.randn(1, layer.in_features) for layer in linears}
-        routes = {"plain": lambda layer: F.linear(rows[layer], layer.weight, layer.bias),
-                  "halves": lambda layer: ThinLinear.halves(layer.weight, layer.bias, rows[layer])}
-        best = dict.fromkeys(routes, float("inf"))
+def fastest_route(linears, dtype):
+    """The route (ROUTES) that decodes one row through these Linear layers (a model's own: its
+    real shapes, and all of its weights, more than the CPU caches hold) fastest: each runs
+    them all three times, taking turns, and the best pass of each counts (noise only adds
+    time); another route than nn.Linear's ("plain") must win by 10%. About three tokens' worth
+    of decoding per route, once per process and dtype."""
+    if dtype not in _fastest_route:
+        rows = {layer: torch.randn(1, layer.in_features, dtype=dtype) for layer in linears}
+        run = {"plain": lambda layer: F.linear(rows[layer], layer.weight, layer.bias),
+               "halves": lambda layer: ThinLinear.halves(layer.weight, layer.bias, rows[layer]),
+               "mv": lambda layer: ThinLinear.mv(layer.weight, layer.bias, rows[layer])}
+        best = dict.fromkeys(ROUTES[dtype], float("inf"))
         for _ in range(3):
-            for name, route in routes.items():
+            for name in best:
                 t0 = time.perf_counter()
                 for layer in linears:
-                    route(layer)
+                    run[name](layer)
                 best[name] = min(best[name], time.perf_counter() - t0)
-        _halves_win = best["halves"] < 0.9 * best["plain"]
-    return _halves_win
+        winner = min(best, key=best.get)
+        _fastest_route[dtype] = winner if best[winner] < 0.9 * best["plain"] else "plain"
+    return _fastest_route[dtype]
 
 
 def use_thin_linears(model):
-    """Give every plain nn.Linear of a CPU model ThinLinear's route, in place (merged LoRA layers
-    included), where that route is the faster on this machine (halves_win). The parameters stay
-    the very same tensors, under the same names, so ties, state dicts and training are
-    unchanged."""
+    """Give every plain nn.Linear of a CPU model ThinLinear's routes, in place (merged LoRA
+    layers included), where one of them is faster than nn.Linear's on this machine
+    (fastest_route). The parameters stay the very same tensors, under the same names, so ties,
+    state dicts and training are unchanged."""
     if float_weight(model).device.type != "cpu":
         return model
     slots = [(module, name, child) for module in list(model.modules())
              for name, child in module.named_children() if type(child) is nn.Linear]
     big = [child for _, _, child in slots if ThinLinear.suits(child.weight)]
-    if not big or not halves_win(big):
+    if not big or fastest_route(big, big[0].weight.dtype) == "plain":
         return model
     for module, name, child in slots:
         with torch.device("meta"):  # no memory for weights about to be replaced

@@ -403,33 +403,37 @@ def test_sample_rejects_bad_decoding_options(folder, args, words):
 
 
 def test_thin_linear_equals_linear_and_leaves_small_weights_to_it(monkeypatch):
-    """ThinLinear (the CPU decode route) gives nn.Linear's outputs; its batched-matmul route is
-    taken for a few rows of a big weight only (odd out_features included), not for a small
-    weight such as a grouped-query key projection."""
+    """ThinLinear (the CPU decode routes) gives nn.Linear's outputs; its batched-matmul route
+    ("halves") is taken for a few rows of a big weight only (odd out_features included), not for
+    a small weight such as a grouped-query key projection; its matrix-vector route ("mv") for
+    one row only."""
     from torch import nn
     calls = []
-    real_bmm = torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(a[0].shape) or real_bmm(*a))
+    real_bmm, real_mv = torch.bmm, torch.mv
+    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append("halves") or real_bmm(*a))
+    monkeypatch.setattr(torch, "mv", lambda *a: calls.append("mv") or real_mv(*a))
     torch.manual_seed(0)
-    for (n_in, n_out), rows, route in [((896, 128), 1, False), ((768, 50257), 1, True),
-                                       ((896, 4864), 2, True), ((896, 4864), 8, False)]:
-        linear = nn.Linear(n_in, n_out, bias=n_out != 50257)
-        thin = engine.ThinLinear(n_in, n_out, bias=linear.bias is not None)
-        thin.load_state_dict(linear.state_dict())
-        x = torch.randn(rows, 1, n_in)
-        calls.clear()
-        with torch.no_grad():
-            torch.testing.assert_close(thin(x), linear(x), rtol=1e-5, atol=1e-5)
-        assert bool(calls) == route, (n_in, n_out, rows)
+    for route in ("halves", "mv"):
+        monkeypatch.setattr(engine, "_fastest_route", {torch.float32: route})
+        for (n_in, n_out), rows, taken in [((896, 128), 1, False), ((768, 50257), 1, True),
+                                           ((896, 4864), 2, route == "halves"), ((896, 4864), 8, False)]:
+            linear = nn.Linear(n_in, n_out, bias=n_out != 50257)
+            thin = engine.ThinLinear(n_in, n_out, bias=linear.bias is not None)
+            thin.load_state_dict(linear.state_dict())
+            x = torch.randn(rows, 1, n_in)
+            calls.clear()
+            with torch.no_grad():
+                torch.testing.assert_close(thin(x), linear(x), rtol=1e-5, atol=1e-5)
+            assert calls == ([route] if taken else []), (route, n_in, n_out, rows)
 
 
-@pytest.mark.parametrize("halves_win", [False, True])
-def test_thin_linears_are_given_only_where_their_route_wins(halves_win, monkeypatch):
+@pytest.mark.parametrize("route", ["plain", "halves", "mv"])
+def test_thin_linears_are_given_only_where_their_route_wins(route, monkeypatch):
     """use_thin_linears swaps a CPU model's big Linear layers for ThinLinear only when the
-    once-a-process measurement (halves_win) says its route is the faster one on this machine;
-    either way the model's outputs and parameters stay the same."""
+    once-a-process measurement (fastest_route) finds a route faster than nn.Linear's on this
+    machine; either way the model's outputs and parameters stay the same."""
     from torch import nn
-    monkeypatch.setattr(engine, "_halves_win", halves_win)
+    monkeypatch.setattr(engine, "_fastest_route", {torch.float32: route})
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=256, block_size=8, vocab_size=4096)).eval()
     params = dict(model.named_parameters())
@@ -439,6 +443,17 @@ def test_thin_linears_are_given_only_where_their_route_wins(halves_win, monkeypa
         engine.use_thin_linears(model)
         after = model(x)[0]
     kinds = {type(m) for m in model.modules() if isinstance(m, nn.Linear)}
-    assert kinds == ({engine.ThinLinear} if halves_win else {nn.Linear})
+    assert kinds == ({nn.Linear} if route == "plain" else {engine.ThinLinear})
     assert all(p is params[n] for n, p in model.named_parameters())
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_fastest_route_is_one_of_the_dtype_s_routes(monkeypatch):
+    """The measurement runs every route of the dtype on a model's layers and keeps a winner."""
+    monkeypatch.setattr(engine, "_fastest_route", {})
+    layers = [torch.nn.Linear(1024, 1024) for _ in range(2)]
+    for dtype, routes in engine.ROUTES.items():
+        for layer in layers:
+            layer.to(dtype)
+        assert engine.fastest_route(layers, dtype) in routes
+    assert set(engine._fastest_route) == set(engine.ROUTES)
