@@ -12,8 +12,8 @@ engine.py apart from gpt.py:
   processors, then temperature -> top-k -> top-p -> min-p.
 - generate(): greedy decoding and sampling of many rows at once; beam_search().
 - quantize_int8(): int8 weight-only Linear layers, for fast decoding on a CPU; ThinLinear, the
-  route generate() gives float32 Linear layers on a CPU for the few rows decoding feeds them,
-  on machines where it is the faster one (measured once per process).
+  routes generate() gives float32 / bfloat16 Linear layers on a CPU for the few rows decoding
+  feeds them, where one is faster than nn.Linear's (measured once per process and dtype).
 - TextStream: the text of one row as its tokens arrive, for streaming and stop strings.
 
 Rows of a batch are left-padded to the longest prompt; each row's tokens get the positions
@@ -136,8 +136,12 @@ def fastest_attention(model, rows, length, candidates=ATTENTION_BACKENDS):
         mask = torch.rand(rows, 1, 1, length, device=weight.device, generator=own) < 0.7
         mask[..., 0] = True
         gqa = cfg.kv_heads != cfg.n_head
+
+        def attend():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
         with sdpa_kernel(SDPBackend.MATH):  # the reference each backend must agree with
-            reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            reference = attend()
         tolerance = 5e-3 if weight.dtype == torch.float32 else 3e-2  # TF32 may be on
         times = {}
         for backend in candidates:
@@ -145,14 +149,14 @@ def fastest_attention(model, rows, length, candidates=ATTENTION_BACKENDS):
                 with sdpa_kernel(backend), warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # each backend that cannot run says why
                     for _ in range(3):  # the first calls plan and compile kernels
-                        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+                        out = attend()
                     if not torch.allclose(out.float(), reference.float(), atol=tolerance,
                                           rtol=tolerance):
                         continue  # runs, but not right for these inputs: not taken
                     hardware.synchronize(weight.device)
                     t0 = time.perf_counter()
                     for _ in range(10):
-                        F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+                        attend()
                     hardware.synchronize(weight.device)
                     times[backend] = time.perf_counter() - t0
             except RuntimeError:  # not for these inputs (no mask support, a dtype, ...)
@@ -204,11 +208,7 @@ def next_logits(model, cache, ids, end, context_shift=False, step=None):
     context_shift instead drops the older half of the window once and re-reads the newer half,
     after which block_size / 2 tokens decode from the cache again (llama.cpp's context shift)."""
     if cache.size < cache.length:
-        # a copy: a compiled step is traced for its input's strides too, and a column of ids
-        # has the stride of ids' width, which differs from call to call (contiguous() would
-        # keep it for a single row)
-        column = ids[:, end - 1:end].clone(memory_format=torch.contiguous_format)
-        return cache.feed(model if step is None else step, column)
+        return cache.feed(model if step is None else step, ids[:, end - 1:end])
     return fill(model, cache, ids, end, max(1, cache.length // 2) if context_shift else None)
 
 
@@ -258,6 +258,10 @@ def decode_step(model):
         compiled = torch.compile(model, mode="reduce-overhead" if cuda else None, dynamic=False)
 
         def step(idx, kv_cache):
+            # a compiled graph is traced for its input's strides too, and a column of ids has
+            # the stride of ids' width, which differs from call to call: a copy of fixed strides
+            # (contiguous() would keep it for a single row)
+            idx = idx.clone(memory_format=torch.contiguous_format)
             logits, loss = compiled(idx, kv_cache=kv_cache)
             # a CUDA graph's outputs live in its memory pool and are overwritten by its next
             # replay: the logits leave as a copy of their own

@@ -10,8 +10,9 @@ $ python bench/generation.py --parts=gpt2 --gpt2_size=gpt2-xl --device=cuda --co
 
 1. A GPT-2 124M-shaped model (gpt2_size: another GPT-2 size's shape) with random weights;
    batch 1, a 16-token prompt, new_tokens greedy tokens. Ours with float32, bfloat16 and
-   int8 weights; transformers' GPT2LMHeadModel (the same weights, float32); the no-cache loop. Also the quality cost of the smaller
-   weights: their logits against float32's over a whole sequence.
+   int8 weights; transformers' GPT2LMHeadModel (the same weights, float32); the no-cache loop.
+   Also the quality cost of the smaller weights: their logits against float32's over a whole
+   sequence.
 2. A char-level model shaped as nanoGPT's Shakespeare one (6 layers, 384 wide, 256 context,
    65 characters): 10 samples of 500 characters, as one batch with our engine (exact, and with
    context_shift), and one after another with the no-cache loop.
