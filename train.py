@@ -275,28 +275,38 @@ def get_lr(it):
 
 
 @torch.no_grad()
-def estimate_loss(model, batch, autocast):
+def estimate_loss(model, batch, autocast, dist):
     """Mean loss and next-token accuracy (how often the most likely token is the right one)
-    over eval_iters batches of eval_batch_size rows of each split, batch(split, generator,
-    rows) drawing them; the same batches every time, so successive evaluations compare. Runs
-    compiled when training is, but without DDP, on the master only; under FSDP on every process
-    (each holds a shard), the same batches on each. The sums stay on the device until the end:
-    one wait for it a split, not three a batch."""
+    over eval_iters batches of each split, batch(split, generator, n_rows, rows) drawing them;
+    the same batches every time, so successive evaluations compare. As in training, every
+    process draws the same global batches and takes its own eval_batch_size rows of each, so
+    N processes evaluate N times the rows of one in the same time, and with N times the rows
+    one process gets their numbers. Means over the targets that count (a loss mask's), summed
+    on each process's device and reduced once a split: one wait for the device, not three a
+    batch. Runs compiled when training is, but not through DDP's wrapper (it may talk to the
+    other processes); under FSDP through the sharded model (every process holds a shard)."""
     model.eval()
+    rows = eval_batch_size or batch_size
+    share = slice(dist.rank * rows, (dist.rank + 1) * rows)
     out = {}
     for split in ("train", "val"):
         generator = torch.Generator().manual_seed(seed)
-        losses, accuracies = [], []
+        sums = 0  # (loss, right guesses, targets that count), summed over the targets
         for _ in range(eval_iters):
-            X, Y = batch(split, generator, eval_batch_size or batch_size)
+            X, Y = batch(split, generator, rows * dist.world_size, share)
             with autocast:
                 logits, loss = model(X, Y)
             learned = Y != -1  # targets a loss mask leaves out do not count
+            counted = learned.sum()
             right = ((logits.argmax(dim=-1) == Y) & learned).sum()
-            losses.append(loss.float())
-            accuracies.append(right / learned.sum().clamp(min=1))
-        out[split] = torch.stack(losses).mean().item()
-        out[f"{split}_acc"] = torch.stack(accuracies).float().mean().item()
+            # a share with no target that counts has a loss of nan (a mean over none)
+            loss_sum = torch.where(counted > 0, loss.float() * counted, 0.0)
+            sums = sums + torch.stack([loss_sum, right.float(), counted.float()])
+        if dist.kind:
+            all_reduce(sums)
+        loss_sum, right, counted = sums.tolist()
+        out[split] = loss_sum / counted if counted else math.nan
+        out[f"{split}_acc"] = right / counted if counted else math.nan
     model.train()
     return out
 
@@ -320,7 +330,7 @@ def main():
         raise UserError(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be "
                         f"divisible by the number of processes ({world_size})")
     accum_steps = gradient_accumulation_steps // world_size  # each process does its share
-    master = rank == 0  # only this process logs, evaluates and writes checkpoints
+    master = rank == 0  # only this process logs and writes checkpoints
     use_compile = compile if compile is not None else device_type == "cuda"
     if seed + world_size > 2**64:
         raise UserError(f"seed={seed}: each process seeds with seed + its rank, which must be "
@@ -390,8 +400,8 @@ def main():
     raw_model = model
     if use_compile:
         model = torch.compile(model)
-    # evaluation runs compiled too, but not through DDP's wrapper: under DDP the master alone
-    # evaluates, and the wrapper's forward may talk to the other processes
+    # evaluation runs compiled too, but not through DDP's wrapper, whose forward may wait for
+    # the other processes
     eval_model = model
     if dist.kind == "ddp":
         model = DDP(model, device_ids=[dist.local_rank] if device_type == "cuda" else None)
@@ -406,9 +416,6 @@ def main():
         return x.to(dev), y.to(dev)
 
     ckpt_path = os.path.join(out_dir, distributed.SHARDED if sharded_checkpoint else "ckpt.pt")
-    # under FSDP every process holds a shard of the model, so all of them evaluate and save
-    # (rank 0 writes a ckpt.pt); under DDP the master alone
-    takes_part = master or dist.sharded
 
     def save(val_loss):
         progress = dict(
@@ -454,8 +461,8 @@ def main():
 
         # evaluate, and save a checkpoint; not again at the iteration a resumed run starts from
         at_eval = iter_num % eval_interval == 0 or iter_num == max_iters
-        if takes_part and at_eval and (iter_num != start_iter or iter_num == 0 or eval_only):
-            losses = estimate_loss(eval_model, batch, autocast)
+        if at_eval and (iter_num != start_iter or iter_num == 0 or eval_only):
+            losses = estimate_loss(eval_model, batch, autocast, dist)
             if master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                       f"val acc {losses['val_acc']:.4f}")
@@ -474,14 +481,13 @@ def main():
         if eval_only or iter_num >= max_iters:
             break
         if stop.requested():
-            if takes_part:
-                # the weights are checked in save_run; the loss of the last step too, as only
-                # logged iterations check theirs
-                if last_loss is not None and not math.isfinite(last_loss.item()):
-                    raise UserError(f"interrupted at iteration {iter_num}, but its loss is "
-                                    f"{last_loss.item()}: the training diverged (try a lower "
-                                    f"learning_rate); not saved, {ckpt_path} left as it was")
-                save(None)
+            # the weights are checked in save_run; the loss of the last step too, as only
+            # logged iterations check theirs
+            if last_loss is not None and not math.isfinite(last_loss.item()):
+                raise UserError(f"interrupted at iteration {iter_num}, but its loss is "
+                                f"{last_loss.item()}: the training diverged (try a lower "
+                                f"learning_rate); not saved, {ckpt_path} left as it was")
+            save(None)
             if master:
                 print(f"interrupted: saved iteration {iter_num} to {ckpt_path}; "
                       "continue with --init_from=resume")

@@ -31,6 +31,18 @@ def run_script(*args, cwd=REPO, env=None):
                           env=None if env is None else {**os.environ, **env})
 
 
+def train_losses(stdout):
+    """The loss of each logged iteration of a train.py run's stdout."""
+    return [float(line.split("loss ")[1].split(",")[0]) for line in stdout.splitlines()
+            if line.startswith("iter ")]
+
+
+def eval_losses(stdout):
+    """[(train loss, val loss, val acc)] of each evaluation a train.py run printed."""
+    return [tuple(float(part.split()[-1]) for part in line.split(": ", 1)[1].split(", "))
+            for line in stdout.splitlines() if line.startswith("step ")]
+
+
 def assert_user_error(result, *words):
     """A script refused bad input as a user error: exit code 2 and one line on stderr (no
     traceback) that holds each of words."""

@@ -8,10 +8,11 @@ import pickle
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, assert_user_error, run_script
+from conftest import REPO, TINY, assert_user_error, eval_losses, run_script, train_losses
 
 RUN = [*TINY, "--eval_interval=10", "--lr_decay_iters=40", "--min_lr=3e-4"]
 
@@ -38,11 +39,6 @@ def digests(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
 
 
-def train_losses(stdout):
-    return [float(line.split("loss ")[1].split(",")[0]) for line in stdout.splitlines()
-            if line.startswith("iter ")]
-
-
 # the same global batch of 16 rows: one process 8 x 2 micro-steps, two processes 4 x 2 each
 ONE, TWO = ["--batch_size=8", "--gradient_accumulation_steps=2"], ["--batch_size=4", "--gradient_accumulation_steps=4"]
 
@@ -58,6 +54,9 @@ def test_two_sharded_processes_follow_one(finetune, trained, char_dataset, tmp_p
     assert "fsdp over 2 processes" in two and two.count("saving checkpoint") == 2
     assert len(train_losses(one)) == 4
     assert train_losses(two) == pytest.approx(train_losses(one), abs=2e-4)
+    # each evaluates its half of one process's rows
+    assert len(eval_losses(one)) == 3
+    np.testing.assert_allclose(eval_losses(two), eval_losses(one), atol=2e-4)
     a, b = read_ckpt(tmp_path / "one"), read_ckpt(tmp_path / "two")
     weights = "adapters" if finetune == "lora" else "model"
     assert a[weights].keys() == b[weights].keys()

@@ -13,7 +13,7 @@ from torch import nn
 import lora
 from configurator import knobs
 from checkpoint import load_model
-from conftest import TINY, assert_user_error, run_script
+from conftest import TINY, assert_user_error, eval_losses, run_script
 from errors import UserError
 from model import GPT, GPTConfig
 from optim import configure_optimizers
@@ -135,11 +135,6 @@ def read_ckpt(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
 
 
-def val_losses(stdout):
-    return [float(line.split("val loss ")[1].split(",")[0]) for line in stdout.splitlines()
-            if line.startswith("step ")]
-
-
 def test_freeze_leaves_embeddings_and_lowest_blocks_bitwise(trained, char_dataset, tmp_path):
     base_dir = trained[0]
     stdout = train(tmp_path / "freeze", char_dataset, f"--init_from={base_dir}", "--finetune=freeze",
@@ -158,7 +153,7 @@ def test_lora_run_saves_adapters_resumes_exactly_samples_and_exports(trained, ch
     whole = tmp_path / "whole"
     stdout = train(whole, char_dataset, f"--init_from={base_dir}", *lora_args, "--learning_rate=1e-2",
                    "--max_iters=20")
-    losses = val_losses(stdout)
+    losses = [val for _, val, _ in eval_losses(stdout)]
     assert len(losses) == 3 and losses[-1] < losses[0]  # adapters alone lower the val loss
     assert "val acc 0." in stdout
     evals = [r for r in map(json.loads, (whole / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]

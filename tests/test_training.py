@@ -9,10 +9,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, run_script
+from conftest import REPO, TINY, eval_losses, run_script, train_losses
 
 RUN = [*TINY, "--eval_interval=10", "--lr_decay_iters=40", "--min_lr=3e-4"]
 
@@ -27,11 +28,6 @@ def train(out_dir, dataset, *args):
     return result.stdout
 
 
-def train_losses(stdout):
-    return [float(line.split("loss ")[1].split(",")[0]) for line in stdout.splitlines()
-            if line.startswith("iter ")]
-
-
 def test_two_process_ddp_matches_one_process_with_twice_the_batch(char_dataset, tmp_path):
     one = train(tmp_path / "one", char_dataset, "--batch_size=8", "--max_iters=20")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -40,8 +36,11 @@ def test_two_process_ddp_matches_one_process_with_twice_the_batch(char_dataset, 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert two.returncode == 0, two.stderr
-    # one process logs, evaluates and writes the checkpoint
+    # one process logs and writes the checkpoint
     assert two.stdout.count("saving checkpoint") == one.count("saving checkpoint") == 2
+    # both evaluate, each its half of one process's rows
+    assert len(eval_losses(one)) == 3
+    np.testing.assert_allclose(eval_losses(two.stdout), eval_losses(one), atol=2e-4)
     # the logged loss is averaged over the processes: the loss of the whole batch
     assert len(train_losses(one)) == 4
     assert train_losses(two.stdout) == pytest.approx(train_losses(one), abs=2e-4)
@@ -153,8 +152,7 @@ def test_compiled_evaluation_gives_the_eager_losses(trained, char_dataset, tmp_p
     def evaluate(name, *args):
         shutil.copytree(trained[0], tmp_path / name)
         stdout = train(tmp_path / name, char_dataset, "--init_from=resume", "--eval_only=True", *args)
-        line = next(line for line in stdout.splitlines() if line.startswith("step "))
-        return [float(part.split()[-1]) for part in line.split(":", 1)[1].split(",")]
+        return eval_losses(stdout)[0]
     eager, eager_4 = evaluate("eager"), evaluate("eager_4", "--eval_batch_size=4")
     compiled_4 = evaluate("compiled_4", "--eval_batch_size=4", "--compile=True")
     assert eager_4 != eager
