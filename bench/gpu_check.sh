@@ -2,7 +2,7 @@
 # Every CUDA figure the README's "On a GPU" asks for, in one go on one GPU: the CUDA tests,
 # then decoding against transformers, then training and sampling on tinyshakespeare.
 #
-#   bash bench/gpu_check.sh                  # all three parts, ~10 minutes on an H100
+#   bash bench/gpu_check.sh                  # all three parts, ~12 minutes on an H100
 #   bash bench/gpu_check.sh tests,decode     # some of them: tests, decode, train
 #
 # SHARED (default ../shared) holds data/tinyshakespeare/input.txt and tiktoken_cache/, as
@@ -46,6 +46,9 @@ if [[ $PARTS == *,train,* ]]; then
         time $PY sample.py --out_dir=out-shakespeare-char --num_samples=10 --max_new_tokens=500 \
             $flags > /dev/null
     done
+    echo "== the same run, evaluating as many rows in 50 batches of 256 (nanoGPT: 200 of 64), for the numbers to pick the recipe"
+    time $PY train.py config/train_shakespeare_char.py --eval_batch_size=256 --eval_iters=50 \
+        --out_dir=out-gpu-eval | grep -E "^step|best|saving" | tail -6
     echo "== GPT-2 124M training step, bfloat16, compiled (target: >= 50% MFU)"
     $PY bench/train_step.py --batch_size=12 --block_size=1024 --compile=True
 fi
