@@ -277,7 +277,7 @@ def get_lr(it):
 @torch.no_grad()
 def estimate_loss(model, batch, autocast, dist):
     """Mean loss and next-token accuracy (how often the most likely token is the right one)
-    over eval_iters batches of each split, batch(split, generator, n_rows, rows) drawing them;
+    over eval_iters batches of each split, batch(split, generator, rows) drawing them;
     the same batches every time, so successive evaluations compare. As in training, every
     process draws the same global batches and takes its own eval_batch_size rows of each, so
     N processes evaluate N times the rows of one in the same time, and with N times the rows
@@ -286,14 +286,12 @@ def estimate_loss(model, batch, autocast, dist):
     batch. Runs compiled when training is, but not through DDP's wrapper (it may talk to the
     other processes); under FSDP through the sharded model (every process holds a shard)."""
     model.eval()
-    rows = eval_batch_size or batch_size
-    share = slice(dist.rank * rows, (dist.rank + 1) * rows)
     out = {}
     for split in ("train", "val"):
         generator = torch.Generator().manual_seed(seed)
         sums = 0  # (loss, right guesses, targets that count), summed over the targets
         for _ in range(eval_iters):
-            X, Y = batch(split, generator, rows * dist.world_size, share)
+            X, Y = batch(split, generator, eval_batch_size or batch_size)
             with autocast:
                 logits, loss = model(X, Y)
             learned = Y != -1  # targets a loss mask leaves out do not count
@@ -409,8 +407,12 @@ def main():
     if device_type == "cuda":  # a small corpus is copied to the GPU once, not a batch at a time
         splits = to_device(splits, dev)
 
-    def batch(split, generator, n_rows=batch_size, rows=slice(None)):
-        x, y = get_batch(splits[split], block_size, n_rows, generator, rows, splits.get(f"{split}.mask"))
+    def batch(split, generator, rows):
+        """This process's `rows` rows of a global batch of rows x world_size (every process
+        draws the same one), on the device."""
+        own = slice(rank * rows, (rank + 1) * rows)
+        x, y = get_batch(splits[split], block_size, rows * world_size, generator, own,
+                         splits.get(f"{split}.mask"))
         if x.device.type == "cpu" and device_type == "cuda":  # pinned memory lets the copy overlap with compute
             return x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
         return x.to(dev), y.to(dev)
@@ -496,11 +498,10 @@ def main():
         # forward, backward and update, accumulating gradients over micro-steps; under DDP
         # and FSDP the gradients are reduced across processes only on the last micro-step
         t0 = time.time()
-        shard = slice(rank * batch_size, (rank + 1) * batch_size)
         for micro_step in range(accum_steps):
             last = micro_step == accum_steps - 1
             with distributed.accumulating(model, raw_model, dist, sync=last):
-                X, Y = batch("train", sampler, batch_size * world_size, shard)
+                X, Y = batch("train", sampler, batch_size)
                 with autocast:
                     _, loss = model(X, Y)
                     loss = loss / accum_steps  # the gradients sum: scale so they average
