@@ -18,6 +18,7 @@ line on stderr and exit code 2, no traceback (see `run`).
 """
 
 import ast
+import gc
 import os
 import signal
 import sys
@@ -61,6 +62,13 @@ def run(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        # The interpreter's exit collects every object's cycles: with torch._dynamo imported
+        # (any torch optimizer imports it) that alone takes most of a second. Everything this
+        # script wrote is closed by now, so the program skips it; a caller that imported the
+        # script keeps its collector.
+        if _is_our_script(getattr(sys.modules.get("__main__"), "__file__", None) or ""):
+            gc.freeze()
 
 
 def _is_knob(key, value):

@@ -82,11 +82,11 @@ def shard(model, dist, precision, device_type, device, from_rank0=True):
     its shards from rank 0, so one copy of the model passes through host memory, not one a
     process. Else each process's model is its own: drawn alike, or empty (on the meta device)
     for a sharded checkpoint to fill."""
+    if not dist.sharded:
+        return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if not dist.sharded:
-        return
     whole = model.state_dict() if from_rank0 and dist.rank == 0 else {}
     policy = MixedPrecisionPolicy()
     if device_type == "cuda" and precision != "float32":
@@ -141,11 +141,11 @@ def full_state(model, optimizer, dist):
     """(model state, optimizer state) whole, as one process would have them: under FSDP
     gathered from every process (all must call this) into rank 0's memory, the other ranks
     getting (None, None); otherwise (None, None), meaning the model's and optimizer's own."""
+    if not dist.sharded:
+        return None, None
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
-    if not dist.sharded:
-        return None, None
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
@@ -157,11 +157,11 @@ def full_state(model, optimizer, dist):
 def load_full_optimizer_state(model, optimizer, state, dist):
     """Load a ckpt.pt's optimizer state (whole, keyed by position): under FSDP each process
     keeps its shard of it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
     if not dist.sharded:
         optimizer.load_state_dict(state)
         return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     set_optimizer_state_dict(model, optimizer, by_name(state, parameter_names(model, optimizer)),
                              options=StateDictOptions(full_state_dict=True))
 

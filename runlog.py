@@ -62,14 +62,14 @@ class RunLog:
             return [json.loads(line) for line in f if line.strip()]
 
     def plot(self):
-        import matplotlib
-        matplotlib.use("Agg")  # draw to a file, no screen needed
-        import matplotlib.pyplot as plt
+        # a Figure of its own, drawn to a file by the Agg canvas: no screen, no pyplot state
+        from matplotlib.figure import Figure
 
         records = self.read()
         steps = [r for r in records if "loss" in r]
         evals = [r for r in records if "val_loss" in r]
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        fig = Figure(figsize=(7, 4), dpi=100)
+        ax = fig.subplots()
         ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps],
                 color="tab:blue", alpha=0.35, linewidth=0.8, label="train (batch)")
         ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals],
@@ -82,7 +82,6 @@ class RunLog:
         ax.legend()
         fig.tight_layout()
         atomic_write(self.plot_path, lambda f: fig.savefig(f, format="png"))
-        plt.close(fig)
 
     def finish(self):
         if self.wandb is not None:
