@@ -1,7 +1,13 @@
+import atexit
 import functools
+import hashlib
+import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -22,13 +28,6 @@ NEEDS_GPT2 = ("needs GPT-2's real 50,257-token vocabulary: tiktoken's files, fro
 TINY = ["--device=cpu", "--dtype=float32", "--compile=False", "--n_layer=2", "--n_head=2",
         "--n_embd=32", "--block_size=32", "--batch_size=8", "--gradient_accumulation_steps=1",
         "--eval_iters=2", "--log_interval=5", "--learning_rate=3e-3", "--warmup_iters=5"]
-
-
-def run_script(*args, cwd=REPO, env=None):
-    """Run one of the repo's scripts in a fresh interpreter, as a user would; env: variables to
-    set on top of this process's."""
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env=None if env is None else {**os.environ, **env})
 
 
 def train_losses(stdout):
@@ -53,118 +52,224 @@ def assert_user_error(result, *words):
         assert w in lines[0], lines[0]
 
 
-# The runner of bad-input tables: one interpreter imports every script once (torch and all),
-# then forks a child per case, which runs `python SCRIPT ARGS` as the script's __main__ would:
-# configurator.run(main), with stdout and stderr in files, stdin empty. Before and after each
-# case it takes the sha256 of every file under the case's watched paths (None for a path that
-# does not exist; a file whose stat is unchanged keeps the hash it had), so a case that changes,
-# adds or removes a file is caught and named. A child
-# that runs past its time is killed by an alarm (a runaway), and its address space is capped, so
-# that an allocation that would swap the machine fails instead. Prints one JSON list:
-# [{"code": exit code, "changed": [paths]}, ...].
-CASE_RUNNER = r"""
-import hashlib, importlib, importlib.util, json, os, resource, signal, sys, traceback
-repo, spec_path = sys.argv[1], sys.argv[2]
+# -----------------------------------------------------------------------------
+# Running the repo's scripts. A fresh interpreter spends two seconds importing torch and the rest
+# and most of another tearing them down, and the suite runs its scripts a few hundred times; so
+# a run is forked from a server that has imported them already: `python ARGS` in cwd, run as the
+# program (the script as __main__, sys.argv and sys.path[0] as Python sets them, stdin empty),
+# exiting through the interpreter's own shutdown. A server serves one environment, the one it
+# was started in: what a module reads from the environment at import (OpenMP's thread count,
+# huggingface_hub's paths) is then what the run was given. The server itself runs no torch op,
+# so no thread pool exists when it forks. What cannot be forked (torchrun, python -m) and what a
+# test runs fresh on purpose (how a script starts) goes through subprocess.
+SCRIPT_SERVER = r"""
+import atexit, importlib.util, json, os, resource, runpy, signal, sys, threading, types
+repo = sys.argv[1]
 sys.path.insert(0, repo)
-os.chdir(repo)
-import configurator
-with open(spec_path) as f:
-    cases = json.load(f)
-modules = {}
-def module(script):
-    if script not in modules:
-        if "/" not in script:  # train.py, sample.py, ...: imported by name, as they import each other
-            modules[script] = importlib.import_module(script[:-3])
-        else:
-            name = "case_" + script[:-3].replace("/", "_")
-            spec = importlib.util.spec_from_file_location(name, os.path.join(repo, script))
-            modules[script] = importlib.util.module_from_spec(spec)
-            sys.modules[name] = modules[script]
-            spec.loader.exec_module(modules[script])
-    return modules[script]
-known = {}  # path: (its stat, its sha256): a file is hashed again only when its stat changes
-def sha256(path):
-    st = os.stat(path)
-    key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    if known.get(path, (None,))[0] != key:
-        with open(path, "rb") as f:
-            known[path] = key, hashlib.sha256(f.read()).hexdigest()
-    return known[path][1]
-def digests(paths):
-    out = {}
-    for top in paths:
-        if not os.path.lexists(top):
-            out[top] = None
-        elif os.path.isfile(top):
-            out[top] = sha256(top)
-        else:
-            out[top] = "folder"
-            for root, dirs, files in os.walk(top):
-                for name in dirs:
-                    out[os.path.join(root, name)] = "folder"
-                for name in files:
-                    out[os.path.join(root, name)] = sha256(os.path.join(root, name))
-    return out
-for case in cases:
-    module(case["script"])  # every import before the first fork
-results = []
-for case in cases:
-    before = digests(case["watch"])
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a program started at a terminal has it
+replies = os.fdopen(os.dup(1), "w")  # to the tests; what a warmed script prints goes to stderr
+os.dup2(2, 1)
+import gc, weakref, configurator, torch._dynamo, matplotlib.figure  # what every training run imports (torch.optim imports dynamo)
+warmed = set()
+def warm(args, cwd):
+    # import a script as a module of its own (its imports are what its run needs) before the fork
+    path = os.path.abspath(os.path.join(cwd, args[0]))
+    if args[0].endswith(".py") and path not in warmed and os.path.isfile(path):
+        warmed.add(path)
+        spec = importlib.util.spec_from_file_location(f"warm{len(warmed)}", path)
+        try:
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        except BaseException:
+            pass  # the run itself will say what is wrong
+for line in sys.stdin:
+    run = json.loads(line)
+    warm(run["args"], run["cwd"])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    gc.freeze()  # what is imported stays out of the runs' collections: no copy-on-write, quick exits
+    for finalizer in weakref.finalize._registry:  # torch's op libraries, unregistered at exit: 40 ms
+        finalizer.atexit = False                  # of a forked run for nothing its outcome shows
     pid = os.fork()
     if pid == 0:
-        fd = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(fd, 0)
-        for fd, name in ((1, case["log"] + ".out"), (2, case["log"] + ".err")):
-            os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        signal.alarm(case["timeout"])
-        limit = case["memory"]
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        sys.argv, code = [case["script"], *case["args"]], 0
-        try:
-            configurator.run(module(case["script"]).main)
-        except SystemExit as e:
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-            code = e.code if isinstance(e.code, int) else int(e.code is not None)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    after = digests(case["watch"])
-    changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
-    results.append({"code": code, "changed": changed})
-print(json.dumps(results))
+        break
+    print(json.dumps({"pid": pid}), file=replies, flush=True)
+    print(json.dumps({"code": os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}), file=replies, flush=True)
+else:
+    sys.exit(0)
+# the child: the run (its stdout first: a test waits for it to be opened)
+replies.close()
+for fd, path, flags in ((1, run["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), (0, run["stdin"], os.O_RDONLY),
+                        (2, run["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+    opened = os.open(path, flags)
+    os.dup2(opened, fd)
+    os.close(opened)
+os.chdir(run["cwd"])
+signal.alarm(run["timeout"])  # a runaway dies of SIGALRM
+if run["memory"]:  # an allocation that would swap the machine fails instead
+    resource.setrlimit(resource.RLIMIT_AS, (run["memory"], run["memory"]))
+args, code = run["args"], 0
+try:
+    if args[0] == "-c":
+        sys.argv, sys.path[0] = ["-c", *args[2:]], ""
+        main = types.ModuleType("__main__")
+        sys.modules["__main__"] = main
+        exec(compile(args[1], "<string>", "exec"), main.__dict__)
+    else:
+        sys.argv, sys.path[0] = list(args), os.path.dirname(os.path.abspath(args[0]))
+        runpy.run_path(os.path.abspath(args[0]), run_name="__main__")
+except SystemExit as e:  # as the interpreter turns it into an exit code
+    if e.code is not None and not isinstance(e.code, int):
+        print(e.code, file=sys.stderr)
+    code = e.code if isinstance(e.code, int) else int(e.code is not None)
+except BaseException as e:
+    sys.excepthook(type(e), e, e.__traceback__)
+    code = -signal.SIGINT if isinstance(e, KeyboardInterrupt) else 1
+# the interpreter's shutdown up to its teardown of every module (a third of a second with torch
+# imported, which nothing observable needs): threads joined, atexit run, output flushed
+for thread in threading.enumerate():
+    if thread is not threading.main_thread() and not thread.daemon:
+        thread.join()
+atexit._run_exitfuncs()
+sys.stdout.flush()
+sys.stderr.flush()
+if code == -signal.SIGINT:  # as Python ends on an uncaught Ctrl-C
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+os._exit(code & 0xFF)
 """
 
 
-def run_cases(cases, folder, timeout=60, memory=16 << 30):
+class ScriptServer:
+    """One SCRIPT_SERVER process, for runs in the environment env."""
+
+    def __init__(self, env):
+        self.proc = subprocess.Popen([sys.executable, "-c", SCRIPT_SERVER, REPO], cwd=REPO, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def start(self, args, cwd, stdin, stdout, stderr, timeout, memory):
+        """Fork a run whose stdin, stdout and stderr are those paths; its pid."""
+        request = {"args": [str(a) for a in args], "cwd": str(cwd), "stdin": str(stdin), "stdout": str(stdout),
+                   "stderr": str(stderr), "timeout": timeout, "memory": memory}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self.reply()["pid"]
+
+    def reply(self):
+        line = self.proc.stdout.readline()
+        assert line, f"the script server died (exit code {self.proc.poll()})"
+        return json.loads(line)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+_servers = {}  # environment: its server; the last few environments asked for
+
+
+def server(env):
+    env = {k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"}  # pytest's, new every test
+    key = tuple(sorted(env.items()))
+    if key not in _servers:
+        if len(_servers) == 3:
+            _servers.pop(next(iter(_servers))).close()
+        _servers[key] = ScriptServer(env)
+    return _servers[key]
+
+
+atexit.register(lambda: [s.close() for s in _servers.values()])
+
+
+class ServedRun:
+    """A script forked by its server, as subprocess.Popen(..., stdout=PIPE, text=True) would run
+    it: stdin the text input (or empty), stdout a stream of its lines (a FIFO), stderr kept in
+    a file."""
+
+    def __init__(self, args, cwd=REPO, env=None, input=None, timeout=600, memory=0):
+        self.folder = tempfile.mkdtemp(prefix="served-")
+        stdin, fifo, self.stderr_path = (os.path.join(self.folder, name) for name in ("stdin", "stdout", "stderr"))
+        with open(stdin, "w", encoding="utf-8") as f:
+            f.write(input or "")
+        os.mkfifo(fifo)
+        self.server = server(dict(os.environ) if env is None else {**os.environ, **env})
+        self.pid = self.server.start(args, cwd, stdin, fifo, self.stderr_path, timeout, memory)
+        self.stdout = open(fifo, encoding="utf-8")  # open once the run has its end open
+        self.returncode = None
+
+    def send_signal(self, sig):
+        os.kill(self.pid, sig)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self):
+        """(the rest of stdout, stderr), once the run has ended."""
+        rest = self.stdout.read()
+        self.stdout.close()
+        self.wait()
+        with open(self.stderr_path, encoding="utf-8") as f:
+            stderr = f.read()
+        shutil.rmtree(self.folder)
+        return rest, stderr
+
+    def wait(self):
+        if self.returncode is None:
+            self.returncode = self.server.reply()["code"]
+        return self.returncode
+
+
+def run_script(*args, cwd=REPO, env=None, input=None, timeout=600, memory=0):
+    """Run `python ARGS` (a script of the repo, or -c CODE) in cwd as a user would, and wait for
+    it: a CompletedProcess. env: variables to set on top of this process's; input: the text on
+    its stdin; timeout: seconds before it is killed (exit code -14); memory: bytes of address
+    space it may take (0: no cap)."""
+    run = ServedRun(args, cwd=cwd, env=env, input=input, timeout=timeout, memory=memory)
+    stdout, stderr = run.communicate()
+    return subprocess.CompletedProcess([sys.executable, *args], run.returncode, stdout, stderr)
+
+# runs of tiny models on one thread: they gain nothing from two, and two threads of each run
+# contending with the other jobs of a busy 2-core machine made runs about 3x slower
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+_known = {}  # path: (its stat, its sha256): a file is hashed again only when its stat changes
+
+
+def _sha256(path):
+    st = os.stat(path)
+    key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if _known.get(path, (None,))[0] != key:
+        with open(path, "rb") as f:
+            _known[path] = key, hashlib.sha256(f.read()).hexdigest()
+    return _known[path][1]
+
+
+def _digests(paths):
+    """{path: sha256, "folder", or None where nothing is} of paths and all under them."""
+    out = {}
+    for top in map(str, paths):
+        if not os.path.lexists(top):
+            out[top] = None
+        elif os.path.isfile(top):
+            out[top] = _sha256(top)
+        else:
+            out[top] = "folder"
+            for root, dirs, files in os.walk(top):
+                out.update((os.path.join(root, name), "folder") for name in dirs)
+                out.update((os.path.join(root, name), _sha256(os.path.join(root, name))) for name in files)
+    return out
+
+
+def run_cases(cases, timeout=60, memory=16 << 30):
     """Run bad-input cases, each {"script": "train.py" or "data/text/prepare.py" ..., "args":
-    [...], "watch": [paths that must not change]}, through CASE_RUNNER, in one process that
-    forks a child per case; logs go to folder. Returns, for each case, (CompletedProcess-like
-    result, the watched paths that changed). timeout: seconds a case may run; memory: the
-    address space a case may take (torch's own mappings included)."""
-    import json
-    folder = str(folder)
-    spec = []
-    for i, case in enumerate(cases):
-        spec.append({"script": case["script"], "args": [str(a) for a in case["args"]],
-                     "watch": [str(p) for p in case.get("watch", ())],
-                     "log": os.path.join(folder, f"case{i}"), "timeout": timeout, "memory": memory})
-    spec_path = os.path.join(folder, "cases.json")
-    with open(spec_path, "w") as f:
-        json.dump(spec, f)
-    result = subprocess.run([sys.executable, "-c", CASE_RUNNER, REPO, spec_path], cwd=REPO,
-                            capture_output=True, text=True, timeout=timeout * len(cases) + 120,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    [...], "watch": [paths that must not change]}; for each, (its CompletedProcess, the watched
+    paths it changed, added or removed). timeout: seconds a case may run (a runaway); memory:
+    the address space a case may take (torch's own mappings included)."""
     out = []
-    for entry, case in zip(json.loads(result.stdout.strip().splitlines()[-1]), spec):
-        with open(case["log"] + ".out") as f, open(case["log"] + ".err") as g:
-            ran = subprocess.CompletedProcess(case["args"], entry["code"], f.read(), g.read())
-        out.append((ran, entry["changed"]))
+    for case in cases:
+        watch = case.get("watch", ())
+        before = _digests(watch)
+        ran = run_script(case["script"], *case["args"], env=ONE_THREAD, timeout=timeout, memory=memory)
+        after = _digests(watch)
+        out.append((ran, sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))))
     return out
 
 

@@ -17,12 +17,11 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, TINY, assert_user_error, run_cases, save_tiny_bpe
+from conftest import REPO, TINY, assert_user_error, run_cases, run_script, save_tiny_bpe
 
 TRAIN = [*TINY, "--peak_flops=1e12", "--max_iters=25"]
 SAMPLE = ["--device=cpu", "--max_new_tokens=5", "--num_samples=1"]
@@ -694,17 +693,16 @@ assert len({c[0] for c in CASES}) == len(CASES), "case ids must be unique"
 
 
 @pytest.fixture(scope="module")
-def results(world, tmp_path_factory, request):
+def results(world, request):
     """{id: (result, changed paths)} of every case this session runs (-k may select some), run
     in one go."""
     root, _ = world
-    logs = tmp_path_factory.mktemp("logs")
     selected = {item.callspec.params["what"] for item in request.session.items
                 if getattr(item, "callspec", None) and "what" in item.callspec.params}
     cases = [c for c in CASES if c[0] in selected]
     specs = [{"script": script, "args": [a.replace("{root}", str(root)) for a in args], "watch": [root]}
              for _, script, args, _, _ in cases]
-    ran = run_cases(specs, logs, timeout=30)
+    ran = run_cases(specs, timeout=30)
     return {case[0]: outcome for case, outcome in zip(cases, ran)}
 
 
@@ -731,9 +729,8 @@ def test_prepare_char_tokenizer_error_is_the_first_line(world, tmp_path):
     """A char model's tokenizer meets a character it lacks: the error comes before any
     progress bar, as the only line on stderr."""
     root, _ = world
-    result = subprocess.run([sys.executable, "data/text/prepare.py", f"--input={root}/text_snow.txt",
-                             f"--out={tmp_path}/out", f"--tokenizer={root}/run"], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    result = run_script("data/text/prepare.py", f"--input={root}/text_snow.txt", f"--out={tmp_path}/out",
+                        f"--tokenizer={root}/run")
     assert_user_error(result, "outside the vocabulary", "'\u2603'")
     assert not (tmp_path / "out").exists()
 

@@ -4,7 +4,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from conftest import assert_user_error, sample_text
+from conftest import assert_user_error, run_script, sample_text
 from errors import UserError
 from tokenizer import HFTokenizer, from_spec
 
@@ -105,20 +105,13 @@ def test_chat_prompt_keeps_the_history_and_drops_the_oldest_turns(tokenizers_pai
 
 
 def test_chat_script_answers_once_and_in_a_repl(chat_run):
-    import subprocess
-    import sys
-
-    from conftest import REPO
     out_dir = chat_run[0]
-    once = subprocess.run([sys.executable, "chat.py", f"--out_dir={out_dir}", "--prompt=Who wrote Hamlet?",
-                           "--device=cpu", "--temperature=0", "--max_new_tokens=8"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    once = run_script("chat.py", f"--out_dir={out_dir}", "--prompt=Who wrote Hamlet?", "--device=cpu",
+                      "--temperature=0", "--max_new_tokens=8")
     assert once.returncode == 0, once.stderr
     assert once.stdout.strip() and "tokens in" in once.stderr and "tok/s" in once.stderr
-    talk = subprocess.run([sys.executable, "chat.py", f"--out_dir={out_dir}", "--device=cpu",
-                           "--temperature=0", "--max_new_tokens=8"],
-                          input="Who wrote Hamlet?\n/system Answer in one word.\nAnd Macbeth?\n/exit\n",
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    talk = run_script("chat.py", f"--out_dir={out_dir}", "--device=cpu", "--temperature=0", "--max_new_tokens=8",
+                      input="Who wrote Hamlet?\n/system Answer in one word.\nAnd Macbeth?\n/exit\n")
     assert talk.returncode == 0, talk.stderr
     assert talk.stdout.count("> ") == 4 and "(a new conversation)" in talk.stderr  # 4 inputs read
     assert talk.stdout.split("> ")[1].strip() == once.stdout.strip()  # greedy: the same first answer
@@ -128,14 +121,10 @@ def test_a_hugging_face_folder_brings_its_template_and_chats(tokenizers_pair, tm
     """A tiny Qwen2 saved by transformers, tokenizer and template included: loaded, its
     template renders as transformers' does, and chat.py answers through it, stopping at
     <|im_end|>."""
-    import subprocess
-    import sys
-
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from checkpoint import load_model
-    from conftest import REPO
     ours, theirs = tokenizers_pair
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=ours.vocab_size, hidden_size=32, intermediate_size=64,
@@ -148,9 +137,8 @@ def test_a_hugging_face_folder_brings_its_template_and_chats(tokenizers_pair, tm
     conversation = CONVERSATIONS[2]
     assert tok.apply_chat_template(conversation, add_generation_prompt=True) == \
         theirs.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    result = subprocess.run([sys.executable, "chat.py", f"--init_from={tmp_path}", "--device=cpu",
-                             "--prompt=Who wrote Hamlet?", "--temperature=0", "--max_new_tokens=12"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_script("chat.py", f"--init_from={tmp_path}", "--device=cpu", "--prompt=Who wrote Hamlet?",
+                        "--temperature=0", "--max_new_tokens=12")
     assert result.returncode == 0, result.stderr
     assert "<|im_end|>" not in result.stdout and "tok/s" in result.stderr
 
@@ -170,14 +158,12 @@ def test_chat_dataset_masks_exactly_the_assistant_tokens(tokenizers_pair, tmp_pa
     """The loss mask equals transformers' assistant mask ({% generation %} in the template),
     and train.py learns only those targets."""
     import json
-    import subprocess
-    import sys
 
     import numpy as np
     import torch
 
     import checkpoint
-    from conftest import REPO, TINY
+    from conftest import TINY
     from model import GPT, GPTConfig
     from optim import configure_optimizers
     ours, theirs = tokenizers_pair
@@ -193,9 +179,8 @@ def test_chat_dataset_masks_exactly_the_assistant_tokens(tokenizers_pair, tmp_pa
                      + [{"role": "assistant", "content": "ANSWER: yes."}] for i in range(40)]
     lines = "\n".join(json.dumps({"messages": c}) for c in conversations) + "\n"
     (tmp_path / "chats.jsonl").write_text(lines, encoding="utf-8")
-    prepare = subprocess.run([sys.executable, "data/chat/prepare.py", f"--input={tmp_path / 'chats.jsonl'}",
-                              f"--tokenizer={base}", f"--out={tmp_path / 'data'}"],
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    prepare = run_script("data/chat/prepare.py", f"--input={tmp_path / 'chats.jsonl'}", f"--tokenizer={base}",
+                         f"--out={tmp_path / 'data'}")
     assert prepare.returncode == 0, prepare.stderr
     ids = np.fromfile(tmp_path / "data" / "train.bin", dtype=np.uint16).tolist()
     mask = np.fromfile(tmp_path / "data" / "train.mask.bin", dtype=np.uint8).tolist()
@@ -210,14 +195,12 @@ def test_chat_dataset_masks_exactly_the_assistant_tokens(tokenizers_pair, tmp_pa
     assert ids == expected_ids and mask == expected_mask
     assert 0 < sum(mask) < len(mask)
 
-    result = subprocess.run([sys.executable, "train.py", *TINY, f"--init_from={base}", f"--dataset={tmp_path / 'data'}",
-                             f"--out_dir={tmp_path / 'tuned'}", "--block_size=64", "--max_iters=10",
-                             "--eval_interval=10"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_script("train.py", *TINY, f"--init_from={base}", f"--dataset={tmp_path / 'data'}",
+                        f"--out_dir={tmp_path / 'tuned'}", "--block_size=64", "--max_iters=10", "--eval_interval=10")
     assert result.returncode == 0, result.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text(lines.splitlines()[0] + "\n{\"messages\": 3}\n", encoding="utf-8")
-    refused = subprocess.run([sys.executable, "data/chat/prepare.py", f"--input={bad}", f"--tokenizer={base}",
-                              f"--out={tmp_path / 'bad'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    refused = run_script("data/chat/prepare.py", f"--input={bad}", f"--tokenizer={base}", f"--out={tmp_path / 'bad'}")
     assert_user_error(refused, "line 2")
     assert not (tmp_path / "bad").exists()
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from checkpoint import save_run
-from conftest import REPO, TINY, assert_user_error, run_cases
+import conftest
+from conftest import ONE_THREAD, REPO, TINY, assert_user_error, run_cases
 from errors import UserError
 from model import GPT, GPTConfig
 from optim import configure_optimizers
@@ -25,11 +26,8 @@ TRAIN = [*TINY, "--peak_flops=1e12"]
 
 
 def run_script(*args):
-    """conftest's run_script, on one thread: the tiny models gain nothing from two, and two
-    threads of each process contending with the other jobs of a busy 2-core machine made
-    every run here about 3x slower."""
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    """conftest's run_script, on one thread."""
+    return conftest.run_script(*args, env=ONE_THREAD)
 
 
 def digests(folder):
@@ -395,9 +393,7 @@ def train_cases(trained, char_dataset, tmp_path_factory):
         cases.append({"script": "train.py", "watch": [folder / "out", folder / "data"],
                       "args": [*TRAIN, f"--dataset={folder / 'data'}", f"--out_dir={folder / 'out'}",
                                "--max_iters=25", *args]})
-    logs = root / "logs"
-    logs.mkdir()
-    return {what: ran for (what, *_), ran in zip(TRAIN_CASES, run_cases(cases, logs))}
+    return {what: ran for (what, *_), ran in zip(TRAIN_CASES, run_cases(cases))}
 
 
 @pytest.mark.parametrize("what, words", [(c[0], c[3]) for c in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES])

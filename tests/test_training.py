@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, eval_losses, run_script, train_losses
+from conftest import REPO, TINY, ServedRun, eval_losses, run_script, train_losses
 
 RUN = [*TINY, "--eval_interval=10", "--lr_decay_iters=40", "--min_lr=3e-4"]
 
@@ -65,13 +65,12 @@ def test_ctrl_c_saves_and_resume_is_bitwise_identical(char_dataset, tmp_path):
     args = [*RUN, f"--dataset={char_dataset}", "--dropout=0.1", "--max_iters=60", "--log_interval=1"]
     train(tmp_path / "whole", char_dataset, *args[len(RUN) + 1:])
     out = tmp_path / "split"
-    proc = subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={out}"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = ServedRun(["train.py", *args, f"--out_dir={out}"])
     for line in proc.stdout:
         if line.startswith("iter 17:"):
             proc.send_signal(signal.SIGINT)
             break
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate()
     assert proc.returncode == 0, stderr
     assert "interrupted: saved iteration" in stdout
     stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
@@ -89,14 +88,13 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(char_dataset, tmp_pa
     rng = random.Random(0)
     for trial in range(8):
         resume = ["--init_from=resume"] if (out / "ckpt.pt").exists() else []
-        proc = subprocess.Popen([sys.executable, "train.py", *args, *resume], cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc = ServedRun(["train.py", *args, *resume])
         for line in proc.stdout:
             if line.startswith("saving checkpoint"):
                 break
         time.sleep(rng.uniform(0.0, 0.5))  # somewhere in a later save, or between saves
         proc.kill()
-        proc.wait()
+        proc.communicate()
         ckpt = torch.load(out / "ckpt.pt", weights_only=True)
         assert ckpt["iter_num"] >= 1 and ckpt["model"] and ckpt["optimizer"]["state"]
 
