@@ -218,11 +218,15 @@ class ServedRun:
         return self.returncode
 
 
-def run_script(*args, cwd=REPO, env=None, input=None, timeout=600, memory=0):
+def run_script(*args, cwd=REPO, env=None, input=None, timeout=600, memory=0, fresh=False):
     """Run `python ARGS` (a script of the repo, or -c CODE) in cwd as a user would, and wait for
     it: a CompletedProcess. env: variables to set on top of this process's; input: the text on
     its stdin; timeout: seconds before it is killed (exit code -14); memory: bytes of address
-    space it may take (0: no cap)."""
+    space it may take (0: no cap). fresh: in a new interpreter, not forked: a run that compiles
+    (torch.compile's compile threads and workers hung in a forked run, with a cold cache)."""
+    if fresh:
+        return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, input=input,
+                              timeout=timeout, env=None if env is None else {**os.environ, **env})
     run = ServedRun(args, cwd=cwd, env=env, input=input, timeout=timeout, memory=memory)
     stdout, stderr = run.communicate()
     return subprocess.CompletedProcess([sys.executable, *args], run.returncode, stdout, stderr)

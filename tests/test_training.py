@@ -23,7 +23,8 @@ def weights(out_dir):
 
 
 def train(out_dir, dataset, *args):
-    result = run_script("train.py", *RUN, f"--dataset={dataset}", f"--out_dir={out_dir}", *args)
+    result = run_script("train.py", *RUN, f"--dataset={dataset}", f"--out_dir={out_dir}", *args,
+                        fresh="--compile=True" in args)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
