@@ -33,8 +33,10 @@ def _interrupted_while_starting(signum, frame):
     os._exit(130)
 
 
-def _is_our_script(path):
-    """Whether path is one of this repo's scripts (not a test runner or a tool in its venv)."""
+def _our_script_is_the_program():
+    """Whether the program (__main__) is one of this repo's scripts (not a test runner or a
+    tool in its venv)."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None) or ""
     rel = os.path.relpath(os.path.abspath(path), os.path.dirname(os.path.abspath(__file__)))
     parts = rel.split(os.sep)
     return rel.endswith(".py") and parts[0] != ".." and \
@@ -44,7 +46,7 @@ def _is_our_script(path):
 # Ctrl-C while a script is still starting (torch takes seconds to import) exits as quietly as
 # it does later on (run): each script imports this module before anything heavy. Only a script
 # of this repo run as the program: a test runner importing the scripts keeps its own Ctrl-C.
-if _is_our_script(getattr(sys.modules.get("__main__"), "__file__", None) or "") and \
+if _our_script_is_the_program() and \
         signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _interrupted_while_starting)
 
@@ -67,7 +69,7 @@ def run(main):
         # (any torch optimizer imports it) that alone takes most of a second. Everything this
         # script wrote is closed by now, so the program skips it; a caller that imported the
         # script keeps its collector.
-        if _is_our_script(getattr(sys.modules.get("__main__"), "__file__", None) or ""):
+        if _our_script_is_the_program():
             gc.freeze()
 
 
