@@ -76,7 +76,8 @@ class KVCache:
             best = fastest_attention(model, rows, length)
             self.backends = [best, *(b for b in ATTENTION_BACKENDS if b != best)]
         self.size = 0  # slots filled
-        self.pad = self.slots = self.positions = self.mask = None  # set by reset() and feed()
+        # set by reset() and feed()
+        self.pad = self.slots = self.positions = self.mask = self.next_mask = None
 
     def reset(self, pad):
         """Empty the cache, for rows that start with pad[i] padding tokens."""
@@ -86,28 +87,58 @@ class KVCache:
         """Run the next tokens of every row, idx (rows, T), through the model: their keys and
         values are cached, and the logits after the last of them returned (rows, vocab)."""
         T = idx.size(1)
-        new = torch.arange(self.size, self.size + T, device=idx.device)  # the slots they fill
-        self.slots = new
-        self.positions = (new - self.pad[:, None]).clamp(min=0)
-        slots = torch.arange(self.length if self.static else self.size + T, device=idx.device)
-        # causal, and not padding
-        visible = (slots <= new[:, None]) & (slots >= self.pad[:, None, None])
-        # a padding token attends to itself alone: its output is never used, but with nothing
-        # to attend to it would be NaN, and NaN values poison the rows that mask them out
-        visible |= slots == new[:, None]
-        self.mask = visible[:, None]  # (rows, 1 for all heads, T, slots)
+        if T == 1 and self.size:
+            self.see_one_more()
+        else:
+            self.see_window(T, idx.device)
         with contextlib.nullcontext() if self.backends is None else \
                 sdpa_kernel(self.backends, set_priority=True):
             logits, _ = model(idx, kv_cache=self)
         self.size += T
         return logits[:, -1].float()
 
+    def see_window(self, T, device):
+        """Slots, positions and mask for T tokens after the cached ones (a prompt, a window)."""
+        new = torch.arange(self.size, self.size + T, device=device)  # the slots they fill
+        self.slots = new
+        self.positions = (new - self.pad[:, None]).clamp(min=0)
+        slots = torch.arange(self.length if self.static else self.size + T, device=device)
+        # causal, and not padding
+        visible = (slots <= new[:, None]) & (slots >= self.pad[:, None, None])
+        # a padding token attends to itself alone: its output is never used, but with nothing
+        # to attend to it would be NaN, and NaN values poison the rows that mask them out
+        visible |= slots == new[:, None]
+        # (rows, 1 for all heads, T, slots), as the additive mask attention would make of a
+        # boolean one in every layer: made once a step here, one kernel less per layer
+        dtype = self.layers[0].k.dtype
+        self.mask = attention_bias(visible[:, None], dtype)
+        # what the token after these will see, over every slot: the filled ones but padding
+        every = torch.arange(self.length, device=device)
+        filled = (every >= self.pad[:, None]) & (every < self.size + T)
+        self.next_mask = attention_bias(filled[:, None, None], dtype)
+
+    def see_one_more(self):
+        """Slots, positions and mask for one token after the cached ones: it takes the next
+        slot and position and sees what the token before it saw, and itself. Three small
+        kernels, where building the mask anew took a dozen, at every token of a decode."""
+        self.slots = self.slots[-1:] + 1
+        self.positions = self.positions[:, -1:] + 1
+        self.next_mask[..., self.size] = 0
+        self.mask = self.next_mask if self.static else self.next_mask[..., :self.size + 1]
+
     def reorder(self, rows):
         """Beam search: row i continues from what row rows[i] was."""
         for layer in self.layers:
             layer.k[:, :, :self.size] = layer.k[rows, :, :self.size]
             layer.v[:, :, :self.size] = layer.v[rows, :, :self.size]
-        self.pad = self.pad[rows]
+        self.pad, self.positions, self.next_mask = (self.pad[rows], self.positions[rows],
+                                                    self.next_mask[rows])
+
+
+def attention_bias(visible, dtype):
+    """An attention mask to add to the scores: 0 where `visible`, -inf elsewhere."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
+        ~visible, -float("inf"))
 
 
 ATTENTION_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -133,8 +164,9 @@ def fastest_attention(model, rows, length, candidates=ATTENTION_BACKENDS):
                                device=weight.device, generator=own)
         q, k, v = make(cfg.n_head, 1), make(cfg.kv_heads, length), make(cfg.kv_heads, length)
         # slots masked out at random (the first kept), so a backend that ignored the mask shows
-        mask = torch.rand(rows, 1, 1, length, device=weight.device, generator=own) < 0.7
-        mask[..., 0] = True
+        visible = torch.rand(rows, 1, 1, length, device=weight.device, generator=own) < 0.7
+        visible[..., 0] = True
+        mask = attention_bias(visible, weight.dtype)  # the kind of mask KVCache.feed makes
         gqa = cfg.kv_heads != cfg.n_head
 
         def attend():

@@ -87,13 +87,11 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout_p = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
-        self.n_embd = config.n_embd
 
     def forward(self, x, kv_cache=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_size)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # (B, T, 3 * C) -> query, key and value, each (B, n_head, T, head_size): views, no copies
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if kv_cache is None:
             # training, or scoring a whole sequence: plain causal attention, the fastest kernel
             y = F.scaled_dot_product_attention(

@@ -7,6 +7,7 @@ $ python bench/generation.py --repeat=5 --new_tokens=128
 $ python bench/generation.py --parts=char   # part 2 only
 $ python bench/generation.py --parts=qwen   # part 4: the Qwen2.5-0.5B shape
 $ python bench/generation.py --parts=gpt2 --gpt2_size=gpt2-xl --device=cuda --compile=True
+$ python bench/generation.py --parts=gpt2 --tiny=True --threads=1   # the overhead per token
 
 1. A GPT-2 124M-shaped model (gpt2_size: another GPT-2 size's shape) with random weights;
    batch 1, a 16-token prompt, new_tokens greedy tokens. Ours with float32, bfloat16 and
@@ -40,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import checkpoint  # noqa: E402
 import engine  # noqa: E402
+import hf as hf_format  # noqa: E402
 import hardware  # noqa: E402
 from configurator import configure, run  # noqa: E402
 from dataset import open_dataset  # noqa: E402
@@ -57,6 +59,9 @@ seed = 0
 quality_from = ""  # an out_dir: report its model's val loss with each kind of weights
 parts = "gpt2,char"  # which of parts 1, 2 and 4 to run: gpt2, char, qwen
 gpt2_size = "gpt2"  # part 1's shape: gpt2, gpt2-medium, gpt2-large, gpt2-xl
+# part 1 with the size's layers but every op tiny (width 64, 256 tokens): what is timed is the
+# overhead per token (Python, dispatch, kernel launches), which bounds batch-1 decoding on a GPU
+tiny = False
 qwen_tokens = 64  # Qwen part: tokens generated per run
 threads = 0  # CPU threads for every contender (torch.set_num_threads); 0 keeps torch's choice
 device = None  # where to run: None (or 'auto') picks cuda, then mps, then cpu
@@ -111,14 +116,20 @@ def gpt2_part(dev, precision):
     torch.manual_seed(seed)
     # no end-of-text token: every run generates all of its tokens
     n_layer, n_head, n_embd = shapes.GPT2[gpt2_size]
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+    vocab_size = 50257
+    if tiny:
+        n_head, n_embd, vocab_size = 1, 64, 256
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
                                     bos_token_id=None, eos_token_id=None)).eval()
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
+        if tiny:  # a vocabulary not GPT-2's needs a tokenizer in the folder: any will do
+            with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+                f.write(hf_format.char_tokenizer_json([chr(i) for i in range(256)]))
         ours = checkpoint.load_model(folder, dev, "float32" if on_cpu(dev) else precision)[0].eval()
     formats = weight_formats(ours) if on_cpu(dev) else {f"{precision} weights": ours}
     hf.to(dev, hardware.DTYPES["float32" if on_cpu(dev) else precision])
-    prompt = torch.randint(50257, (1, prompt_tokens), device=dev)
+    prompt = torch.randint(vocab_size, (1, prompt_tokens), device=dev)
 
     def timed(fn):
         def run(n):
@@ -137,7 +148,8 @@ def gpt2_part(dev, precision):
             pad_token_id=0)),
         "no-cache loop (nanoGPT)": timed(lambda n: no_cache_generate(ours, prompt, n)),
     })
-    print(f"{gpt2_size} shape, random weights: batch 1, {prompt_tokens}-token prompt, {new_tokens} "
+    shape = f"{gpt2_size}'s layers, width 64, 256 tokens" if tiny else f"{gpt2_size} shape"
+    print(f"{shape}, random weights: batch 1, {prompt_tokens}-token prompt, {new_tokens} "
           f"new tokens, greedy, on {dev} ({torch.get_num_threads()} CPU threads)")
     times = time_all(runs, new_tokens)
     report(times, new_tokens, "transformers generate")
