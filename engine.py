@@ -61,11 +61,11 @@ class KVCache:
     def __init__(self, model, rows, length, static=False):
         cfg = model.config
         dtype, device = float_weight(model).dtype, float_weight(model).device
-        shape = (rows, cfg.kv_heads, length, cfg.head_size)  # the un-repeated key / value heads
+        # keys and values side by side, of the un-repeated key / value heads
+        shape = (2, rows, cfg.kv_heads, length, cfg.head_size)
         # zeros, not empty: the masked slots of a static cache must hold finite numbers (a NaN
         # times an attention weight of 0 is still NaN)
-        self.layers = [LayerCache(self, torch.zeros(shape, dtype=dtype, device=device),
-                                  torch.zeros(shape, dtype=dtype, device=device))
+        self.layers = [LayerCache(self, torch.zeros(shape, dtype=dtype, device=device))
                        for _ in range(cfg.n_layer)]
         self.length = length  # slots per row
         self.static = static
@@ -110,7 +110,7 @@ class KVCache:
         visible |= slots == new[:, None]
         # (rows, 1 for all heads, T, slots), as the additive mask attention would make of a
         # boolean one in every layer: made once a step here, one kernel less per layer
-        dtype = self.layers[0].k.dtype
+        dtype = self.layers[0].kv.dtype
         self.mask = attention_bias(visible[:, None], dtype)
         # what the token after these will see, over every slot: the filled ones but padding
         every = torch.arange(self.length, device=device)
@@ -129,8 +129,7 @@ class KVCache:
     def reorder(self, rows):
         """Beam search: row i continues from what row rows[i] was."""
         for layer in self.layers:
-            layer.k[:, :, :self.size] = layer.k[rows, :, :self.size]
-            layer.v[:, :, :self.size] = layer.v[rows, :, :self.size]
+            layer.kv[:, :, :, :self.size] = layer.kv[:, rows, :, :self.size]
         self.pad, self.positions, self.next_mask = (self.pad[rows], self.positions[rows],
                                                     self.next_mask[rows])
 
@@ -206,20 +205,20 @@ def float_weight(model):
 class LayerCache:
     """One layer's slice of the cache, handed to its attention by GPT.forward."""
 
-    def __init__(self, cache, k, v):
-        self.cache, self.k, self.v = cache, k, v
+    def __init__(self, cache, kv):
+        self.cache, self.kv = cache, kv  # kv: (2 for keys and values, rows, heads, slots, head size)
 
     @property
     def mask(self):
         return self.cache.mask
 
-    def append(self, k, v):
-        self.k.index_copy_(2, self.cache.slots, k)
-        self.v.index_copy_(2, self.cache.slots, v)
+    def append(self, kv):
+        """Store the new tokens' keys and values, kv (2, rows, heads, T, head size), in their
+        slots (one copy for both) and return the keys and values to attend over, stacked so."""
+        self.kv.index_copy_(3, self.cache.slots, kv)
         if self.cache.static:
-            return self.k, self.v
-        end = self.cache.size + k.size(2)
-        return self.k[:, :, :end], self.v[:, :, :end]
+            return self.kv
+        return self.kv[:, :, :, :self.cache.size + kv.size(3)]
 
 
 def fill(model, cache, ids, end, keep=None):
@@ -270,13 +269,11 @@ def cache_and_step(model, rows, length, compile):
         cache = KVCache(model, rows, length, static=True)
         cache.key = key
         for layer in cache.layers:
-            torch._dynamo.mark_static_address(layer.k)
-            torch._dynamo.mark_static_address(layer.v)
+            torch._dynamo.mark_static_address(layer.kv)
         _kept_caches[model] = cache
     else:
         for layer in cache.layers:
-            layer.k.zero_()
-            layer.v.zero_()
+            layer.kv.zero_()
     return cache, decode_step(model)
 
 

@@ -91,7 +91,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, kv_cache=None):
         B, T, C = x.size()
         # (B, T, 3 * C) -> query, key and value, each (B, n_head, T, head_size): views, no copies
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv
         if kv_cache is None:
             # training, or scoring a whole sequence: plain causal attention, the fastest kernel
             y = F.scaled_dot_product_attention(
@@ -99,7 +100,7 @@ class CausalSelfAttention(nn.Module):
         else:
             # generation (engine.py): these tokens' keys and values join the ones cached from
             # earlier steps, and the queries attend to all of them that the mask allows
-            k, v = kv_cache.append(k, v)
+            k, v = kv_cache.append(qkv[1:])  # keys and values already side by side
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -224,7 +225,7 @@ class LlamaAttention(nn.Module):
                 q, k, v, is_causal=True, dropout_p=self.attn_dropout_p if self.training else 0.0,
                 enable_gqa=gqa)
         else:
-            k, v = kv_cache.append(k, v)  # rotated already: a cached key keeps its position
+            k, v = kv_cache.append(torch.stack((k, v)))  # rotated: a cached key keeps its position
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.mask, enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_size)
         return self.resid_dropout(self.o_proj(y))
