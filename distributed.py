@@ -13,7 +13,7 @@ one node or many) and tells each its RANK, LOCAL_RANK and WORLD_SIZE; then, by `
     with distributed.accumulating(model, raw_model, dist, sync=last_micro_step): ...backward()
     model_state, optimizer_state = distributed.full_state(model, optimizer, dist)   # for ckpt.pt
     distributed.save_sharded(folder, model, optimizer, dist, progress)            # ckpt.dcp/
-    progress = distributed.load_sharded(folder, model, optimizer, dist)
+    distributed.load_sharded(folder, model, optimizer, dist, progress)   # files checked first
 
 A run's ckpt.pt is the same file whatever trained it: the full state, gathered on rank 0, with
 the optimizer's state keyed by position as torch.optim writes it, so sample.py, export_hf.py
@@ -28,6 +28,7 @@ import os
 import pickle
 import re
 import warnings
+import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -179,7 +180,8 @@ def save_sharded(folder, model, optimizer, dist, progress):
     counters, random states; a file torch.load reads as plain data). Under FSDP all processes
     call this; else one process holds the whole state and writes it alone.
     The folder is written beside and swapped in whole, so a crash leaves the last good one.
-    Non-finite weights or moments are refused on every process, nothing written."""
+    Non-finite weights or moments are refused on every process, nothing written. The progress
+    file holds a crc32 of every file the shards went into, for load_sharded to check."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.tensor import DTensor
 
@@ -200,8 +202,8 @@ def save_sharded(folder, model, optimizer, dist, progress):
             torch_dist.broadcast_object_list([tmp], src=0)
         with alone(dist):
             dcp.save(state, checkpoint_id=tmp, no_dist=not dist.sharded)
-        if dist.rank == 0:
-            checkpoint.save_checkpoint(progress, os.path.join(tmp, PROGRESS))
+        files = shard_checksums(tmp, dist)
+        checkpoint.save_checkpoint({**progress, "files": files}, os.path.join(tmp, PROGRESS))
 
     if dist.rank == 0:
         replace_folder(folder, write)
@@ -209,8 +211,57 @@ def save_sharded(folder, model, optimizer, dist, progress):
         names = [None]
         torch_dist.broadcast_object_list(names, src=0)
         dcp.save(state, checkpoint_id=names[0])
+        shard_checksums(names[0], dist)
     if dist.sharded:
         torch_dist.barrier()  # the folder is in place before anyone goes on
+
+
+def file_crc(path):
+    """[size, crc32] of a file, read in 16 MiB pieces."""
+    crc = 0
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 24):
+            crc = zlib.crc32(piece, crc)
+    return [os.path.getsize(path), crc]
+
+
+def shard_checksums(folder, dist, names=None):
+    """{name: [size, crc32]} of the files in folder (by default every one but the progress file),
+    the same on every process: under FSDP each process reads a share of them."""
+    share = (dist.rank, dist.world_size) if dist.sharded else (0, 1)
+    if names is None:
+        names = sorted(n for n in os.listdir(folder) if n != PROGRESS)
+        if dist.sharded:  # rank 0's listing: a file system's listings may lag on other nodes
+            box = [names]
+            torch_dist.broadcast_object_list(box, src=0)
+            names = box[0]
+    mine = {n: file_crc(os.path.join(folder, n)) if os.path.exists(os.path.join(folder, n)) else None
+            for n in names[share[0]::share[1]]}
+    if not dist.sharded:
+        return mine
+    everyone = [None] * dist.world_size
+    torch_dist.all_gather_object(everyone, mine)
+    return {n: crc for part in everyone for n, crc in part.items()}
+
+
+def verify_shards(folder, expected, dist):
+    """Refuse a sharded checkpoint whose files differ from what save_sharded wrote (a disk, a
+    copy, a transfer changed them), on every process alike. Checkpoints from before there were
+    checksums (expected None) pass unchecked."""
+    if expected is None:
+        return
+    if not isinstance(expected, dict):
+        raise UserError(f"the sharded checkpoint {folder} is corrupted: its {PROGRESS} lists no "
+                        "checksums; restore it or train again")
+    found = shard_checksums(folder, dist, sorted(expected))
+    for name in sorted(expected):
+        if found[name] is None:
+            raise UserError(f"the sharded checkpoint {folder} is incomplete: {name} is missing; "
+                            "restore it or train again")
+        if found[name] != expected[name]:
+            raise UserError(f"the sharded checkpoint {folder} is corrupted: {name} does not match "
+                            "the checksum it was written with (it changed after it was written); "
+                            "restore it or train again")
 
 
 def gather(tensor, dist):
@@ -249,13 +300,15 @@ def materialize(model, device):
             setattr(model.get_submodule(parent), attr, model.get_parameter(name))
 
 
-def load_sharded(folder, model, optimizer, dist):
+def load_sharded(folder, model, optimizer, dist, progress):
     """Fill model and optimizer (built, and under FSDP sharded, for the checkpoint's model
-    config) from a sharded checkpoint written by any number of processes."""
+    config) from a sharded checkpoint written by any number of processes, its files checked
+    against the checksums in its progress file (read_progress) first."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    verify_shards(folder, progress.get("files"), dist)
     state = sharded_state(model, optimizer)
     try:
         with alone(dist):  # without FSDP each process reads the whole state for itself
@@ -329,6 +382,7 @@ def consolidate(folder, path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     progress = read_progress(folder)
+    verify_shards(folder, progress.pop("files", None), Distributed())
     whole = f"{path}.whole.{os.getpid()}"
     try:
         try:

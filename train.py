@@ -381,7 +381,7 @@ def main():
     if run is not None:
         iter_num, best_val_loss = run["iter_num"], run["best_val_loss"]
         if "sharded" in run:
-            distributed.load_sharded(run["sharded"], model, optimizer, dist)
+            distributed.load_sharded(run["sharded"], model, optimizer, dist, run)
         else:
             distributed.load_full_optimizer_state(model, optimizer, run["optimizer"], dist)
         if "sampler" in run:  # nanoGPT's checkpoints have no random state

@@ -106,6 +106,8 @@ def test_sharded_checkpoint_resumes_exactly_with_any_number_of_processes(straigh
     train(split, char_dataset, *TWO, *sharded, "--max_iters=10")
     assert not (split / "ckpt.pt").exists() and (split / "ckpt.dcp" / "run.pt").exists()
     assert len(list((split / "ckpt.dcp").glob("*.distcp"))) == 2  # a shard per process
+    listed = torch.load(split / "ckpt.dcp" / "run.pt", weights_only=True)["files"]
+    assert sorted(listed) == sorted(p.name for p in (split / "ckpt.dcp").iterdir() if p.name != "run.pt")
     train(split, char_dataset, *TWO, *sharded, "--max_iters=20", "--init_from=resume")
     consolidated = run_script("distributed.py", f"--out_dir={split}")
     assert consolidated.returncode == 0, consolidated.stderr
@@ -177,6 +179,33 @@ def test_a_sharded_checkpoint_that_does_not_fit_or_runs_code_is_refused(char_dat
         result = run_script(script, *args)
         assert_user_error(result, "refused", "posix.system")
         assert not os.path.exists(os.path.join(REPO, "pwned"))
+
+
+def test_a_sharded_checkpoint_whose_files_changed_is_refused(char_dataset, tmp_path):
+    """Its progress file holds a crc32 of every file; a flipped byte or a missing file is
+    refused before torch.distributed.checkpoint reads anything, by a resume and by
+    consolidation, and nothing is written."""
+    out = tmp_path / "out"
+    train(out, char_dataset, *ONE, "--sharded_checkpoint=True", "--max_iters=10", processes=1)
+    folder = out / "ckpt.dcp"
+    shard = next(folder.glob("*.distcp"))
+    pristine = shard.read_bytes()
+    flipped = bytearray(pristine)
+    flipped[len(flipped) // 2] ^= 0x10
+    resume = ["train.py", *RUN, f"--dataset={char_dataset}", f"--out_dir={out}",
+              "--init_from=resume", "--max_iters=20", "--sharded_checkpoint=True"]
+    for change, words in [(lambda: shard.write_bytes(bytes(flipped)), ["corrupted", shard.name]),
+                          (lambda: shard.unlink(), ["incomplete", shard.name, "missing"])]:
+        shard.write_bytes(pristine)
+        change()
+        before = digests(folder)
+        for args in (resume, ["distributed.py", f"--out_dir={out}"]):
+            result = run_script(*args)
+            assert_user_error(result, *words, "restore it")
+            assert digests(folder) == before and not (out / "ckpt.pt").exists()
+    shard.write_bytes(pristine)  # as written: it resumes
+    result = run_script(*resume)
+    assert result.returncode == 0, result.stderr
 
 
 def test_a_sharded_checkpoint_is_never_written_with_nonfinite_weights(tmp_path):
