@@ -48,8 +48,9 @@ class KVCache:
     """The keys and values of the tokens the model has seen, per layer, in buffers allocated once.
 
     GPT.forward reads three things from it: `positions` of the tokens it is fed, `mask` (which
-    cached tokens each of them may attend to) and `layers[i].append(k, v)`, which stores layer
-    i's new keys and values and returns the layer's keys and values to attend over.
+    cached tokens each of them may attend to, as an additive mask) and `layers[i].append(kv)`,
+    which stores layer i's new keys and values (stacked: (2, rows, heads, T, head size)) and
+    returns the layer's keys and values to attend over, stacked so.
 
     static=False: attention runs over the slots filled so far, a key length that grows by one
     each step (the least work, the CPU's choice). static=True: over the whole buffer, the
