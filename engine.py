@@ -62,6 +62,11 @@ class KVCache:
     def __init__(self, model, rows, length, static=False):
         cfg = model.config
         dtype, device = float_weight(model).dtype, float_weight(model).device
+        if static:
+            # slots in multiples of 16 (within the context), so that the mask's rows are aligned
+            # as attention kernels want them: the memory-efficient one copies an unaligned mask
+            # into an aligned one at every call. The extra slots stay masked: no result changes
+            length = max(length, min(cfg.block_size, -(-length // 16) * 16))
         # keys and values side by side, of the un-repeated key / value heads
         shape = (2, rows, cfg.kv_heads, length, cfg.head_size)
         # zeros, not empty: the masked slots of a static cache must hold finite numbers (a NaN

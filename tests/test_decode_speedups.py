@@ -31,6 +31,16 @@ def test_static_cache_logits_equal_the_growing_cache_and_a_full_forward(model):
     torch.testing.assert_close(static, full, rtol=1e-5, atol=1e-5)
 
 
+def test_a_static_cache_has_aligned_slots_and_the_same_logits(model):
+    """17 tokens get 24 slots (16-aligned, within the context of 24): the masked extra slots
+    change no logit."""
+    ids = torch.randint(65, (2, 17))
+    cache = engine.KVCache(model, 2, 17, static=True)
+    assert cache.length == 24 and cache.layers[0].kv.size(3) == 24
+    torch.testing.assert_close(step_logits(model, ids, True), step_logits(model, ids, False),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_decode_step_gives_the_eager_tokens(model):
     """Greedy, seeded sampling and beams, with left-padded prompts and past block_size; every
     case has 2 rows of the same length, so the step is compiled once (a compile takes ~40 s on
