@@ -108,7 +108,7 @@ class KVCache:
         new = torch.arange(self.size, self.size + T, device=device)  # the slots they fill
         self.slots = new
         self.positions = (new - self.pad[:, None]).clamp(min=0)
-        slots = torch.arange(self.length if self.static else self.size + T, device=device)
+        slots = torch.arange(self.length, device=device)
         # causal, and not padding
         visible = (slots <= new[:, None]) & (slots >= self.pad[:, None, None])
         # a padding token attends to itself alone: its output is never used, but with nothing
@@ -116,12 +116,10 @@ class KVCache:
         visible |= slots == new[:, None]
         # (rows, 1 for all heads, T, slots), as the additive mask attention would make of a
         # boolean one in every layer: made once a step here, one kernel less per layer
-        dtype = self.layers[0].kv.dtype
-        self.mask = attention_bias(visible[:, None], dtype)
-        # what the token after these will see, over every slot: the filled ones but padding
-        every = torch.arange(self.length, device=device)
-        filled = (every >= self.pad[:, None]) & (every < self.size + T)
-        self.next_mask = attention_bias(filled[:, None, None], dtype)
+        mask = attention_bias(visible[:, None], self.layers[0].kv.dtype)
+        self.mask = mask if self.static else mask[..., :self.size + T]
+        # the token after these sees what the last of them saw (no padding), and then itself
+        self.next_mask = mask[:, :, -1:].clone()
 
     def see_one_more(self):
         """Slots, positions and mask for one token after the cached ones: it takes the next
