@@ -21,7 +21,8 @@ LIMIT=${LIMIT:-300}
 step() {  # a command, stopped after LIMIT seconds; its failure is printed and the script goes on
     timeout --kill-after=10 "$LIMIT" "$@"
     local rc=$?
-    if ((rc)); then echo "!! exit $rc$( ((rc == 124)) && echo ", over $LIMIT s"): $*"; fi
+    # on stderr, which no grep below filters
+    if ((rc)); then echo "!! exit $rc$( ((rc == 124)) && echo ", over $LIMIT s"): $*" >&2; fi
     return $rc
 }
 
@@ -56,9 +57,9 @@ if [[ $PARTS == *,train,* ]]; then
         time step $PY sample.py --out_dir=out-shakespeare-char --num_samples=10 --max_new_tokens=500 \
             $flags > /dev/null
     done
-    echo "== the same run, evaluating as many rows in 50 batches of 256 (nanoGPT: 200 of 64), for the numbers to pick the recipe"
-    time step $PY train.py config/train_shakespeare_char.py --eval_batch_size=256 --eval_iters=50 \
-        --out_dir=out-gpu-eval | grep -E "^step|best|saving" | tail -6
     echo "== GPT-2 124M training step, bfloat16, compiled (target: >= 50% MFU)"
     step $PY bench/train_step.py --batch_size=12 --block_size=1024 --compile=True
+    echo "== the char run again, evaluating as many rows in 50 batches of 256 (nanoGPT: 200 of 64), for the numbers to pick the recipe"
+    time step $PY train.py config/train_shakespeare_char.py --eval_batch_size=256 --eval_iters=50 \
+        --out_dir=out-gpu-eval | grep -E "^step|best|saving" | tail -6
 fi
