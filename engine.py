@@ -386,8 +386,11 @@ class DecodingOptions:
             # the sampling filters (top_k, top_p, min_p) do not apply: beams rank every token,
             # and Hugging Face ignores them too
             if self.sampling:
+                # generate()'s temperature is nanoGPT's 1 unless given; sample.py's --num_beams
+                # alone sets it to 0
                 raise UserError(f"num_beams={self.num_beams} is beam search, which does not "
-                                f"sample: leave temperature unset (or 0), got {self.temperature}")
+                                f"sample: pass temperature=0 or do_sample=False, got temperature "
+                                f"{self.temperature} (sample.py: leave --temperature unset)")
 
     @property
     def sampling(self):
