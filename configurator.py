@@ -18,6 +18,7 @@ line on stderr and exit code 2, no traceback (see `run`).
 """
 
 import ast
+import difflib
 import gc
 import os
 import signal
@@ -155,10 +156,21 @@ def configure(namespace, argv=None, skip_unknown_file_keys=False, nullable=None)
         if not sep:
             raise UserError(f"argument {arg!r} must look like --key=value")
         if key not in defaults:
-            raise UserError(f"unknown config key {key!r} (see --help for the list)")
+            raise UserError(f"unknown config key {key!r}{_did_you_mean(key, defaults, '--')} "
+                            "(see --help for the list)")
         namespace[key] = _coerce(key, _parse_value(text), defaults[key], f"--{key}", nullable)
         passed.add(key)
     return Settings(knobs(namespace), passed)
+
+
+def _did_you_mean(key, defaults, prefix=""):
+    """', did you mean --x?' for the one or two keys nearest a mistyped one: those it begins
+    (temp: temperature) or whose first words it is (Hugging Face's stop_strings is --stop
+    here), then those spelled alike (batch_sise, n_layers)."""
+    begun = [k for k in defaults if len(key) >= 3 and k.startswith(key) or key.startswith(k + "_")]
+    near = [k for k in difflib.get_close_matches(key, defaults, n=2, cutoff=0.8) if k not in begun]
+    chosen = (begun + near)[:2]
+    return ", did you mean " + " or ".join(prefix + k for k in chosen) + "?" if chosen else ""
 
 
 def _apply_file(namespace, defaults, path, skip_unknown, nullable=None):
@@ -195,7 +207,8 @@ def _apply_file(namespace, defaults, path, skip_unknown, nullable=None):
         if key not in defaults:
             if skip_unknown:
                 continue
-            raise UserError(f"{path}: unknown config key {key!r} (see --help for the list)")
+            raise UserError(f"{path}: unknown config key {key!r}{_did_you_mean(key, defaults)} "
+                            "(see --help for the list)")
         namespace[key] = _coerce(key, values[key], defaults[key], path, nullable)
         applied.append(key)
     return applied

@@ -53,6 +53,31 @@ def test_unknown_key_in_config_file(tmp_path):
         configure(defaults(), [str(path)])
 
 
+@pytest.mark.parametrize("typed, meant", [
+    ("batch_sise", "--batch_size"),  # spelled alike
+    ("learning", "--learning_rate"),  # the start of a key
+    ("out_dir_name", "--out_dir"),  # a key and more words
+    ("comp", "--compile"),
+    ("zzz", None),  # nothing near: no guess
+])
+def test_an_unknown_key_suggests_the_nearest(typed, meant):
+    with pytest.raises(UserError) as error:
+        configure(defaults(), [f"--{typed}=1"])
+    message = str(error.value)
+    assert message.startswith(f"unknown config key {typed!r}")
+    if meant is None:
+        assert "did you mean" not in message
+    else:
+        assert f", did you mean {meant}?" in message
+
+
+def test_an_unknown_key_in_a_config_file_suggests_the_key_as_the_file_spells_keys(tmp_path):
+    path = tmp_path / "cfg.py"
+    path.write_text("batch_sise = 4\n")
+    with pytest.raises(UserError, match="did you mean batch_size\\?"):
+        configure(defaults(), [str(path)])
+
+
 def test_help_lists_every_key(capsys):
     with pytest.raises(SystemExit) as exit_info:
         configure(defaults(), ["--help"])
