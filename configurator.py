@@ -167,7 +167,7 @@ def _did_you_mean(key, defaults, prefix=""):
     """', did you mean --x?' for the one or two keys nearest a mistyped one: those it begins
     (temp: temperature) or whose first words it is (Hugging Face's stop_strings is --stop
     here), then those spelled alike (batch_sise, n_layers)."""
-    begun = [k for k in defaults if len(key) >= 3 and k.startswith(key) or key.startswith(k + "_")]
+    begun = [k for k in defaults if (len(key) >= 3 and k.startswith(key)) or key.startswith(k + "_")]
     near = [k for k in difflib.get_close_matches(key, defaults, n=2, cutoff=0.8) if k not in begun]
     chosen = (begun + near)[:2]
     return ", did you mean " + " or ".join(prefix + k for k in chosen) + "?" if chosen else ""
