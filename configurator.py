@@ -137,8 +137,9 @@ class Settings(dict):
 def configure(namespace, argv=None, skip_unknown_file_keys=False, nullable=None):
     """Apply a config file and --key=value overrides to `namespace` (a script's globals);
     returns the knobs as Settings (a dict, with .passed: the keys given).
-    skip_unknown_file_keys: a config file may set keys this script does not have (bench.py
-    reads train.py's configs for the model's shape); --key=value overrides stay strict.
+    skip_unknown_file_keys: a config file may set keys this script does not have
+    (bench/train_step.py reads train.py's configs for the model's shape); --key=value
+    overrides stay strict.
     nullable: the keys whose default is not None that may still be set to None (e.g. () for
     none); left at None, any key may be."""
     argv = sys.argv[1:] if argv is None else argv

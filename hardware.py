@@ -106,7 +106,7 @@ def default_device():
 
 def cpu_has_fast_bfloat16():
     """AVX512-BF16 or AMX: the CPU multiplies bfloat16 matrices in hardware, about twice as fast
-    as float32 (bench.py); without them bfloat16 is emulated and slower than float32."""
+    as float32 (bench/train_step.py); without them bfloat16 is emulated and slower than float32."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
