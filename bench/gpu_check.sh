@@ -26,6 +26,15 @@ step() {  # a command, stopped after LIMIT seconds; its failure is printed and t
     return $rc
 }
 
+cold_step() {  # step, compiling from an empty cache (inductor keeps Triton's kernels there too)
+    local cache rc
+    cache=$(mktemp -d)
+    TORCHINDUCTOR_CACHE_DIR=$cache step "$@"
+    rc=$?
+    rm -rf "$cache"
+    return $rc
+}
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 1
 
@@ -52,8 +61,7 @@ if [[ $PARTS == *,train,* ]]; then
     # the timed runs compile from an empty cache, as a first run does (the torchrun step above
     # compiled the same model: its cached kernels would make the figure a second run's)
     echo "== config/train_shakespeare_char.py, compile cache empty (target: best val <= 1.47 in <= 60 s; nanoGPT 159 s)"
-    time (export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
-          step $PY train.py config/train_shakespeare_char.py) | grep -E "^step|best|saving" | tail -6
+    time cold_step $PY train.py config/train_shakespeare_char.py | grep -E "^step|best|saving" | tail -6
     echo "== sample.py 10 x 500 characters (target: <= 8 s whole command; nanoGPT 33 s)"
     for flags in "" "--context_shift=True" "--compile=True"; do
         echo "-- sample.py $flags"
@@ -63,7 +71,6 @@ if [[ $PARTS == *,train,* ]]; then
     echo "== GPT-2 124M training step, bfloat16, compiled (target: >= 50% MFU)"
     step $PY bench/train_step.py --batch_size=12 --block_size=1024 --compile=True
     echo "== the char run again, evaluating as many rows in 50 batches of 256 (nanoGPT: 200 of 64), for the numbers to pick the recipe"
-    time (export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
-          step $PY train.py config/train_shakespeare_char.py --eval_batch_size=256 --eval_iters=50 \
-              --out_dir=out-gpu-eval) | grep -E "^step|best|saving" | tail -6
+    time cold_step $PY train.py config/train_shakespeare_char.py --eval_batch_size=256 --eval_iters=50 \
+        --out_dir=out-gpu-eval | grep -E "^step|best|saving" | tail -6
 fi
