@@ -231,6 +231,19 @@ def run_script(*args, cwd=REPO, env=None, input=None, timeout=600, memory=0, fre
     stdout, stderr = run.communicate()
     return subprocess.CompletedProcess([sys.executable, *args], run.returncode, stdout, stderr)
 
+
+def torchrun(*args, processes=2, timeout=600):
+    """`torchrun --standalone --nproc_per_node=processes ARGS` in the repo, waited for: a
+    CompletedProcess. A new interpreter (torchrun cannot be forked from the script server), with
+    one OpenMP thread a process (two processes share a 2-core machine), and Python's
+    faulthandler on: a process that dies of a signal first prints the Python stacks of its
+    threads, into the stderr a failing test shows."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={processes}", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
 # runs of tiny models on one thread: they gain nothing from two, and two threads of each run
 # contending with the other jobs of a busy 2-core machine made runs about 3x slower
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -1,15 +1,11 @@
 """The CUDA paths on a GPU: skipped without one (the CPU-side checks of the same paths are in
 test_decode_speedups.py). On a GPU machine `make test` runs them with the rest."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import engine
-from conftest import REPO, TINY
+from conftest import TINY, torchrun
 from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -57,10 +53,7 @@ def test_compiled_decode_runs_as_cuda_graphs_and_gives_the_eager_tokens(model, m
 
 def test_torchrun_trains_on_cuda_with_nccl(char_dataset, tmp_path):
     """nanoGPT's workflow: torchrun on CUDA (it crashed on a CPU tensor given to NCCL)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-           "train.py", *CUDA_RUN, f"--dataset={char_dataset}", f"--out_dir={tmp_path}",
-           "--max_iters=20", "--eval_interval=10"]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun("train.py", *CUDA_RUN, f"--dataset={char_dataset}", f"--out_dir={tmp_path}",
+                      "--max_iters=20", "--eval_interval=10", processes=1)
+    assert result.returncode == 0, result.stderr[-8000:]
     assert (tmp_path / "ckpt.pt").exists()

@@ -5,14 +5,12 @@ and bad input."""
 import hashlib
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, assert_user_error, eval_losses, run_script, train_losses
+from conftest import REPO, TINY, assert_user_error, eval_losses, run_script, torchrun, train_losses
 
 RUN = [*TINY, "--eval_interval=10", "--lr_decay_iters=40", "--min_lr=3e-4"]
 
@@ -21,13 +19,11 @@ def train(out_dir, dataset, *args, processes=2):
     """train.py under torchrun with parallel=fsdp (or alone, processes=1): its stdout."""
     script = ["train.py", *RUN, f"--dataset={dataset}", f"--out_dir={out_dir}", *args]
     if processes > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={processes}", *script, "--parallel=fsdp"]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+        result = torchrun(*script, "--parallel=fsdp", processes=processes)
     else:
         result = run_script(*script)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # the last 8000 characters: the processes' own words come before torchrun's long traceback
+    assert result.returncode == 0, result.stderr[-8000:]
     return result.stdout
 
 
@@ -139,10 +135,8 @@ def test_bad_parallel_settings(char_dataset, tmp_path):
         assert_user_error(result, *words)
         assert not out.exists()
     # under DDP (torchrun, here with one process) every process holds the whole state
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node=1", "train.py", *RUN, f"--dataset={char_dataset}",
-                             f"--out_dir={out}", "--sharded_checkpoint=True"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = torchrun("train.py", *RUN, f"--dataset={char_dataset}", f"--out_dir={out}",
+                      "--sharded_checkpoint=True", processes=1, timeout=300)
     assert result.returncode != 0 and not out.exists()
     assert "sharded_checkpoint=True writes each process's shard" in result.stderr
     # one process, without torchrun: nothing to shard, it says so and trains

@@ -5,15 +5,13 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, ServedRun, eval_losses, run_script, train_losses
+from conftest import TINY, ServedRun, eval_losses, run_script, torchrun, train_losses
 
 RUN = [*TINY, "--eval_interval=10", "--lr_decay_iters=40", "--min_lr=3e-4"]
 
@@ -31,12 +29,9 @@ def train(out_dir, dataset, *args):
 
 def test_two_process_ddp_matches_one_process_with_twice_the_batch(char_dataset, tmp_path):
     one = train(tmp_path / "one", char_dataset, "--batch_size=8", "--max_iters=20")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "train.py", *RUN, f"--dataset={char_dataset}", f"--out_dir={tmp_path / 'two'}",
-           "--batch_size=4", "--gradient_accumulation_steps=2", "--max_iters=20"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    two = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert two.returncode == 0, two.stderr
+    two = torchrun("train.py", *RUN, f"--dataset={char_dataset}", f"--out_dir={tmp_path / 'two'}",
+                   "--batch_size=4", "--gradient_accumulation_steps=2", "--max_iters=20")
+    assert two.returncode == 0, two.stderr[-8000:]
     # one process logs and writes the checkpoint
     assert two.stdout.count("saving checkpoint") == one.count("saving checkpoint") == 2
     # both evaluate, each its half of one process's rows
