@@ -14,6 +14,7 @@ one node or many) and tells each its RANK, LOCAL_RANK and WORLD_SIZE; then, by `
     model_state, optimizer_state = distributed.full_state(model, optimizer, dist)   # for ckpt.pt
     distributed.save_sharded(folder, model, optimizer, dist, progress)            # ckpt.dcp/
     distributed.load_sharded(folder, model, optimizer, dist, progress)   # files checked first
+    distributed.leave()                                  # the end of the run, all together
 
 A run's ckpt.pt is the same file whatever trained it: the full state, gathered on rank 0, with
 the optimizer's state keyed by position as torch.optim writes it, so sample.py, export_hf.py
@@ -27,6 +28,7 @@ consolidates into ckpt.pt.
 import os
 import pickle
 import re
+import sys
 import warnings
 import zlib
 from contextlib import contextmanager, nullcontext
@@ -110,6 +112,22 @@ def accumulating(model, raw_model, dist, sync):
     if dist.sharded:
         raw_model.set_requires_gradient_sync(sync)
     return nullcontext()
+
+
+def leave():
+    """Ends this process's part of a finished run, with every other process: the last thing
+    train.py does under torchrun, after the checkpoint and the logs are written and closed."""
+    torch_dist.barrier()  # leave together: none tears its group down while another still saves
+    torch_dist.destroy_process_group()
+    # The group outlives its destruction: torch.distributed.nn's functions hold it as their
+    # default argument when imported after it was made (torch._dynamo imports them), and
+    # DTensor's caches (sharding rules, redistribution plans) hold FSDP's device mesh, which
+    # holds it. Its gloo threads then live on into the interpreter's teardown, where now and
+    # then they abort the process ("terminate called without an active exception", SIGABRT)
+    # after a complete run. With nothing left to write, the process ends here instead.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # -----------------------------------------------------------------------------

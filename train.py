@@ -23,7 +23,7 @@ import time
 from configurator import configure, knobs, run  # first: Ctrl-C while the rest loads exits quietly
 
 import torch
-from torch.distributed import ReduceOp, all_reduce, barrier, destroy_process_group
+from torch.distributed import ReduceOp, all_reduce
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
@@ -541,8 +541,7 @@ def main():
     if runlog is not None:
         runlog.finish()
     if dist.kind:
-        barrier()  # leave together: none tears its group down while another still saves
-        destroy_process_group()
+        distributed.leave()
 
 
 class StopFlag:
