@@ -10,7 +10,7 @@ from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-CUDA_RUN = [a for a in TINY if not a.startswith("--device=")] + ["--device=cuda"]
+CUDA_RUN = [a for a in TINY if not a.startswith(("--device=", "--dtype="))] + ["--device=cuda"]
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +51,12 @@ def test_compiled_decode_runs_as_cuda_graphs_and_gives_the_eager_tokens(model, m
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
-def test_torchrun_trains_on_cuda_with_nccl(char_dataset, tmp_path):
-    """nanoGPT's workflow: torchrun on CUDA (it crashed on a CPU tensor given to NCCL)."""
+@pytest.mark.parametrize("parallel, dtype", [("ddp", "float32"), ("fsdp", "bfloat16")])
+def test_torchrun_trains_on_cuda_with_nccl(parallel, dtype, char_dataset, tmp_path):
+    """nanoGPT's workflow: torchrun on CUDA (it crashed on a CPU tensor given to NCCL); FSDP in
+    bfloat16 computes from float32 master weights (its mixed-precision policy, CUDA only)."""
     result = torchrun("train.py", *CUDA_RUN, f"--dataset={char_dataset}", f"--out_dir={tmp_path}",
-                      "--max_iters=20", "--eval_interval=10", processes=1)
+                      "--max_iters=20", "--eval_interval=10", f"--parallel={parallel}",
+                      f"--dtype={dtype}", processes=1)
     assert result.returncode == 0, result.stderr[-8000:]
     assert (tmp_path / "ckpt.pt").exists()
