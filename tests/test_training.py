@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -124,6 +125,16 @@ def test_nan_loss_stops_the_run_and_keeps_the_checkpoint(trained, tmp_path):
     assert result.returncode != 0 and "loss became nan" in result.stderr, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr, result.stderr
     assert (out / "ckpt.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mfu_stays_below_the_measured_peak(dtype, char_dataset, tmp_path):
+    """On a CPU the peak is a matmul measured in the run's precision, multiplied as nn.Linear
+    multiplies: measured as `a @ b`, on a CPU without bfloat16 units, a bfloat16 run of this
+    tiny model logged an MFU over 250%."""
+    stdout = train(tmp_path, char_dataset, f"--dtype={dtype}", "--max_iters=10")
+    mfus = [float(m) for m in re.findall(r"mfu ([\d.]+)%", stdout)]
+    assert len(mfus) == 2 and all(0 < m < 100 for m in mfus), mfus
 
 
 def test_run_logs_metrics_plot_and_offline_wandb(char_dataset, tmp_path, monkeypatch):
