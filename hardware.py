@@ -80,23 +80,27 @@ def peak_flops(device, precision):
     return measure_matmul_flops(device, precision)
 
 
-def measure_matmul_flops(device, precision, size=1024, repeats=4):
+def measure_matmul_flops(device, precision, size=1024, repeats=4, rounds=3):
     """The FLOP/s of a square matmul in precision on device, multiplied as nn.Linear multiplies
-    (by a transposed weight): the ceiling MFU is measured against where no datasheet figure is
-    known (a tenth of a second on a 2-core CPU: every CPU run pays it at its start). The layout
-    matters: on a CPU without bfloat16 units, `a @ b` in bfloat16 runs many times slower than
-    `a @ b.T`, and a model's own matmuls beat a "peak" measured as `a @ b` (README, MFU)."""
+    (by a transposed weight), in the fastest of `rounds` rounds of `repeats` (another program
+    on the machine only adds time): the ceiling MFU is measured against where no datasheet
+    figure is known (a few tenths of a second on a 2-core CPU: every CPU run pays it at its
+    start). The layout matters: on a CPU without bfloat16 units, `a @ b` in bfloat16 runs many
+    times slower than `a @ b.T`, and a model's own matmuls beat a "peak" measured as `a @ b`."""
     # its own generator: measuring leaves the global random state (which a resume restores) as it was
     generator = torch.Generator(device).manual_seed(0)
     x, weight = (torch.randn(size, size, device=device, dtype=DTYPES[precision], generator=generator)
                  for _ in range(2))
     F.linear(x, weight)  # warm up
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        F.linear(x, weight)
-    synchronize(device)
-    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+    fastest = float("inf")
+    for _ in range(rounds):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            F.linear(x, weight)
+        synchronize(device)
+        fastest = min(fastest, time.perf_counter() - start)
+    return 2 * size ** 3 * repeats / fastest
 
 
 def default_device():
