@@ -68,6 +68,12 @@ if [[ $PARTS == *,train,* ]]; then
         time step $PY sample.py --out_dir=out-shakespeare-char --num_samples=10 --max_new_tokens=500 \
             $flags > /dev/null
     done
+    echo "== peak FLOP/s: the datasheet's (hardware.GPU_PEAK_FLOPS) and the fallback's measured matmul"
+    step $PY -c "import hardware, torch
+for precision in ('bfloat16', 'float32'):
+    torch.backends.cuda.matmul.allow_tf32 = precision == 'float32'
+    print(precision, 'table', hardware.peak_flops('cuda', precision) / 1e12,
+          'measured', round(hardware.measure_matmul_flops('cuda', precision) / 1e12), 'TFLOP/s')"
     echo "== GPT-2 124M training step, bfloat16, compiled (target: >= 50% MFU)"
     step $PY bench/train_step.py --batch_size=12 --block_size=1024 --compile=True
     echo "== the char run again, evaluating as many rows in 50 batches of 256 (nanoGPT: 200 of 64), for the numbers to pick the recipe"
