@@ -80,11 +80,11 @@ def peak_flops(device, precision):
     return measure_matmul_flops(device, precision)
 
 
-def measure_matmul_flops(device, precision, size=None, repeats=4, rounds=3):
+def measure_matmul_flops(device, precision, size=None, repeats=2, rounds=3):
     """The FLOP/s of a square matmul in precision on device, multiplied as nn.Linear multiplies
     (by a transposed weight), in the fastest of `rounds` rounds of `repeats` (another program
     on the machine only adds time): the ceiling MFU is measured against where no datasheet
-    figure is known (a few tenths of a second on a 2-core CPU: every CPU run pays it at its
+    figure is known (a sixth of a second on a 2-core CPU: every CPU run pays it at its
     start). The layout matters: on a CPU without bfloat16 units, `a @ b` in bfloat16 runs many
     times slower than `a @ b.T`, and a model's own matmuls beat a "peak" measured as `a @ b`."""
     # a GPU's cores are not all busy on a 1024 x 1024 matmul; a CPU's are (and 4096 takes it seconds)
