@@ -78,6 +78,34 @@ def test_stop_flag_all_reduces_on_the_process_group_s_device(monkeypatch):
     assert seen == [torch.device("meta")]
 
 
+def test_evaluation_sums_reduce_on_the_model_s_device(monkeypatch):
+    """The evaluation's sums travel to the other processes from the device the model ran on:
+    a model on the meta device shows where they go, as a CUDA one would under NCCL."""
+    import types
+    import train
+
+    class Reduced(Exception):
+        pass
+
+    seen = []
+
+    def all_reduce(tensor, op=None):
+        seen.append(tensor.device)
+        raise Reduced  # a meta tensor has no values to go on with
+
+    monkeypatch.setattr(train, "all_reduce", all_reduce)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11))
+
+    def batch(split, generator, rows):
+        ids = torch.zeros(rows, 9, dtype=torch.long, device="meta")
+        return ids[:, :-1], ids[:, 1:]
+
+    with pytest.raises(Reduced):
+        train.estimate_loss(model, batch, torch.autocast("cpu", enabled=False),
+                            types.SimpleNamespace(kind="ddp"))
+    assert seen == [torch.device("meta")]
+
 def test_peak_flops_come_from_the_datasheet_or_a_measurement(monkeypatch):
     import hardware
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
