@@ -81,7 +81,7 @@ def test_stop_flag_all_reduces_on_the_process_group_s_device(monkeypatch):
 def test_evaluation_sums_reduce_on_the_model_s_device(monkeypatch):
     """The evaluation's sums travel to the other processes from the device the model ran on:
     a model on the meta device shows where they go, as a CUDA one would under NCCL."""
-    import types
+    import distributed
     import train
 
     class Reduced(Exception):
@@ -103,8 +103,9 @@ def test_evaluation_sums_reduce_on_the_model_s_device(monkeypatch):
 
     with pytest.raises(Reduced):
         train.estimate_loss(model, batch, torch.autocast("cpu", enabled=False),
-                            types.SimpleNamespace(kind="ddp"))
+                            distributed.Distributed("ddp"))
     assert seen == [torch.device("meta")]
+
 
 def test_distributed_collectives_run_on_this_process_s_gpu_under_nccl(monkeypatch):
     """save_sharded's NaN flag, the gathered RNG states and train.py's stop flag travel on
@@ -115,6 +116,7 @@ def test_distributed_collectives_run_on_this_process_s_gpu_under_nccl(monkeypatc
     assert distributed.flag_device(dist) == "cuda:1"
     monkeypatch.setattr(distributed.torch_dist, "get_backend", lambda group=None: "gloo")
     assert distributed.flag_device(dist) == "cpu"
+
 
 def test_peak_flops_come_from_the_datasheet_or_a_measurement(monkeypatch):
     import hardware
