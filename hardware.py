@@ -123,8 +123,7 @@ def cpu_has_fast_bfloat16():
 def default_dtype(device_type, training=True):
     """The default precision: for training, the autocast precision, the fastest that trains as
     well; for decoding, the weights'. Decoding on a CPU keeps float32 weights: transformers'
-    numbers exactly (bfloat16 weights decode faster on some CPUs, at a small cost: the README's
-    generation figures)."""
+    numbers exactly (bfloat16 weights decode faster on some CPUs, at a small cost: docs/benchmarks.md)."""
     if device_type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if device_type == "cpu" and training and cpu_has_fast_bfloat16():

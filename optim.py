@@ -9,7 +9,7 @@ optim="muon": PyTorch's Muon for the 2-D matrices inside the blocks and AdamW fo
 (embeddings, the tied head, gains, biases), as Muon's authors advise. Muon orthogonalises each
 matrix's update (Newton-Schulz iterations); with the update scaled to AdamW's size
 (adjust_lr_fn="match_rms_adamw") one learning rate serves both. It learns far more per step
-(the README's CPU figures).
+(docs/benchmarks.md has the CPU figures).
 """
 
 import inspect

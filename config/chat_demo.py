@@ -1,4 +1,4 @@
-# The instruction-tuning demo (README, "Instruction tuning"): the tiny random Qwen2 of
+# The instruction-tuning demo (docs/finetuning.md, "Instruction tuning"): the tiny random Qwen2 of
 # data/chat_demo/prepare.py learns the answer format of its conversations, on a CPU in minutes.
 # Every parameter trains; only the assistant's tokens are learned (the dataset's loss mask).
 init_from = "out-chat-demo-base"

@@ -1,11 +1,11 @@
-# A baby GPT on character-level Shakespeare, tuned for a 2-core CPU (no GPU): val loss below
-# 1.88 in about 25 seconds, where nanoGPT's CPU recipe (4 layers, 2000 iterations) takes 73.
+# A baby GPT on character-level Shakespeare, tuned for a 2-core CPU (no GPU): a lower val loss
+# than nanoGPT's CPU recipe (4 layers, 2000 iterations) in a third of its time (docs/benchmarks.md).
 # $ python data/shakespeare_char/prepare.py
 # $ python train.py config/train_shakespeare_char_cpu.py
 # A run this short is limited by the number of optimizer steps it can take, not by the model's
 # size: a 2-layer model takes steps twice as fast as a 4-layer one and gets further in the same
 # time, at a learning rate a model this small tolerates; and Muon learns more per step than
-# AdamW (550 Muon steps: val 1.833 in 23 s; 900 AdamW steps: 1.865 in 32 s). For a better model
+# AdamW. For a better model
 # in 5 minutes see train_shakespeare_char_cpu_5min.py.
 
 out_dir = "out-shakespeare-char"

@@ -1,13 +1,13 @@
-# A baby GPT on character-level Shakespeare in under 5 minutes on a 2-core CPU: val loss 1.55,
-# where nanoGPT's CPU recipe reaches 1.58 in 4.9 minutes.
+# A baby GPT on character-level Shakespeare in under 5 minutes on a 2-core CPU, ahead of
+# nanoGPT's CPU recipe in the same time (docs/benchmarks.md has the figures).
 # $ python data/shakespeare_char/prepare.py
 # $ python train.py config/train_shakespeare_char_cpu_5min.py
 # nanoGPT's CPU model (4 layers, 128 wide, 64 characters of context) with a batch of 16, a high
 # learning rate and a cosine decay over the whole run. In runs this short, optimizer steps are
-# what is scarce, so the optimizer is Muon, which learns far more per step than AdamW: AdamW took
-# 4600 steps to reach val 1.62 here, Muon 1150 steps to reach 1.65 (see the README). A wider
-# model (4 x 256, context 128, batch 32) learned no more per token and took 4x longer per token;
-# a batch of 32 with Muon reached a lower train loss but no lower val loss in more time.
+# what is scarce, so the optimizer is Muon, which learns far more per step than AdamW. A wider
+# model (4 x 256, context 128, batch 32) learned no more per token and was slower per token;
+# a batch of 32 with Muon reached a lower train loss but no lower val loss in more time
+# (docs/notes.md).
 
 out_dir = "out-shakespeare-char-5min"
 eval_interval = 875  # four evaluations in the run, for the loss curve
