@@ -27,13 +27,13 @@ import dataclasses
 import os
 import pickle
 import re
-import zlib
 
 import torch
 from torch import nn
 
 import hardware
 import hf
+import integrity
 import lora
 from atomic import atomic_write
 from errors import UserError
@@ -157,9 +157,10 @@ def save_run(path, model, optimizer, config, tokenizer_spec, base=None, model_st
     saves its adapters, not the base's weights. model_state, optimizer_state: the states to
     save when model and optimizer hold shards of them (distributed.full_state gathers them
     under FSDP); by default model.state_dict() and optimizer.state_dict(). progress: iter_num,
-    best_val_loss, val_loss and the sampler / RNG states, stored as they are. Weights (or adapters) or optimizer state
-    holding a NaN or an infinity are refused with a UserError, the file at path untouched: a
-    diverged run never replaces a good checkpoint."""
+    best_val_loss, val_loss and the sampler / RNG states, stored as they are. Weights (or
+    adapters) or optimizer state holding a NaN or an infinity are refused with a UserError, the
+    file at path untouched: a diverged run never replaces a good checkpoint. Every tensor's
+    crc32 is stored with it, for load_run to check (integrity.py)."""
     model_state = model.state_dict() if model_state is None else model_state
     if base is None:
         weights = {"model": model_state}
@@ -167,122 +168,38 @@ def save_run(path, model, optimizer, config, tokenizer_spec, base=None, model_st
         weights = {"adapters": lora.adapters(model_state),
                    "base": os.path.abspath(base) if os.path.exists(base) else base}
     optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
-    bad = nonfinite(weights.get("model", weights.get("adapters")))
-    bad = bad or nonfinite(dict(named_tensors(optimizer_state, "the optimizer's state")))
+    tensors = weights.get("model", weights.get("adapters"))
+    bad = integrity.nonfinite(tensors) or \
+        integrity.nonfinite(dict(integrity.named_tensors(optimizer_state, "the optimizer's state")))
     if bad is not None:
         where = f" at iteration {progress['iter_num']}" if "iter_num" in progress else ""
         raise UserError(f"{bad} holds NaN or infinite values{where}: the training diverged (try a "
                         f"lower learning_rate); not saved, {path} left as it was")
     if "base" in weights:  # what the adapters were trained on, to tell later if it changed
         weights["base_fingerprint"] = base_fingerprint(weights["base"])
-    tensors = weights.get("model", weights.get("adapters"))
-    checksums = {"weights": checksums_of(tensors),
-                 "optimizer": checksums_of(dict(named_tensors(optimizer_state, "optimizer")))}
+    checksums = {"weights": integrity.checksums_of(tensors), "optimizer": integrity.checksums_of(
+        dict(integrity.named_tensors(optimizer_state, "optimizer")))}
     save_checkpoint({**weights, "optimizer": optimizer_state,
                      "model_args": dataclasses.asdict(model.config), "config": config,
                      "tokenizer": tokenizer_spec, "checksums": checksums, **progress}, path)
 
 
-def checksum(tensor):
-    """zlib.crc32 of a tensor's bytes: about 1.7 GB/s on one CPU core, so checking a 500 MB
-    checkpoint costs about 0.3 s."""
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def checksums_of(tensors):
-    """{name: crc32} of the tensors of {name: tensor}."""
-    return {name: checksum(t) for name, t in tensors.items() if isinstance(t, torch.Tensor)}
-
-
-def verify_checksums(path, run, parts=("weights", "optimizer")):
-    """Refuse a checkpoint whose tensors do not match the checksums save_run stored with them:
-    the file was damaged after it was written (a disk, a copy, a transfer). parts: which of its
-    tensors to check, "weights" (the model or the adapters) and "optimizer". Checkpoints without
-    checksums (nanoGPT's, ours from before) pass unchecked."""
-    stored = run.get("checksums")
-    if stored is None:
-        return
-    if not isinstance(stored, dict):
-        raise UserError(f"checkpoint {path} is corrupted: its checksums are not a dict; restore it "
-                        "or train again")
-    tensors = {"weights": lambda: run.get("model", run.get("adapters")),
-               "optimizer": lambda: dict(named_tensors(run.get("optimizer"), "optimizer"))}
-    for part in parts:
-        expected, have = stored.get(part), tensors[part]()
-        if expected is None:
-            continue
-        if not isinstance(expected, dict) or not isinstance(have, dict):
-            raise UserError(f"checkpoint {path} is corrupted: its {part} do not match their "
-                            "checksums; restore it or train again")
-        for name, crc in expected.items():
-            tensor = have.get(name)
-            if not isinstance(tensor, torch.Tensor):
-                raise UserError(f"checkpoint {path} is corrupted: tensor {name} is missing; "
-                                "restore it or train again")
-            if checksum(tensor) != crc:
-                raise UserError(f"checkpoint {path} is corrupted: tensor {name} does not match "
-                                "the checksum it was saved with (the file changed after it was "
-                                "written); restore it or train again")
-
-
 def base_fingerprint(base, origin=None):
     """What identifies a LoRA run's base model, to tell later whether it is still the one the
-    adapters were trained on: for a run of ours, the checksums its checkpoint carries; for a
-    model folder, its weight files' names, sizes and a crc32 of 16 chunks of 64 KiB spread
-    through each (cheap for any size: a changed model differs there). None for a hub id or a
-    GPT-2 size: the hub's copy is named, not held."""
+    adapters were trained on (integrity.py computes it): for a run of ours, the checksums its
+    checkpoint carries; for a model folder, its weight files. None for a hub id or a GPT-2
+    size: the hub's copy is named, not held."""
     path = run_path(base) if isinstance(base, str) else None
     if path is not None:
         run = load_checkpoint(path, origin)
-        sums = run.get("checksums") if isinstance(run, dict) else None
-        return {"kind": "run", "crc32": zlib.crc32(repr(sums).encode())} if sums else None
+        return integrity.run_fingerprint(run.get("checksums") if isinstance(run, dict) else None)
     if not (isinstance(base, str) and os.path.isdir(base)):
         return None
     try:
         files = hf.weight_files(base, base)
     except UserError:
         return None
-    return {"kind": "folder", "files": {os.path.basename(f): sampled_crc(f) for f in files}}
-
-
-def sampled_crc(path, chunks=16, chunk=1 << 16):
-    """[size, crc32 of `chunks` chunks of the file spread evenly, its start and end included]."""
-    size = os.path.getsize(path)
-    crc = 0
-    with open(path, "rb") as f:
-        for i in range(chunks):
-            f.seek(max(0, (size - chunk) * i // max(chunks - 1, 1)))
-            crc = zlib.crc32(f.read(chunk), crc)
-    return [size, crc]
-
-
-def nonfinite(tensors):
-    """The name of the first floating-point tensor of {name: tensor} that holds a NaN or an
-    infinity, or None if all are finite. Cheap: one sum per tensor (a NaN or an infinity makes
-    the sum non-finite) and a single synchronisation with the device for all of them; only then
-    is each tensor looked at (a sum can also overflow, of finite values past 3e38)."""
-    floats = [(name, t) for name, t in tensors.items() if t.is_floating_point() and t.numel()]
-    if not floats:
-        return None
-    sums = torch.stack([t.sum(dtype=torch.float32) for _, t in floats])
-    if bool(sums.isfinite().all()):
-        return None
-    return next((name for name, t in floats if not bool(torch.isfinite(t).all())), None)
-
-
-def named_tensors(obj, name):
-    """(name.key.key..., tensor) of every tensor in nested dicts and lists (a state dict)."""
-    if isinstance(obj, torch.Tensor):
-        yield name, obj
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            yield from named_tensors(value, f"{name}.{key}")
-    elif isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            yield from named_tensors(value, f"{name}.{i}")
+    return integrity.folder_fingerprint(files)
 
 
 def load_run(path, device="cpu", dtype=torch.float32, dropout=None, _loading=(),
@@ -291,7 +208,7 @@ def load_run(path, device="cpu", dtype=torch.float32, dropout=None, _loading=(),
     LoRA run it is the base model, and run["adapters"] holds what goes on it. run is the rest of
     the checkpoint: optimizer, iter_num, config, tokenizer (a spec), sampler and RNG states.
     dropout replaces the checkpoint's. verify: which tensors to check against the checksums
-    save_run stored (verify_checksums); a corrupted file is a UserError."""
+    save_run stored (integrity.verify_checksums); a corrupted file is a UserError."""
     run = load_checkpoint(path, f"the LoRA base of {_loading[-1]}" if _loading else None)
     if not isinstance(run, dict) or not isinstance(run.get("model_args"), dict) or \
             not isinstance(run.get("model", run.get("adapters")), dict):
@@ -305,7 +222,7 @@ def load_run(path, device="cpu", dtype=torch.float32, dropout=None, _loading=(),
     config = model_config(args, path)
     if "optimizer" in verify:  # train.py's resume, which reads the rest of the run too
         check_resumable(path, run)
-    verify_checksums(path, run, verify)
+    integrity.verify_checksums(path, run, verify)
     if "adapters" in run:
         model = load_lora_base(path, run, device, dtype, dropout, _loading)
     else:

@@ -24,12 +24,12 @@ from configurator import configure, knobs, run  # first: Ctrl-C while the rest l
 
 import torch
 from torch.distributed import ReduceOp, all_reduce
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import distributed
 import hardware
 import lora
+import sharded_ckpt
 from dataset import get_batch, open_dataset, to_device
 from errors import UserError
 from model import GPT
@@ -129,7 +129,7 @@ def check_config(cfg):
                         f"batch_size's), got {size!r}")
     if cfg["optim"] not in ("adamw", "muon"):
         raise UserError(f"optim must be 'adamw' or 'muon', got {cfg['optim']!r}")
-    if cfg["parallel"] not in distributed.KINDS:
+    if cfg["parallel"] not in distributed.PARALLEL_MODES:
         raise UserError(f"parallel must be 'ddp' or 'fsdp', got {cfg['parallel']!r}")
     if cfg["parallel"] == "fsdp" and cfg["optim"] == "muon":
         raise UserError("optim=muon needs each matrix whole for its update, which parallel=fsdp "
@@ -187,11 +187,11 @@ def load_or_build_model(meta, passed, device_type, build_on="cpu"):
     build_on: 'cpu', or 'meta' for a model of the right shape without its values."""
     run, base = None, None
     if init_from == "resume":
-        ckpt_path, sharded = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, distributed.SHARDED)
+        ckpt_path, sharded = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, sharded_ckpt.FOLDER)
         if os.path.isdir(sharded) and (not os.path.exists(ckpt_path) or
                                        os.path.getmtime(sharded) > os.path.getmtime(ckpt_path)):
             # the newer of the two: the model is built empty, for the shards to fill
-            ckpt_path, run = sharded, distributed.read_progress(sharded)
+            ckpt_path, run = sharded, sharded_ckpt.read_progress(sharded)
             config = checkpoint.model_config({**run["model_args"], "dropout": dropout}, sharded)
             with torch.device("meta"):
                 model = GPT(config)
@@ -300,7 +300,7 @@ def estimate_loss(model, batch, autocast, dist):
             # a share with no target that counts has a loss of nan (a mean over none)
             loss_sum = torch.where(counted > 0, loss.float() * counted, 0.0)
             sums = sums + torch.stack([loss_sum, right.float(), counted.float()])
-        if dist.kind:
+        if dist.parallel:
             all_reduce(sums)
         loss_sum, right, counted = sums.tolist()
         out[split] = loss_sum / counted if counted else math.nan
@@ -317,11 +317,11 @@ def main():
     dev, device_type, precision, autocast = hardware.setup(device, dtype)
     dist = distributed.setup(device_type, backend, parallel)
     rank, world_size = dist.rank, dist.world_size
-    if sharded_checkpoint and dist.kind == "ddp":
+    if sharded_checkpoint and dist.parallel == "ddp":
         raise UserError("sharded_checkpoint=True writes each process's shard of the model, but under "
                         "parallel=ddp each process holds all of it (rank 0 writes ckpt.pt): use "
                         "parallel=fsdp, or leave sharded_checkpoint off")
-    if dist.kind and device_type == "cuda":
+    if dist.parallel and device_type == "cuda":
         dev = f"cuda:{dist.local_rank}"
         torch.cuda.set_device(dev)
     if gradient_accumulation_steps % world_size != 0:
@@ -363,7 +363,7 @@ def main():
     if master:
         print(f"{model.get_num_params() / 1e6:.2f}M parameters; {tokens_per_iter:,} tokens per "
               f"iteration; device {dev}, {precision}, compile={use_compile}"
-              + (f", {dist.kind} over {world_size} processes" if dist.kind else ""))
+              + (f", {dist.parallel} over {world_size} processes" if dist.parallel else ""))
         print(f"finetune={finetune}: {trainable_count:,} of {total:,} parameters "
               f"train ({100 * trainable_count / total:.2f}%)")
         if trainable:
@@ -381,7 +381,7 @@ def main():
     if run is not None:
         iter_num, best_val_loss = run["iter_num"], run["best_val_loss"]
         if "sharded" in run:
-            distributed.load_sharded(run["sharded"], model, optimizer, dist, run)
+            sharded_ckpt.load_sharded(run["sharded"], model, optimizer, dist, run)
         else:
             distributed.load_full_optimizer_state(model, optimizer, run["optimizer"], dist)
         if "sampler" in run:  # nanoGPT's checkpoints have no random state
@@ -401,8 +401,7 @@ def main():
     # evaluation runs compiled too, but not through DDP's wrapper, whose forward may wait for
     # the other processes
     eval_model = model
-    if dist.kind == "ddp":
-        model = DDP(model, device_ids=[dist.local_rank] if device_type == "cuda" else None)
+    model = distributed.wrap_ddp(model, dist, device_type)
 
     if device_type == "cuda":  # a small corpus is copied to the GPU once, not a batch at a time
         splits = to_device(splits, dev)
@@ -417,7 +416,7 @@ def main():
             return x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
         return x.to(dev), y.to(dev)
 
-    ckpt_path = os.path.join(out_dir, distributed.SHARDED if sharded_checkpoint else "ckpt.pt")
+    ckpt_path = os.path.join(out_dir, sharded_ckpt.FOLDER if sharded_checkpoint else "ckpt.pt")
 
     def save(val_loss):
         progress = dict(
@@ -433,7 +432,7 @@ def main():
         if sharded_checkpoint:
             progress |= dict(model_args=dataclasses.asdict(raw_model.config), config=knobs(globals()),
                              tokenizer=tokenizer_spec, base=base)
-            distributed.save_sharded(ckpt_path, raw_model, optimizer, dist, progress)
+            sharded_ckpt.save_sharded(ckpt_path, raw_model, optimizer, dist, progress)
             return
         model_state, optimizer_state = distributed.full_state(raw_model, optimizer, dist)
         if master:
@@ -449,7 +448,7 @@ def main():
 
     # Ctrl-C or SIGTERM asks the run to stop at the end of the current iteration, where the
     # state is whole, and save it; a second one stops at once
-    stop = StopFlag(distributed.flag_device(dist) if dist.kind else None)
+    stop = StopFlag(distributed.collective_device(dist) if dist.parallel else None)
     # the peak is measured (random matrices) where no datasheet figure is known, once the run
     # is known to be good: on random numbers of its own, not the run's (a resume restores those)
     with torch.random.fork_rng(devices=[dev] if device_type == "cuda" else [], device_type="cuda"):
@@ -518,7 +517,7 @@ def main():
         if iter_num % log_interval == 0:
             # the last micro-step's loss (averaged over processes) as an estimate of the batch's
             lossf = loss.detach().float() * accum_steps
-            if dist.kind:
+            if dist.parallel:
                 all_reduce(lossf, op=ReduceOp.AVG)
             lossf = lossf.item()
             train_time += time.time() - t0
@@ -540,8 +539,8 @@ def main():
 
     if runlog is not None:
         runlog.finish()
-    if dist.kind:
-        distributed.leave()
+    if dist.parallel:
+        distributed.finish_processes()
 
 
 class StopFlag:

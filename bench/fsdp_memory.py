@@ -7,10 +7,10 @@ $ python bench/fsdp_memory.py --processes=4 --n_layer=12 --n_head=12 --n_embd=76
 
 The training state is what a process holds besides activations: its parameters, their
 gradients and AdamW's two moments (DDP: all of them; FSDP: its shard of each). Each way takes
-an optimizer step on random tokens, as train.py does it (distributed.shard for FSDP), then the
-bytes of those tensors on each process are summed; the largest process is reported. DDP's
-gradient buckets (another copy of the gradients, for the all-reduce) are not counted, nor
-FSDP's unsharded copy of the one block it computes with.
+an optimizer step on random tokens, as train.py does it (distributed.shard for FSDP,
+distributed.wrap_ddp for DDP), then the bytes of those tensors on each process are summed; the
+largest process is reported. DDP's gradient buckets (another copy of the gradients, for the
+all-reduce) are not counted, nor FSDP's unsharded copy of the one block it computes with.
 """
 
 import os
@@ -21,7 +21,6 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
@@ -67,7 +66,7 @@ def measure(kind, config, rank, world_size):
     dist = distributed.Distributed(kind, rank, rank, world_size)
     distributed.shard(model, dist, "float32", "cpu", "cpu", from_rank0=False)  # drawn alike on each
     optimizer = configure_optimizers(model, 0.1, 1e-4, (0.9, 0.95), "cpu")
-    wrapped = DDP(model) if kind == "ddp" else model
+    wrapped = distributed.wrap_ddp(model, dist, "cpu")
     x = torch.randint(0, config.vocab_size, (1, tokens + 1), generator=torch.Generator().manual_seed(rank))
     _, loss = wrapped(x[:, :-1], x[:, 1:])
     loss.backward()

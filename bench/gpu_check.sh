@@ -2,7 +2,7 @@
 # Every CUDA figure the README's "On a GPU" asks for, in one go on one GPU: the CUDA tests,
 # then decoding against transformers, then training and sampling on tinyshakespeare.
 #
-#   bash bench/gpu_check.sh                  # all three parts, ~12 minutes on an H100
+#   bash bench/gpu_check.sh                  # all three parts
 #   bash bench/gpu_check.sh tests,decode     # some of them: tests, decode, train
 #
 # Each step stops after LIMIT seconds (default 300) with a line saying so, and the next one runs:

@@ -56,3 +56,27 @@ def test_refuses_to_unpickle_code(tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(UserError, match="no checkpoint"):
         load_checkpoint(str(tmp_path / "ckpt.pt"))
+
+
+def test_integrity_sums_are_zlib_crc32_of_the_bytes(tmp_path):
+    """The checksums every earlier checkpoint stored keep verifying: a tensor's is zlib's crc32
+    of its bytes in memory order, whatever its dtype, device or layout; a file's is [size, crc32]
+    of all of it, or of 16 chunks of 64 KiB spread through it (start and end included)."""
+    import zlib
+
+    import integrity
+    t = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    assert integrity.checksum(t) == zlib.crc32(t.numpy().tobytes())
+    assert integrity.checksum(t.t()) == zlib.crc32(t.t().contiguous().numpy().tobytes())
+    half = t.to(torch.bfloat16)
+    assert integrity.checksum(half) == zlib.crc32(half.view(torch.int16).numpy().tobytes())
+    assert integrity.checksums_of({"a": t, "step": 3}) == {"a": integrity.checksum(t)}
+    data = bytes(range(256)) * 4099  # over 16 chunks of 64 KiB, not a multiple of one
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data)
+    assert integrity.file_crc(str(path)) == [len(data), zlib.crc32(data)]
+    chunk = 1 << 16
+    starts = [(len(data) - chunk) * i // 15 for i in range(16)]
+    assert starts[0] == 0 and starts[-1] + chunk == len(data)
+    sampled = zlib.crc32(b"".join(data[s:s + chunk] for s in starts))
+    assert integrity.sampled_crc(str(path)) == [len(data), sampled]
