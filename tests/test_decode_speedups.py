@@ -109,13 +109,13 @@ def test_evaluation_sums_reduce_on_the_model_s_device(monkeypatch):
 
 def test_distributed_collectives_run_on_this_process_s_gpu_under_nccl(monkeypatch):
     """save_sharded's NaN flag, the gathered RNG states and train.py's stop flag travel on
-    flag_device: this process's GPU under NCCL, the CPU under gloo."""
+    collective_device: this process's GPU under NCCL, the CPU under gloo."""
     import distributed
     dist = distributed.Distributed("fsdp", rank=3, local_rank=1, world_size=4)
     monkeypatch.setattr(distributed.torch_dist, "get_backend", lambda group=None: "nccl")
-    assert distributed.flag_device(dist) == "cuda:1"
+    assert distributed.collective_device(dist) == "cuda:1"
     monkeypatch.setattr(distributed.torch_dist, "get_backend", lambda group=None: "gloo")
-    assert distributed.flag_device(dist) == "cpu"
+    assert distributed.collective_device(dist) == "cpu"
 
 
 def test_peak_flops_come_from_the_datasheet_or_a_measurement(monkeypatch):
