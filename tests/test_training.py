@@ -132,9 +132,12 @@ def test_mfu_stays_below_the_measured_peak(dtype, char_dataset, tmp_path):
     """On a CPU the peak is a matmul measured in the run's precision, multiplied as nn.Linear
     multiplies: measured as `a @ b`, on a CPU without bfloat16 units, a bfloat16 run of this
     tiny model logged an MFU over 250%."""
-    stdout = train(tmp_path, char_dataset, f"--dtype={dtype}", "--max_iters=10")
-    mfus = [float(m) for m in re.findall(r"mfu ([\d.]+)%", stdout)]
-    assert len(mfus) == 2 and all(0 < m < 100 for m in mfus), mfus
+    train(tmp_path, char_dataset, f"--dtype={dtype}", "--max_iters=10")
+    # metrics.jsonl keeps the full figure: the log line's one decimal shows 0.0% when other
+    # programs slow the run down
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    mfus = [r["mfu"] for r in records if "mfu" in r]
+    assert len(mfus) == 2 and all(0 < m < 1 for m in mfus), mfus
 
 
 def test_run_logs_metrics_plot_and_offline_wandb(char_dataset, tmp_path, monkeypatch):
