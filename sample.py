@@ -24,6 +24,7 @@ import engine
 import hardware
 import hf
 from errors import UserError
+from quantize import quantize_int8
 
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' loads out_dir/ckpt.pt; or gpt2 ... gpt2-xl, a hub id, a folder, a nanoGPT ckpt.pt
@@ -242,7 +243,7 @@ def main():
     check_generation_memory(model, len(prompts), max(map(len, prompts)), options, dev)
     model.eval().to(dev)
     if quantize == "int8":
-        engine.quantize_int8(model)
+        quantize_int8(model)
 
     # each prompt has options.num_return_sequences rows of output, and each row a TextStream
     # that hides the stop strings (and, for a lone sample, prints the text as it comes)

@@ -43,6 +43,7 @@ import checkpoint  # noqa: E402
 import engine  # noqa: E402
 import hf as hf_format  # noqa: E402
 import hardware  # noqa: E402
+import quantize  # noqa: E402
 from configurator import configure, run  # noqa: E402
 from dataset import open_dataset  # noqa: E402
 from errors import UserError  # noqa: E402
@@ -241,7 +242,7 @@ def weight_formats(model):
         c.load_state_dict(model.state_dict())
         return c.eval()
     return {"float32 weights": model, "bfloat16 weights": copy().to(torch.bfloat16),
-            "int8 weights": engine.quantize_int8(copy())}
+            "int8 weights": quantize.quantize_int8(copy())}
 
 
 def full_logits(model, idx):
