@@ -25,6 +25,7 @@ import engine
 import hardware
 import sample
 from errors import UserError
+from quantize import fast_cpu_linears
 
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' loads out_dir/ckpt.pt; or a hub id, a folder, a run's out_dir
@@ -132,6 +133,7 @@ def main():
     source = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
     model, tokenizer = checkpoint.load_model(source, dev, precision)
     model.eval()
+    fast_cpu_linears(model)  # this script owns the model: on a CPU, the layout that decodes fastest
     # a reply is one sequence: no num_samples, and the defaults (the model's generation_config.json
     # for what the user leaves unset, as in sample.py) decide greedy or sampling
     cfg, note = sample.decoding_defaults(dict(cfg), passed, tokenizer)

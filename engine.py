@@ -25,7 +25,6 @@ from typing import Optional, Union
 import torch
 from torch.nn import functional as F
 
-import quantize
 from errors import UserError
 from kvcache import PAD, cache_and_step, cache_window, float_weight, next_logits
 from logits import process_logits
@@ -164,6 +163,9 @@ def generate(model, prompts, max_new_tokens, stop_tokens=(), stop_strings=(), to
     sequences at the end and calls no on_token. compile: run the one-token steps compiled
     (kvcache.decode_step), with results identical to the eager ones.
 
+    The model is used as it is, never changed: on a CPU, quantize.py's layouts decode faster,
+    and a caller that owns its model gives it one (sample.py and chat.py do).
+
     Returns a (rows, width) tensor: prompt i's num_return_sequences results are rows
     i * num_return_sequences onwards; prompts shorter than the longest are left-padded with
     PAD, and a row that ended early is filled with pad_token_id to the end."""
@@ -172,7 +174,6 @@ def generate(model, prompts, max_new_tokens, stop_tokens=(), stop_strings=(), to
     stop_strings = check_stop_strings(stop_strings)
     if stop_strings and tokenizer is None:
         raise UserError("stop_strings need the tokenizer that decodes the ids (tokenizer=...)")
-    quantize.fast_cpu_linears(model)
     if opts.num_beams > 1:
         return beam_search(model, prompts, opts, stop_tokens, logits_processors, stop_strings,
                            tokenizer, pad_token_id, compile)[0]

@@ -24,7 +24,7 @@ import engine
 import hardware
 import hf
 from errors import UserError
-from quantize import quantize_int8
+from quantize import fast_cpu_linears, quantize_int8
 
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' loads out_dir/ckpt.pt; or gpt2 ... gpt2-xl, a hub id, a folder, a nanoGPT ckpt.pt
@@ -242,8 +242,11 @@ def main():
     options = decoding_options(cfg, passed, tokenizer, max(map(len, prompts)))
     check_generation_memory(model, len(prompts), max(map(len, prompts)), options, dev)
     model.eval().to(dev)
+    # this script owns the model: on a CPU its Linear layers get the layout that decodes fastest
     if quantize == "int8":
         quantize_int8(model)
+    else:
+        fast_cpu_linears(model)
 
     # each prompt has options.num_return_sequences rows of output, and each row a TextStream
     # that hides the stop strings (and, for a lone sample, prints the text as it comes)

@@ -459,3 +459,23 @@ def test_fastest_route_is_one_of_the_dtype_s_routes(monkeypatch):
             layer.to(dtype)
         assert quantize.fastest_route(layers, dtype) in routes
     assert set(quantize._fastest_route) == set(quantize.ROUTES)
+
+
+@pytest.mark.parametrize("route", ["linear", "split_matmul", "matvec"])
+def test_generate_leaves_the_model_as_it_was(route, monkeypatch):
+    """engine.generate on a CPU uses the caller's model as it is, whichever route this machine
+    would measure fastest: afterwards every module is the same object of the same type, and the
+    state dict holds the same tensors with the same values. A script that owns its model gives
+    it the faster layout itself (quantize.fast_cpu_linears)."""
+    monkeypatch.setattr(quantize, "_fastest_route", {torch.float32: route})
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=256, block_size=16, vocab_size=4096)).eval()
+    modules = {name: (module, type(module)) for name, module in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for options in (dict(temperature=0), dict(temperature=0.8, top_k=20, seed=0), dict(num_beams=2, temperature=0)):
+        engine.generate(model, [[1, 2, 3], [4]], 20, **options)  # past block_size too
+    assert {name: (module, type(module)) for name, module in model.named_modules()} == modules
+    after = model.state_dict()
+    assert after.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(after[k], v), k
