@@ -19,12 +19,13 @@ neighbours.
 References: Hugging Face transformers, generation/utils.py.
 """
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Optional, Union
 
 import torch
 from torch.nn import functional as F
 
+import hf
 from errors import UserError
 from kvcache import PAD, cache_and_step, cache_window, float_weight, next_logits
 from logits import process_logits
@@ -33,35 +34,56 @@ from logits import process_logits
 # -----------------------------------------------------------------------------
 # Decoding options
 
+def option(default=MISSING, help=""):
+    """A DecodingOptions field: its default, and what it does, which the scripts' --help shows
+    for the flag of the same name (decoding_flag_help)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DecodingOptions:
     """How to pick each next token. The names and meanings are Hugging Face generate()'s;
-    presence_penalty and frequency_penalty are OpenAI's."""
-    max_new_tokens: int  # tokens to generate per row, fewer if a stop token ends it
-    temperature: float = 1.0  # divides the logits; 0 is greedy: always the most likely token
-    top_k: Optional[int] = None  # sample from the k most likely tokens only (None or 0: all)
-    top_p: float = 1.0  # ... from the fewest most likely tokens whose probabilities sum to top_p
-    min_p: float = 0.0  # ... from tokens at least min_p times as likely as the most likely one
-    repetition_penalty: float = 1.0  # > 1 makes every token already in the row less likely
-    presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far
-    frequency_penalty: float = 0.0  # ... times the number of times it was generated
-    no_repeat_ngram_size: int = 0  # n > 0: a row never repeats an n-gram (n tokens in a row)
-    num_beams: int = 1  # > 1: beam search, deterministic (temperature 0; top_k, top_p, min_p ignored)
-    length_penalty: float = 1.0  # beams are ranked by log-probability / length ** length_penalty
-    early_stopping: Union[bool, str] = False  # beams: True, False or "never", as Hugging Face's
-    num_return_sequences: int = 1  # results per prompt: samples, or the best beams
-    seed: Optional[int] = None  # seeds the sampling; None draws from torch's global generator
-    do_sample: Optional[bool] = None  # False: greedy whatever the temperature; None: temperature > 0
-    typical_p: float = 1.0  # ... from the tokens closest to the expected surprise, adding up to typical_p
-    min_new_tokens: int = 0  # the stop tokens are banned until a row has this many new tokens
-    bad_words_ids: tuple = ()  # token sequences a row never completes (a lone id is never picked)
-    suppress_tokens: tuple = ()  # ids never picked
+    presence_penalty and frequency_penalty are OpenAI's. The fields are also the decoding
+    flags of sample.py and chat.py (decoding_flags)."""
+    max_new_tokens: int = option(help="tokens to generate per row, fewer if a stop token ends it")
+    temperature: float = option(1.0, "divides the logits: 1.0 samples the model's distribution, "
+                                     "lower is more conservative, 0 is greedy")
+    top_k: Optional[int] = option(None, "sample from the top_k most likely tokens only; None or 0 "
+                                        "keeps all")
+    top_p: float = option(1.0, "... from the most likely tokens whose probabilities add up to top_p "
+                               "(nucleus)")
+    min_p: float = option(0.0, "... from tokens at least min_p times as likely as the most likely one")
+    repetition_penalty: float = option(1.0, "> 1 makes every token already in the row less likely "
+                                            "(Hugging Face's)")
+    presence_penalty: float = option(0.0, "OpenAI's: subtracted from the logit of every token "
+                                          "generated so far")
+    frequency_penalty: float = option(0.0, "OpenAI's: subtracted once per time the token was "
+                                           "generated")
+    no_repeat_ngram_size: int = option(0, "n > 0: a row never repeats an n-gram (n tokens in a row)")
+    num_beams: int = option(1, "> 1: beam search, deterministic (the sampling options do not apply)")
+    length_penalty: float = option(1.0, "beam search ranks by log-probability / "
+                                        "length ** length_penalty")
+    early_stopping: Union[bool, str] = option(False, "beam search: True stops as soon as num_beams "
+                                                     "sequences are finished; False or 'never' as "
+                                                     "Hugging Face's")
+    num_return_sequences: int = option(1, "results per prompt: samples, or the best beams")
+    seed: Optional[int] = option(None, "seeds the sampling; None draws from torch's global generator")
+    do_sample: Optional[bool] = option(None, "False: greedy whatever the temperature; True: sample; "
+                                             "None: temperature > 0 decides")
+    typical_p: float = option(1.0, "... from the tokens whose surprise is closest to the entropy "
+                                   "(typical sampling), adding up to typical_p")
+    min_new_tokens: int = option(0, "the stop tokens are held back until a row has this many new "
+                                    "tokens")
+    bad_words_ids: tuple = option((), "token sequences a row never completes (a lone id is never "
+                                      "picked)")
+    suppress_tokens: tuple = option((), "token ids never picked")
     # past block_size: False keeps the last block_size tokens at every step, exactly as nanoGPT
     # crops (each token then costs a forward pass over the whole window); True drops the older
-    # half of the window when it is full, which decodes many times faster but gives each token
+    # half of the window when it is full, which decodes much faster but gives each token
     # between block_size / 2 and block_size tokens of context (all rows shift at the same step,
     # when the longest prompt's row fills the window)
-    context_shift: bool = False
+    context_shift: bool = option(False, "past the context: True drops its older half at once "
+                                        "(much faster), False crops per token as nanoGPT")
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -122,6 +144,129 @@ class DecodingOptions:
     @property
     def sampling(self):
         return self.temperature > 0 if self.do_sample is None else self.do_sample
+
+
+# -----------------------------------------------------------------------------
+# The decoding flags of the scripts (sample.py, chat.py): DecodingOptions' fields, as a person
+# types them, with nanoGPT's defaults, and what a script makes of them
+
+# the flags a script takes besides the fields, or in place of one: {name: (default, help)}
+SCRIPT_FLAGS = {
+    "num_samples": (10, "samples per prompt, drawn together as one batch"),
+    "max_length": (None, "Hugging Face's: the prompt and the new tokens together (replaces "
+                         "max_new_tokens)"),
+    # in place of bad_words_ids
+    "bad_words": (None, "a string or list of strings (or token-id lists) a sample never contains"),
+    "stop": (None, "a string, or a list of strings, that ends a sample (it is not printed); "
+                   "special tokens count"),
+}
+# the fields a script takes as another flag of SCRIPT_FLAGS
+REPLACED = ("bad_words_ids",)
+# the scripts' defaults where they are not the engine's: nanoGPT's sample.py samples 500 tokens
+# at temperature 0.8 from the 200 most likely, seeded; suppress_tokens takes text too
+SCRIPT_DEFAULTS = dict(max_new_tokens=500, temperature=0.8, top_k=200, seed=1337,
+                       suppress_tokens=None)
+# the flags besides those whose default is None that None may be given to: the Optional fields
+NULLABLE_FLAGS = tuple(f.name for f in fields(DecodingOptions) if type(None) in getattr(f.type, "__args__", ()))
+
+
+def decoding_flags(**defaults):
+    """{name: default} of every decoding flag, for a script's globals: DecodingOptions' fields
+    (but those REPLACED) and SCRIPT_FLAGS, with SCRIPT_DEFAULTS and then the
+    script's own `defaults` over the fields' defaults."""
+    flags = {f.name: f.default for f in fields(DecodingOptions) if f.name not in REPLACED}
+    flags.update({name: default for name, (default, _) in SCRIPT_FLAGS.items()})
+    unknown = set(defaults) - set(flags)
+    assert not unknown, f"not decoding flags: {sorted(unknown)}"
+    return {**flags, **SCRIPT_DEFAULTS, **defaults}
+
+
+def decoding_flag_help():
+    """{name: what it does} of every decoding flag (decoding_flags), for a script's --help."""
+    return {**{f.name: f.metadata["help"] for f in fields(DecodingOptions) if f.name not in REPLACED},
+            **{name: text for name, (_, text) in SCRIPT_FLAGS.items()}}
+
+
+def with_generation_config(flags, passed, tokenizer):
+    """The flags, with the model's own decoding defaults for those the user did not set
+    (passed: the keys the command line or a config file gave): its generation_config.json's
+    settings, which the tokenizer carries, and transformers' defaults for those the file
+    leaves out, as transformers' generate() resolves them (a file with do_sample and
+    temperature samples with top_k=50). A file's do_sample gives way to a temperature or
+    num_beams the user set: those choose sampling, greedy or beams themselves. Returns
+    (flags, note), note saying which values came from the file ("" if none did)."""
+    given = getattr(tokenizer, "generation", None) or {}
+    skip = set(passed) | ({"do_sample"} if {"temperature", "num_beams"} & set(passed) else set())
+    taken = {k: v for k, v in {**hf.GENERATION_DEFAULTS, **given}.items() if k not in skip and k in flags}
+    if not given or not taken:
+        return flags, ""
+    note = "from generation_config.json: " + ", ".join(f"{k}={v!r}" for k, v in taken.items() if k in given)
+    filled = [f"{k}={v!r}" for k, v in taken.items() if k not in given and v != flags[k]]
+    if filled:
+        note += f"; transformers' defaults for what it leaves out: {', '.join(filled)}"
+    return {**flags, **taken}, note
+
+
+def options_from_flags(flags, passed, tokenizer, prompt_width):
+    """The decoding flags (decoding_flags' names) as DecodingOptions, which checks them.
+    num_samples is what the engine (and Hugging Face) call num_return_sequences when sampling.
+    Beam search and greedy decoding run from num_beams=N or temperature=0 alone: the sampling
+    flags left at their (nanoGPT) defaults do not apply to them; one the user set (passed)
+    that conflicts is an error. Words given as text are encoded with the model's tokenizer."""
+    beams, samples, temp = flags["num_beams"], flags["num_samples"], flags["temperature"]
+    if beams > 1 and "temperature" not in passed:
+        temp = 0.0
+    greedy = not (temp > 0 if flags["do_sample"] is None else flags["do_sample"])
+    if (beams > 1 or greedy) and "num_samples" not in passed:
+        samples = 1
+    if samples < 1:
+        raise UserError(f"num_samples must be >= 1, got {samples}")
+    if beams > 1 and samples != 1:
+        raise UserError(f"num_beams={beams} is beam search, which gives num_return_sequences "
+                        "results per prompt, not samples: leave num_samples unset (or 1)")
+    if beams == 1 and flags["num_return_sequences"] != 1:
+        raise UserError("num_return_sequences counts the beams to print (with num_beams > 1); "
+                        "for several samples per prompt set num_samples")
+    new_tokens, max_length = flags["max_new_tokens"], flags["max_length"]
+    if max_length is not None:
+        if max_length <= prompt_width:
+            raise UserError(f"max_length={max_length} leaves no room after the {prompt_width}-token "
+                            "prompt: it counts the prompt and the new tokens together")
+        new_tokens = max_length - prompt_width
+    suppressed = token_lists(flags["suppress_tokens"], tokenizer, "suppress_tokens")
+    resolved = dict(max_new_tokens=new_tokens, temperature=temp, num_beams=beams,
+                    num_return_sequences=samples if beams == 1 else flags["num_return_sequences"],
+                    bad_words_ids=token_lists(flags["bad_words"], tokenizer, "bad_words"),
+                    suppress_tokens=tuple(i for ids in suppressed for i in ids))
+    # every other field is its flag as given
+    return DecodingOptions(**resolved, **{f.name: flags[f.name] for f in fields(DecodingOptions)
+                                          if f.name not in resolved})
+
+
+def token_lists(words, tokenizer, name):
+    """A flag of words (a string, or a list of strings and token-id lists) as token-id tuples."""
+    words = [words] if isinstance(words, (str, int)) else words or []
+    if not isinstance(words, (list, tuple)):
+        raise UserError(f"{name} must be a string, a token id, or a list of them, got {words!r}")
+    out = []
+    for word in words:
+        ids = tokenizer.encode(word) if isinstance(word, str) else [word] if isinstance(word, int) else word
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise UserError(f"{name}: {word!r} is not text or token ids")
+        out.append(tuple(ids))
+    return tuple(out)
+
+
+def stop_token_ids(model, tokenizer):
+    """The ids that end a row, sorted: the model config's end-of-text ids (a hub model's
+    eos_token_id: an instruct model has several), the tokenizer's end-of-text token and those
+    its model folder named, and its chat template's end-of-turn token."""
+    ids = {tokenizer.eot_token, *(getattr(model.config, "eos_token_id", None) or []),
+           *getattr(tokenizer, "eos_tokens", [])}
+    eos = (getattr(tokenizer, "special_tokens", None) or {}).get("eos_token")
+    if eos is not None:
+        ids.add(tokenizer.tok.token_to_id(eos))
+    return sorted(i for i in ids if i is not None)
 
 
 # -----------------------------------------------------------------------------
