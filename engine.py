@@ -8,7 +8,9 @@ nanochat keeps engine.py apart from gpt.py:
 - logits.py: the logits processors (penalties, bans, temperature, top-k, top-p, ...).
 - quantize.py: the CPU weight layouts a script may give its model for fast decoding.
 - here: DecodingOptions, every way of picking the next token, with Hugging Face's meanings
-  (plus OpenAI's presence and frequency penalties), checked before anything runs; generate(),
+  (plus OpenAI's presence and frequency penalties), checked before anything runs; the
+  scripts' decoding flags, read from its fields (decoding_flags, options_from_flags) with
+  the one rule for the ids that end a row (stop_token_ids); generate(),
   greedy decoding and sampling of many rows at once; beam_search(); stop strings; and
   TextStream, the text of one row as its tokens arrive, for streaming.
 

@@ -27,7 +27,9 @@ PAD = -1  # fills the left of rows whose prompt is shorter than the longest; nev
 
 
 class KVCache:
-    """The keys and values of the tokens the model has seen, per layer, in buffers allocated once.
+    """The keys and values of the tokens the model has seen, per layer, in buffers allocated once:
+    `length` slots for each of `rows` rows, `size` of them filled. reset(pad) empties it;
+    extend(model, idx) runs the next tokens through the model and caches theirs.
 
     GPT.forward reads three things from it: `positions` of the tokens it is fed, `mask` (which
     cached tokens each of them may attend to, as an additive mask) and `layers[i].append(kv)`,
@@ -68,7 +70,8 @@ class KVCache:
         self.pad = self.slots = self.positions = self.mask = self.next_mask = None
 
     def reset(self, pad):
-        """Empty the cache, for rows that start with pad[i] padding tokens."""
+        """Empty the cache, for rows that start with pad[i] padding tokens (pad: a LongTensor
+        (rows,) on the cache's device)."""
         self.size, self.pad = 0, pad
 
     def extend(self, model, idx):
