@@ -11,7 +11,7 @@ history. When the conversation outgrows the model's context, the oldest turns ar
 a note says so). In the REPL: /reset forgets the conversation, /system <text> sets the system
 prompt (and resets), /exit (or Ctrl-D) quits. --prompt answers once and exits: the reply on
 stdout, the token count and tok/s on stderr. A model without a chat template (a base model)
-continues the text as it is, with a note. The decoding flags are sample.py's.
+continues the text as it is, with a note. The decoding flags are sample.py's (engine.py's).
 """
 
 import os
@@ -23,8 +23,8 @@ from configurator import configure, run  # first: Ctrl-C while the rest loads ex
 import checkpoint
 import engine
 import hardware
-import sample
 from errors import UserError
+from quantize import fast_cpu_linears
 
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' loads out_dir/ckpt.pt; or a hub id, a folder, a run's out_dir
@@ -33,9 +33,9 @@ prompt = ""  # answer this one message and exit; empty: an interactive chat
 system = ""  # the system prompt; empty: the template's default, if it has one
 device = None  # None (or 'auto') picks cuda, then mps, then cpu
 dtype = None  # the weights' dtype; None (or 'auto'): float32 on CPUs, else the GPU's best
-# the decoding flags and their defaults are sample.py's, as a chat's reply is one sample
-globals().update({k: getattr(sample, k) for k in sample.DECODING})
-max_new_tokens = 512  # the longest reply
+# the decoding flags (engine.DecodingOptions' fields and engine.SCRIPT_FLAGS), with sample.py's
+# defaults, as a chat's reply is one sample; but a reply is at most 512 tokens
+globals().update(engine.decoding_flags(max_new_tokens=512))
 # -----------------------------------------------------------------------------
 
 
@@ -95,15 +95,6 @@ class Chat:
         return answer, stream.new_tokens, seconds
 
 
-def stop_tokens_of(tokenizer):
-    """The ids that end a reply: the end-of-text token and the template's end-of-turn token."""
-    ids = {tokenizer.eot_token, *getattr(tokenizer, "eos_tokens", [])}  # a config's eos ids too
-    eos = (getattr(tokenizer, "special_tokens", None) or {}).get("eos_token")
-    if eos is not None:
-        ids.add(tokenizer.tok.token_to_id(eos))
-    return sorted(i for i in ids if i is not None)
-
-
 def repl(chat):
     print("chat: /reset forgets, /system <text> sets the system prompt, /exit quits", file=sys.stderr)
     while True:
@@ -126,27 +117,29 @@ def repl(chat):
 
 
 def main():
-    cfg = configure(globals(), nullable=sample.NULLABLE)
+    cfg = configure(globals(), nullable=engine.NULLABLE_FLAGS)
     passed = set(cfg.passed)  # what the user set (a config file or a flag)
-    dev, _, precision, _ = hardware.setup(device, dtype, training=False)
-    source = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
+    dev, _, precision, _ = hardware.setup(cfg["device"], cfg["dtype"], training=False)
+    source = os.path.join(cfg["out_dir"], "ckpt.pt") if cfg["init_from"] == "resume" else cfg["init_from"]
     model, tokenizer = checkpoint.load_model(source, dev, precision)
     model.eval()
+    fast_cpu_linears(model)  # this script owns the model: on a CPU, the layout that decodes fastest
     # a reply is one sequence: no num_samples, and the defaults (the model's generation_config.json
     # for what the user leaves unset, as in sample.py) decide greedy or sampling
-    cfg, note = sample.decoding_defaults(dict(cfg), passed, tokenizer)
+    flags, note = engine.with_generation_config(cfg, passed, tokenizer)
     if note:
         print(f"decoding: {note}", file=sys.stderr)
-    options = sample.decoding_options({**cfg, "num_samples": 1}, passed - {"num_samples"}, tokenizer, 0)
+    options = engine.options_from_flags({**flags, "num_samples": 1}, passed - {"num_samples"}, tokenizer, 0)
     if options.num_beams > 1:
         raise UserError("chat.py streams one reply at a time: beam search (num_beams > 1) is for sample.py")
     if tokenizer.chat_template is None:
         print(f"note: {source} has no chat template (a base model?): each message is continued "
               "as plain text", file=sys.stderr)
-    chat = Chat(model, tokenizer, options, stop_tokens_of(tokenizer), engine.check_stop_strings(cfg["stop"]), system)
-    if not prompt:
+    chat = Chat(model, tokenizer, options, engine.stop_token_ids(model, tokenizer),
+                engine.check_stop_strings(cfg["stop"]), cfg["system"])
+    if not cfg["prompt"]:
         return repl(chat)
-    answer, tokens, seconds = chat.reply(prompt)
+    answer, tokens, seconds = chat.reply(cfg["prompt"])
     print(answer.strip())
     print(f"{tokens} tokens in {seconds:.2f} s, {tokens / max(seconds, 1e-9):.1f} tok/s", file=sys.stderr)
 

@@ -1,340 +1,91 @@
 """
 The inference engine: how a GPT (model.py) turns prompts into text.
 
-model.py defines the layers; everything about decoding lives here, as nanochat keeps
-engine.py apart from gpt.py:
+model.py defines the layers; decoding lives here and in three files beside this one, as
+nanochat keeps engine.py apart from gpt.py:
 
-- KVCache: the keys and values of every token seen so far, in buffers allocated once. The
-  prompts go through the model in one forward pass (prefill), then one token per step.
-- DecodingOptions: every way of picking the next token, with Hugging Face's meanings (plus
-  OpenAI's presence and frequency penalties), checked before anything runs.
-- process_logits(): Hugging Face's order: penalties, the n-gram ban, the caller's own
-  processors, then temperature -> top-k -> top-p -> min-p.
-- generate(): greedy decoding and sampling of many rows at once; beam_search().
-- quantize_int8(): int8 weight-only Linear layers, for fast decoding on a CPU; ThinLinear, the
-  routes generate() gives float32 / bfloat16 Linear layers on a CPU for the few rows decoding
-  feeds them, where one is faster than nn.Linear's (measured once per process and dtype).
-- TextStream: the text of one row as its tokens arrive, for streaming and stop strings.
+- kvcache.py: the KV cache, its window past block_size, and the compiled one-token step.
+- logits.py: the logits processors (penalties, bans, temperature, top-k, top-p, ...).
+- quantize.py: the CPU weight layouts a script may give its model for fast decoding.
+- here: DecodingOptions, every way of picking the next token, with Hugging Face's meanings
+  (plus OpenAI's presence and frequency penalties), checked before anything runs; the
+  scripts' decoding flags, read from its fields (decoding_flags, options_from_flags) with
+  the one rule for the ids that end a row (stop_token_ids); generate(),
+  greedy decoding and sampling of many rows at once; beam_search(); stop strings; and
+  TextStream, the text of one row as its tokens arrive, for streaming.
 
-Rows of a batch are left-padded to the longest prompt; each row's tokens get the positions
-and attention they would get alone, so a row's result does not depend on its neighbours.
+Rows of a batch are left-padded with PAD to the longest prompt; each row's tokens get the
+positions and attention they would get alone, so a row's result does not depend on its
+neighbours.
 
-References: Hugging Face transformers, generation/utils.py and generation/logits_process.py;
-OpenAI's API reference for the presence and frequency penalties.
+References: Hugging Face transformers, generation/utils.py.
 """
 
-import contextlib
-import time
-import warnings
-import weakref
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Optional, Union
 
 import torch
-from torch import nn
 from torch.nn import functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import hardware
+import hf
 from errors import UserError
-
-PAD = -1  # fills the left of rows whose prompt is shorter than the longest; never a token
-
-
-# -----------------------------------------------------------------------------
-# The KV cache
-
-class KVCache:
-    """The keys and values of the tokens the model has seen, per layer, in buffers allocated once.
-
-    GPT.forward reads three things from it: `positions` of the tokens it is fed, `mask` (which
-    cached tokens each of them may attend to, as an additive mask) and `layers[i].append(kv)`,
-    which stores layer i's new keys and values (stacked: (2, rows, heads, T, head size)) and
-    returns the layer's keys and values to attend over, stacked so.
-
-    static=False: attention runs over the slots filled so far, a key length that grows by one
-    each step (the least work, the CPU's choice). static=True: over the whole buffer, the
-    unfilled slots masked out, so every step has the same shapes: no kernel is planned anew per
-    length on a GPU, and a compiled step (generate(compile=True)) is traced once. Inside the
-    model's forward the cache is read only through tensors (slots, positions, mask), never a
-    Python counter, so a compiled step does not depend on how full the cache is."""
-
-    def __init__(self, model, rows, length, static=False):
-        cfg = model.config
-        dtype, device = float_weight(model).dtype, float_weight(model).device
-        if static:
-            # slots in multiples of 16 (within the context), so that the mask's rows are aligned
-            # as attention kernels want them: the memory-efficient one copies an unaligned mask
-            # into an aligned one at every call. The extra slots stay masked: no result changes
-            length = max(length, min(cfg.block_size, -(-length // 16) * 16))
-        # keys and values side by side, of the un-repeated key / value heads
-        shape = (2, rows, cfg.kv_heads, length, cfg.head_size)
-        # zeros, not empty: the masked slots of a static cache must hold finite numbers (a NaN
-        # times an attention weight of 0 is still NaN)
-        self.layers = [LayerCache(self, torch.zeros(shape, dtype=dtype, device=device))
-                       for _ in range(cfg.n_layer)]
-        self.length = length  # slots per row
-        self.static = static
-        # on a GPU, the attention kernel measured fastest for this cache's one-token steps
-        # first, the others after it, for shapes it cannot take (a prompt's many queries)
-        self.backends = None
-        if device.type == "cuda":
-            best = fastest_attention(model, rows, length)
-            self.backends = [best, *(b for b in ATTENTION_BACKENDS if b != best)]
-        self.size = 0  # slots filled
-        # set by reset() and feed()
-        self.pad = self.slots = self.positions = self.mask = self.next_mask = None
-
-    def reset(self, pad):
-        """Empty the cache, for rows that start with pad[i] padding tokens."""
-        self.size, self.pad = 0, pad
-
-    def feed(self, model, idx):
-        """Run the next tokens of every row, idx (rows, T), through the model: their keys and
-        values are cached, and the logits after the last of them returned (rows, vocab)."""
-        T = idx.size(1)
-        if T == 1 and self.size:
-            self.see_one_more()
-        else:
-            self.see_window(T, idx.device)
-        with contextlib.nullcontext() if self.backends is None else \
-                sdpa_kernel(self.backends, set_priority=True):
-            logits, _ = model(idx, kv_cache=self)
-        self.size += T
-        return logits[:, -1].float()
-
-    def see_window(self, T, device):
-        """Slots, positions and mask for T tokens after the cached ones (a prompt, a window)."""
-        new = torch.arange(self.size, self.size + T, device=device)  # the slots they fill
-        self.slots = new
-        self.positions = (new - self.pad[:, None]).clamp(min=0)
-        slots = torch.arange(self.length, device=device)
-        # causal, and not padding
-        visible = (slots <= new[:, None]) & (slots >= self.pad[:, None, None])
-        # a padding token attends to itself alone: its output is never used, but with nothing
-        # to attend to it would be NaN, and NaN values poison the rows that mask them out
-        visible |= slots == new[:, None]
-        # (rows, 1 for all heads, T, slots), as the additive mask attention would make of a
-        # boolean one in every layer: made once a step here, one kernel less per layer
-        mask = attention_bias(visible[:, None], self.layers[0].kv.dtype)
-        self.mask = mask if self.static else mask[..., :self.size + T]
-        # the token after these sees what the last of them saw (no padding), and then itself
-        self.next_mask = mask[:, :, -1:].clone()
-
-    def see_one_more(self):
-        """Slots, positions and mask for one token after the cached ones: it takes the next
-        slot and position and sees what the token before it saw, and itself. Three small
-        kernels, where building the mask anew took a dozen, at every token of a decode."""
-        self.slots = self.slots[-1:] + 1
-        self.positions = self.positions[:, -1:] + 1
-        self.next_mask[..., self.size] = 0
-        self.mask = self.next_mask if self.static else self.next_mask[..., :self.size + 1]
-
-    def reorder(self, rows):
-        """Beam search: row i continues from what row rows[i] was."""
-        for layer in self.layers:
-            layer.kv[:, :, :, :self.size] = layer.kv[:, rows, :, :self.size]
-        self.pad, self.positions, self.next_mask = (self.pad[rows], self.positions[rows],
-                                                    self.next_mask[rows])
-
-
-def attention_bias(visible, dtype):
-    """An attention mask to add to the scores: 0 where `visible`, -inf elsewhere."""
-    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
-        ~visible, -float("inf"))
-
-
-ATTENTION_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                      SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
-_fastest_attention = {}  # (device, dtype, shapes) -> the backend measured fastest for them
-
-
-@torch.no_grad()
-def fastest_attention(model, rows, length, candidates=ATTENTION_BACKENDS):
-    """The scaled_dot_product_attention backend (of candidates that run a masked one-token
-    query, with the math backend's result) that attends fastest over `length` cached slots of
-    `rows` rows, measured once per shape and kept. On a GPU the choice matters: torch's
-    default took 0.37 ms a call where cuDNN's took 0.08 (H100, bfloat16, 10 rows x 6 heads over
-    256 slots), and attention runs once per layer per token. The CPU keeps torch's own choice
-    (one backend, the same numbers in every run)."""
-    cfg, weight = model.config, float_weight(model)
-    key = (weight.device, weight.dtype, rows, length, cfg.n_head, cfg.kv_heads, cfg.head_size)
-    if key not in _fastest_attention:
-        own = torch.Generator(weight.device).manual_seed(0)  # the run's random numbers untouched
-
-        def make(heads, slots):
-            return torch.randn(rows, heads, slots, cfg.head_size, dtype=weight.dtype,
-                               device=weight.device, generator=own)
-        q, k, v = make(cfg.n_head, 1), make(cfg.kv_heads, length), make(cfg.kv_heads, length)
-        # slots masked out at random (the first kept), so a backend that ignored the mask shows
-        visible = torch.rand(rows, 1, 1, length, device=weight.device, generator=own) < 0.7
-        visible[..., 0] = True
-        mask = attention_bias(visible, weight.dtype)  # the kind of mask KVCache.feed makes
-        gqa = cfg.kv_heads != cfg.n_head
-
-        def attend():
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-
-        with sdpa_kernel(SDPBackend.MATH):  # the reference each backend must agree with
-            reference = attend()
-        tolerance = 5e-3 if weight.dtype == torch.float32 else 3e-2  # TF32 may be on
-        times = {}
-        for backend in candidates:
-            try:
-                with sdpa_kernel(backend), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # each backend that cannot run says why
-                    for _ in range(3):  # the first calls plan and compile kernels
-                        out = attend()
-                    if not torch.allclose(out.float(), reference.float(), atol=tolerance,
-                                          rtol=tolerance):
-                        continue  # runs, but not right for these inputs: not taken
-                    hardware.synchronize(weight.device)
-                    t0 = time.perf_counter()
-                    for _ in range(10):
-                        attend()
-                    hardware.synchronize(weight.device)
-                    times[backend] = time.perf_counter() - t0
-            except RuntimeError:  # not for these inputs (no mask support, a dtype, ...)
-                continue
-        _fastest_attention[key] = min(times, key=times.get)
-    return _fastest_attention[key]
-
-
-def float_weight(model):
-    """The model's first floating-point parameter (the token embedding): its dtype and device
-    are the activations', whatever quantize_int8 did to the Linear layers."""
-    return next(p for p in model.parameters() if p.is_floating_point())
-
-
-class LayerCache:
-    """One layer's slice of the cache, handed to its attention by GPT.forward."""
-
-    def __init__(self, cache, kv):
-        self.cache, self.kv = cache, kv  # kv: (2 for keys and values, rows, heads, slots, head size)
-
-    @property
-    def mask(self):
-        return self.cache.mask
-
-    def append(self, kv):
-        """Store the new tokens' keys and values, kv (2, rows, heads, T, head size), in their
-        slots (one copy for both) and return the keys and values to attend over, stacked so."""
-        self.kv.index_copy_(3, self.cache.slots, kv)
-        if self.cache.static:
-            return self.kv
-        return self.kv[:, :, :, :self.cache.size + kv.size(3)]
-
-
-def fill(model, cache, ids, end, keep=None):
-    """Cache the context of the token after ids[:, :end] and return its logits: the last `keep`
-    tokens of each row (by default block_size of them, as nanoGPT crops). Once a sequence
-    outgrows block_size every token moves to a new position, so all keys and values change and
-    are computed afresh."""
-    begin = max(0, end - (keep or cache.length))
-    window = ids[:, begin:end]
-    cache.reset((window == PAD).sum(dim=1))
-    return cache.feed(model, window.clamp(min=0))  # padding goes in as token 0, masked out
-
-
-def next_logits(model, cache, ids, end, context_shift=False, step=None):
-    """Logits of the token after ids[:, :end], when the cache holds ids[:, :end - 1]; step: what
-    runs the one-token forward passes (the model, or its compiled decode step).
-    With the cache full, nanoGPT's exact cropping re-reads the whole window for every token;
-    context_shift instead drops the older half of the window once and re-reads the newer half,
-    after which block_size / 2 tokens decode from the cache again (llama.cpp's context shift)."""
-    if cache.size < cache.length:
-        return cache.feed(model if step is None else step, ids[:, end - 1:end])
-    return fill(model, cache, ids, end, max(1, cache.length // 2) if context_shift else None)
-
-
-_compiled_steps = weakref.WeakKeyDictionary()  # model -> its compiled one-token step
-_kept_caches = weakref.WeakKeyDictionary()  # model -> the cache its compiled step last wrote
-
-
-def cache_and_step(model, rows, length, compile):
-    """The KV cache of one generate call, and what runs its one-token steps (decode_step).
-    Static on a GPU and when compiled. A compiled step writes the cache inside its CUDA graph,
-    which CUDA graphs allow only for tensors whose address never changes (parameters, buffers,
-    tensors marked static; any other mutated input makes torch skip the graphs): so the
-    buffers are marked static and kept for the model's next call of the same shape, emptied
-    (zeroed) for it, as gpt-fast keeps its caches. Their length (the slots per row) is the
-    sequence's, or more: the masked slots change no result."""
-    weight = float_weight(model)
-    device = weight.device
-    if not compile:
-        return KVCache(model, rows, length, static=device.type == "cuda"), model
-    # a length in powers of two (at least 64, at most the context), not each call's own: a
-    # few shapes to compile and capture, not one for every max_new_tokens
-    length = min(model.config.block_size, max(64, 1 << (length - 1).bit_length()))
-    cache = _kept_caches.get(model)
-    key = (rows, length, weight.dtype, device)
-    if cache is None or cache.key != key:
-        _kept_caches.pop(model, None)  # the old buffers go before the new ones are made
-        cache = KVCache(model, rows, length, static=True)
-        cache.key = key
-        for layer in cache.layers:
-            torch._dynamo.mark_static_address(layer.kv)
-        _kept_caches[model] = cache
-    else:
-        for layer in cache.layers:
-            layer.kv.zero_()
-    return cache, decode_step(model)
-
-
-def decode_step(model):
-    """The model compiled once for the static cache's fixed shapes, kept for the model's
-    lifetime; on CUDA as CUDA graphs (mode="reduce-overhead", gpt-fast's way), which replay a
-    whole step in one launch. Prompts and re-reads of a cropped window run eagerly: their
-    shapes vary."""
-    if model not in _compiled_steps:
-        cuda = float_weight(model).device.type == "cuda"
-        compiled = torch.compile(model, mode="reduce-overhead" if cuda else None, dynamic=False)
-
-        def step(idx, kv_cache):
-            # a compiled graph is traced for its input's strides too, and a column of ids has
-            # the stride of ids' width, which differs from call to call: a copy of fixed strides
-            # (contiguous() would keep it for a single row)
-            idx = idx.clone(memory_format=torch.contiguous_format)
-            logits, loss = compiled(idx, kv_cache=kv_cache)
-            # a CUDA graph's outputs live in its memory pool and are overwritten by its next
-            # replay: the logits leave as a copy of their own
-            return logits.clone(), loss
-        _compiled_steps[model] = step
-    return _compiled_steps[model]
+from kvcache import PAD, cache_and_step, cache_window, float_weight, next_logits
+from logits import process_logits
 
 
 # -----------------------------------------------------------------------------
 # Decoding options
 
+def option(default=MISSING, help=""):
+    """A DecodingOptions field: its default, and what it does, which the scripts' --help shows
+    for the flag of the same name (decoding_flag_help)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DecodingOptions:
     """How to pick each next token. The names and meanings are Hugging Face generate()'s;
-    presence_penalty and frequency_penalty are OpenAI's."""
-    max_new_tokens: int  # tokens to generate per row, fewer if a stop token ends it
-    temperature: float = 1.0  # divides the logits; 0 is greedy: always the most likely token
-    top_k: Optional[int] = None  # sample from the k most likely tokens only (None or 0: all)
-    top_p: float = 1.0  # ... from the fewest most likely tokens whose probabilities sum to top_p
-    min_p: float = 0.0  # ... from tokens at least min_p times as likely as the most likely one
-    repetition_penalty: float = 1.0  # > 1 makes every token already in the row less likely
-    presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far
-    frequency_penalty: float = 0.0  # ... times the number of times it was generated
-    no_repeat_ngram_size: int = 0  # n > 0: a row never repeats an n-gram (n tokens in a row)
-    num_beams: int = 1  # > 1: beam search, deterministic (temperature 0; top_k, top_p, min_p ignored)
-    length_penalty: float = 1.0  # beams are ranked by log-probability / length ** length_penalty
-    early_stopping: Union[bool, str] = False  # beams: True, False or "never", as Hugging Face's
-    num_return_sequences: int = 1  # results per prompt: samples, or the best beams
-    seed: Optional[int] = None  # seeds the sampling; None draws from torch's global generator
-    do_sample: Optional[bool] = None  # False: greedy whatever the temperature; None: temperature > 0
-    typical_p: float = 1.0  # ... from the tokens closest to the expected surprise, adding up to typical_p
-    min_new_tokens: int = 0  # the stop tokens are banned until a row has this many new tokens
-    bad_words_ids: tuple = ()  # token sequences a row never completes (a lone id is never picked)
-    suppress_tokens: tuple = ()  # ids never picked
+    presence_penalty and frequency_penalty are OpenAI's. The fields are also the decoding
+    flags of sample.py and chat.py (decoding_flags)."""
+    max_new_tokens: int = option(help="tokens to generate per row, fewer if a stop token ends it")
+    temperature: float = option(1.0, "divides the logits: 1.0 samples the model's distribution, "
+                                     "lower is more conservative, 0 is greedy")
+    top_k: Optional[int] = option(None, "sample from the top_k most likely tokens only; None or 0 "
+                                        "keeps all")
+    top_p: float = option(1.0, "... from the most likely tokens whose probabilities add up to top_p "
+                               "(nucleus)")
+    min_p: float = option(0.0, "... from tokens at least min_p times as likely as the most likely one")
+    repetition_penalty: float = option(1.0, "> 1 makes every token already in the row less likely "
+                                            "(Hugging Face's)")
+    presence_penalty: float = option(0.0, "OpenAI's: subtracted from the logit of every token "
+                                          "generated so far")
+    frequency_penalty: float = option(0.0, "OpenAI's: subtracted once per time the token was "
+                                           "generated")
+    no_repeat_ngram_size: int = option(0, "n > 0: a row never repeats an n-gram (n tokens in a row)")
+    num_beams: int = option(1, "> 1: beam search, deterministic (the sampling options do not apply)")
+    length_penalty: float = option(1.0, "beam search ranks by log-probability / "
+                                        "length ** length_penalty")
+    early_stopping: Union[bool, str] = option(False, "beam search: True stops as soon as num_beams "
+                                                     "sequences are finished; False or 'never' as "
+                                                     "Hugging Face's")
+    num_return_sequences: int = option(1, "results per prompt: samples, or the best beams")
+    seed: Optional[int] = option(None, "seeds the sampling; None draws from torch's global generator")
+    do_sample: Optional[bool] = option(None, "False: greedy whatever the temperature; True: sample; "
+                                             "None: temperature > 0 decides")
+    typical_p: float = option(1.0, "... from the tokens whose surprise is closest to the entropy "
+                                   "(typical sampling), adding up to typical_p")
+    min_new_tokens: int = option(0, "the stop tokens are held back until a row has this many new "
+                                    "tokens")
+    bad_words_ids: tuple = option((), "token sequences a row never completes (a lone id is never "
+                                      "picked)")
+    suppress_tokens: tuple = option((), "token ids never picked")
     # past block_size: False keeps the last block_size tokens at every step, exactly as nanoGPT
     # crops (each token then costs a forward pass over the whole window); True drops the older
-    # half of the window when it is full, which decodes many times faster but gives each token
+    # half of the window when it is full, which decodes much faster but gives each token
     # between block_size / 2 and block_size tokens of context (all rows shift at the same step,
     # when the longest prompt's row fills the window)
-    context_shift: bool = False
+    context_shift: bool = option(False, "past the context: True drops its older half at once "
+                                        "(much faster), False crops per token as nanoGPT")
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -398,145 +149,126 @@ class DecodingOptions:
 
 
 # -----------------------------------------------------------------------------
-# Logits processing. Each function takes the tokens so far, ids (rows, T) with PAD on the
-# left of shorter prompts, and the next-token logits (rows, vocab); it returns new logits.
+# The decoding flags of the scripts (sample.py, chat.py): DecodingOptions' fields, as a person
+# types them, with nanoGPT's defaults, and what a script makes of them
 
-def token_counts(ids, vocab_size):
-    """(rows, vocab_size): how many times each token occurs in each row, padding aside."""
-    # padding is counted in a spare column past the vocabulary, then dropped
-    ids = ids.masked_fill(ids == PAD, vocab_size)
-    counts = torch.zeros(ids.size(0), vocab_size + 1, dtype=torch.long, device=ids.device)
-    counts.scatter_add_(1, ids, torch.ones_like(ids))
-    return counts[:, :vocab_size]
-
-
-def repetition_penalty(ids, logits, penalty):
-    """CTRL's penalty (Keskar et al. 2019) as Hugging Face applies it: every token already in
-    the row, prompt included, has its logit divided by the penalty if positive, multiplied if
-    negative, so it becomes less likely either way."""
-    seen = token_counts(ids, logits.size(-1)) > 0
-    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
-
-
-def presence_frequency_penalty(generated, logits, presence, frequency):
-    """OpenAI's penalties, over the generated tokens (not the prompt):
-    logit[j] -= frequency * count[j] + presence * (count[j] > 0)."""
-    counts = token_counts(generated, logits.size(-1)).to(logits.dtype)
-    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+# the flags a script takes besides the fields, or in place of one: {name: (default, help)}
+SCRIPT_FLAGS = {
+    "num_samples": (10, "samples per prompt, drawn together as one batch"),
+    "max_length": (None, "Hugging Face's: the prompt and the new tokens together (replaces "
+                         "max_new_tokens)"),
+    # in place of bad_words_ids
+    "bad_words": (None, "a string or list of strings (or token-id lists) a sample never contains"),
+    "stop": (None, "a string, or a list of strings, that ends a sample (it is not printed); "
+                   "special tokens count"),
+}
+# the fields a script takes as another flag of SCRIPT_FLAGS
+REPLACED = ("bad_words_ids",)
+# the scripts' defaults where they are not the engine's: nanoGPT's sample.py samples 500 tokens
+# at temperature 0.8 from the 200 most likely, seeded; suppress_tokens takes text too
+SCRIPT_DEFAULTS = dict(max_new_tokens=500, temperature=0.8, top_k=200, seed=1337,
+                       suppress_tokens=None)
+# the flags besides those whose default is None that None may be given to: the Optional fields
+NULLABLE_FLAGS = tuple(f.name for f in fields(DecodingOptions) if type(None) in getattr(f.type, "__args__", ()))
 
 
-def no_repeat_ngram(ids, logits, n):
-    """Ban every token that would complete an n-gram already in the row (Paulus et al. 2017)."""
-    T, vocab_size = ids.size(1), logits.size(-1)
-    if T < n:
-        return logits
-    # the next token completes the n-gram (last n-1 tokens, next); it is banned wherever those
-    # n-1 tokens occurred before, followed by it. Padding is a token of its own here: it only
-    # ever matches padding, and bans go to a spare column past the vocabulary
-    ids = ids.masked_fill(ids == PAD, vocab_size)
-    prefix = ids[:, T - n + 1:]
-    grams = ids.unfold(1, n, 1)  # (rows, T - n + 1, n): every n-gram so far
-    match = (grams[..., :-1] == prefix[:, None, :]).all(dim=-1)
-    banned = torch.zeros(ids.size(0), vocab_size + 1, dtype=torch.bool, device=ids.device)
-    banned.scatter_(1, torch.where(match, grams[..., -1], vocab_size), True)
-    return logits.masked_fill(banned[:, :vocab_size], -float("inf"))
+def decoding_flags(**defaults):
+    """{name: default} of every decoding flag, for a script's globals: DecodingOptions' fields
+    (but those REPLACED) and SCRIPT_FLAGS, with SCRIPT_DEFAULTS and then the
+    script's own `defaults` over the fields' defaults."""
+    flags = {f.name: f.default for f in fields(DecodingOptions) if f.name not in REPLACED}
+    flags.update({name: default for name, (default, _) in SCRIPT_FLAGS.items()})
+    unknown = set(defaults) - set(flags)
+    assert not unknown, f"not decoding flags: {sorted(unknown)}"
+    return {**flags, **SCRIPT_DEFAULTS, **defaults}
 
 
-def ban(logits, token_ids):
-    """Make the given tokens impossible (ids outside the vocabulary are ignored)."""
-    banned = torch.tensor([i for i in token_ids if 0 <= i < logits.size(-1)], dtype=torch.long,
-                          device=logits.device)
-    return logits.index_fill(-1, banned, -float("inf"))
+def decoding_flag_help():
+    """{name: what it does} of every decoding flag (decoding_flags), for a script's --help."""
+    return {**{f.name: f.metadata["help"] for f in fields(DecodingOptions) if f.name not in REPLACED},
+            **{name: text for name, (_, text) in SCRIPT_FLAGS.items()}}
 
 
-def bad_words(ids, logits, words):
-    """Ban the token that would complete any of the words (token sequences) in each row: a
-    word's last token is banned where the row ends with the rest of it (always, for a word of
-    one token), as Hugging Face's NoBadWordsLogitsProcessor does."""
-    banned = torch.zeros_like(logits, dtype=torch.bool)
+def with_generation_config(flags, passed, tokenizer):
+    """The flags, with the model's own decoding defaults for those the user did not set
+    (passed: the keys the command line or a config file gave): its generation_config.json's
+    settings, which the tokenizer carries, and transformers' defaults for those the file
+    leaves out, as transformers' generate() resolves them (a file with do_sample and
+    temperature samples with top_k=50). A file's do_sample gives way to a temperature or
+    num_beams the user set: those choose sampling, greedy or beams themselves. Returns
+    (flags, note), note saying which values came from the file ("" if none did)."""
+    given = getattr(tokenizer, "generation", None) or {}
+    skip = set(passed) | ({"do_sample"} if {"temperature", "num_beams"} & set(passed) else set())
+    taken = {k: v for k, v in {**hf.GENERATION_DEFAULTS, **given}.items() if k not in skip and k in flags}
+    if not given or not taken:
+        return flags, ""
+    note = "from generation_config.json: " + ", ".join(f"{k}={v!r}" for k, v in taken.items() if k in given)
+    filled = [f"{k}={v!r}" for k, v in taken.items() if k not in given and v != flags[k]]
+    if filled:
+        note += f"; transformers' defaults for what it leaves out: {', '.join(filled)}"
+    return {**flags, **taken}, note
+
+
+def options_from_flags(flags, passed, tokenizer, prompt_width):
+    """The decoding flags (decoding_flags' names) as DecodingOptions, which checks them.
+    num_samples is what the engine (and Hugging Face) call num_return_sequences when sampling.
+    Beam search and greedy decoding run from num_beams=N or temperature=0 alone: the sampling
+    flags left at their (nanoGPT) defaults do not apply to them; one the user set (passed)
+    that conflicts is an error. Words given as text are encoded with the model's tokenizer."""
+    beams, samples, temp = flags["num_beams"], flags["num_samples"], flags["temperature"]
+    if beams > 1 and "temperature" not in passed:
+        temp = 0.0
+    greedy = not (temp > 0 if flags["do_sample"] is None else flags["do_sample"])
+    if (beams > 1 or greedy) and "num_samples" not in passed:
+        samples = 1
+    if samples < 1:
+        raise UserError(f"num_samples must be >= 1, got {samples}")
+    if beams > 1 and samples != 1:
+        raise UserError(f"num_beams={beams} is beam search, which gives num_return_sequences "
+                        "results per prompt, not samples: leave num_samples unset (or 1)")
+    if beams == 1 and flags["num_return_sequences"] != 1:
+        raise UserError("num_return_sequences counts the beams to print (with num_beams > 1); "
+                        "for several samples per prompt set num_samples")
+    new_tokens, max_length = flags["max_new_tokens"], flags["max_length"]
+    if max_length is not None:
+        if max_length <= prompt_width:
+            raise UserError(f"max_length={max_length} leaves no room after the {prompt_width}-token "
+                            "prompt: it counts the prompt and the new tokens together")
+        new_tokens = max_length - prompt_width
+    suppressed = token_lists(flags["suppress_tokens"], tokenizer, "suppress_tokens")
+    resolved = dict(max_new_tokens=new_tokens, temperature=temp, num_beams=beams,
+                    num_return_sequences=samples if beams == 1 else flags["num_return_sequences"],
+                    bad_words_ids=token_lists(flags["bad_words"], tokenizer, "bad_words"),
+                    suppress_tokens=tuple(i for ids in suppressed for i in ids))
+    # every other field is its flag as given
+    return DecodingOptions(**resolved, **{f.name: flags[f.name] for f in fields(DecodingOptions)
+                                          if f.name not in resolved})
+
+
+def token_lists(words, tokenizer, name):
+    """A flag of words (a string, or a list of strings and token-id lists) as token-id tuples."""
+    words = [words] if isinstance(words, (str, int)) else words or []
+    if not isinstance(words, (list, tuple)):
+        raise UserError(f"{name} must be a string, a token id, or a list of them, got {words!r}")
+    out = []
     for word in words:
-        *prefix, last = word
-        if not 0 <= last < logits.size(-1):
-            continue
-        if not prefix:
-            banned[:, last] = True
-        elif ids.size(1) >= len(prefix):
-            tail = ids[:, ids.size(1) - len(prefix):]
-            banned[:, last] |= (tail == torch.tensor(prefix, device=ids.device)).all(dim=1)
-    return logits.masked_fill(banned, -float("inf"))
+        ids = tokenizer.encode(word) if isinstance(word, str) else [word] if isinstance(word, int) else word
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise UserError(f"{name}: {word!r} is not text or token ids")
+        out.append(tuple(ids))
+    return tuple(out)
 
 
-def top_k_filter(logits, k):
-    """Keep the k largest logits of each row (ties with the k-th included)."""
-    kth = torch.topk(logits, min(k, logits.size(-1))).values[:, -1:]
-    return logits.masked_fill(logits < kth, -float("inf"))
-
-
-def top_p_filter(logits, p):
-    """Nucleus sampling (Holtzman et al. 2019): keep the most likely tokens whose probabilities
-    add up to p, dropping the least likely ones whose total is at most 1 - p. Always keeps
-    the most likely token."""
-    ascending, order = torch.sort(logits)
-    drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - p
-    drop[:, -1] = False
-    return logits.masked_fill(drop.scatter(1, order, drop), -float("inf"))
-
-
-def typical_filter(logits, mass):
-    """Locally typical sampling (Meister et al. 2022): keep the tokens whose surprise is closest
-    to the distribution's entropy, fewest first, until their probabilities add up to mass;
-    always the closest one."""
-    log_probs = logits.log_softmax(dim=-1)
-    entropy = -(log_probs.exp() * log_probs).nansum(dim=-1, keepdim=True)
-    distance, order = torch.sort((-log_probs - entropy).abs(), dim=-1)
-    cumulative = logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
-    # the last kept token is the first at which the kept probability reaches mass
-    last = (cumulative < mass).sum(dim=-1, keepdim=True).clamp(max=logits.size(-1) - 1)
-    drop = distance > distance.gather(-1, last)
-    drop[:, 0] = False
-    return logits.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
-
-
-def min_p_filter(logits, p):
-    """Keep the tokens at least p times as likely as the most likely one (Nguyen et al. 2024)."""
-    probs = logits.softmax(dim=-1)
-    return logits.masked_fill(probs < p * probs.amax(dim=-1, keepdim=True), -float("inf"))
-
-
-def process_logits(ids, logits, prompt_width, opts, processors=(), stop_tokens=()):
-    """Apply the decoding options to next-token logits, in Hugging Face's order: penalties and
-    bans, then the caller's processors (callables (ids, logits) -> logits), then, when
-    sampling, temperature -> top-k -> top-p -> min-p -> typical. ids: the tokens so far (rows,
-    T), left-padded with PAD; the generated ones start at column prompt_width. stop_tokens:
-    what min_new_tokens holds back."""
-    if opts.repetition_penalty != 1:
-        logits = repetition_penalty(ids, logits, opts.repetition_penalty)
-    if opts.presence_penalty or opts.frequency_penalty:
-        logits = presence_frequency_penalty(ids[:, prompt_width:], logits,
-                                            opts.presence_penalty, opts.frequency_penalty)
-    if opts.no_repeat_ngram_size:
-        logits = no_repeat_ngram(ids, logits, opts.no_repeat_ngram_size)
-    if opts.bad_words_ids:
-        logits = bad_words(ids, logits, opts.bad_words_ids)
-    if opts.min_new_tokens and ids.size(1) - prompt_width < opts.min_new_tokens and len(stop_tokens):
-        logits = ban(logits, list(stop_tokens))
-    if opts.suppress_tokens:
-        logits = ban(logits, list(opts.suppress_tokens))
-    for processor in processors:
-        logits = processor(ids, logits)
-    if not opts.sampling:
-        return logits  # greedy and beam search rank the tokens: the filters below keep the top ones
-    if opts.temperature != 1:
-        logits = logits / opts.temperature
-    if opts.top_k:
-        logits = top_k_filter(logits, opts.top_k)
-    if opts.top_p < 1:
-        logits = top_p_filter(logits, opts.top_p)
-    if opts.min_p > 0:
-        logits = min_p_filter(logits, opts.min_p)
-    if opts.typical_p < 1:
-        logits = typical_filter(logits, opts.typical_p)
-    return logits
+def stop_token_ids(model, tokenizer):
+    """The ids that end a row, sorted: the model config's end-of-text ids (a hub model's
+    eos_token_id: an instruct model has several), the tokenizer's end-of-text token and those
+    its model folder named, and its chat template's end-of-turn token."""
+    ids = {tokenizer.eot_token, *(getattr(model.config, "eos_token_id", None) or []),
+           *getattr(tokenizer, "eos_tokens", [])}
+    eos = (getattr(tokenizer, "special_tokens", None) or {}).get("eos_token")
+    if eos is not None:
+        ids.add(tokenizer.tok.token_to_id(eos))
+    return sorted(i for i in ids if i is not None)
 
 
 # -----------------------------------------------------------------------------
@@ -576,7 +308,10 @@ def generate(model, prompts, max_new_tokens, stop_tokens=(), stop_strings=(), to
     PAD = -1); on_token(row, token): called with each new token of each row as it is picked,
     stop tokens aside (streaming); returning True ends that row. Beam search picks its
     sequences at the end and calls no on_token. compile: run the one-token steps compiled
-    (decode_step), with results identical to the eager ones.
+    (kvcache.decode_step), with results identical to the eager ones.
+
+    The model is used as it is, never changed: on a CPU, quantize.py's layouts decode faster,
+    and a caller that owns its model gives it one (sample.py and chat.py do).
 
     Returns a (rows, width) tensor: prompt i's num_return_sequences results are rows
     i * num_return_sequences onwards; prompts shorter than the longest are left-padded with
@@ -586,7 +321,6 @@ def generate(model, prompts, max_new_tokens, stop_tokens=(), stop_strings=(), to
     stop_strings = check_stop_strings(stop_strings)
     if stop_strings and tokenizer is None:
         raise UserError("stop_strings need the tokenizer that decodes the ids (tokenizer=...)")
-    use_thin_linears(model)
     if opts.num_beams > 1:
         return beam_search(model, prompts, opts, stop_tokens, logits_processors, stop_strings,
                            tokenizer, pad_token_id, compile)[0]
@@ -609,7 +343,7 @@ def generate(model, prompts, max_new_tokens, stop_tokens=(), stop_strings=(), to
     host_work = on_token is not None or bool(stop_strings)
     check_every = 1 if host_work or device.type == "cpu" else 8
     last_live = torch.tensor(width, device=device)  # the last step at which a row was live
-    logits = fill(model, cache, ids, width)
+    logits = cache_window(model, cache, ids, width)
     for t in range(width, total):
         logits = process_logits(ids[:, :t], logits, width, opts, logits_processors, stop_tokens)
         if opts.sampling:
@@ -694,7 +428,7 @@ def beam_search(model, prompts, opts, stop_tokens=(), logits_processors=(), stop
     pad_token_id = default_pad(pad_token_id, stop_tokens)
     fill_token = PAD if pad_token_id is None else pad_token_id
     cache, step = cache_and_step(model, P * K, min(model.config.block_size, total), compile)
-    logits = fill(model, cache, ids, width)
+    logits = cache_window(model, cache, ids, width)
 
     # the beams of all prompts run as rows P * K; only the first starts live, so that step
     # one does not pick the same token K times
@@ -769,154 +503,6 @@ def beam_search(model, prompts, opts, stop_tokens=(), logits_processors=(), stop
     out = out[:, :width + longest]
     out[:, width:] = out[:, width:].masked_fill(out[:, width:] == PAD, fill_token)
     return out, finished[:, :n].reshape(-1)
-
-
-# -----------------------------------------------------------------------------
-# Linear layers for decoding on a CPU
-
-class ThinLinear(nn.Linear):
-    """nn.Linear, with other routes for the few rows of input that decoding gives it on a CPU.
-
-    Decoding multiplies one row per sequence by every weight matrix, so its speed is the speed at
-    which the weights stream from memory, and which of PyTorch's routes streams them fastest
-    depends on the machine: on an AMD EPYC (MKL) F.linear's float32 matrix-vector product keeps
-    one core busy, while a batched matmul over the two halves of the weight ("halves") keeps
-    both at work, 2x faster; on an Intel Xeon with AMX F.linear is the faster by 2x, and its
-    bfloat16 products are compute-bound where torch.mv ("mv", one row only) reads 1.4x faster.
-    So use_thin_linears measures the routes once per process and dtype (fastest_route), and
-    ThinLinear takes the winner. Many rows (a prompt, training) take nn.Linear's route, and so
-    do small weights (under SMALL elements, such as the key / value projections of
-    grouped-query attention: 896 x 128 in Qwen2.5-0.5B), which one core reads in microseconds,
-    less than it takes to hand half of them to another: on a busy machine that other core may
-    be away for a whole time slice."""
-
-    SMALL = 2 ** 19  # 524,288 elements (GPT-2's smallest matrix, 768 x 768, has more)
-
-    def forward(self, x):
-        rows = x.numel() // x.size(-1)
-        route = _fastest_route.get(self.weight.dtype) if self.suits(self.weight) else "plain"
-        if route == "halves" and rows <= 4 and x.dtype == torch.float32:
-            return self.halves(self.weight, self.bias, x)
-        if route == "mv" and rows == 1 and x.dtype == self.weight.dtype:
-            return self.mv(self.weight, self.bias, x)
-        return super().forward(x)
-
-    @classmethod
-    def suits(cls, weight):
-        """Whether a weight is one these routes are for: a big float32 / bfloat16 one on a CPU."""
-        return (weight.device.type == "cpu" and weight.dtype in ROUTES
-                and weight.numel() >= cls.SMALL)
-
-    @staticmethod
-    def halves(weight, bias, x):
-        """x @ weight.T + bias as one batched matmul over the two halves of weight's rows."""
-        rows = x.numel() // x.size(-1)
-        out_features, in_features = weight.shape
-        half = out_features // 2
-        columns = x.reshape(rows, in_features).t()
-        y = torch.bmm(weight[:2 * half].view(2, half, in_features), columns.expand(2, -1, -1))
-        y = y.reshape(2 * half, rows)
-        if 2 * half < out_features:  # the odd row out (GPT-2's vocabulary has 50257 tokens)
-            y = torch.cat((y, weight[2 * half:] @ columns))
-        y = y.t() if bias is None else y.t() + bias
-        return y.reshape(*x.shape[:-1], out_features)
-
-    @staticmethod
-    def mv(weight, bias, x):
-        """x @ weight.T + bias for one row x, as a matrix-vector product."""
-        y = torch.mv(weight, x.reshape(-1))
-        y = y if bias is None else y + bias
-        return y.reshape(*x.shape[:-1], weight.size(0))
-
-
-ROUTES = {torch.float32: ("plain", "halves", "mv"), torch.bfloat16: ("plain", "mv")}
-_fastest_route = {}  # dtype -> the route measured fastest on this machine for one row
-
-
-@torch.no_grad()
-def fastest_route(linears, dtype):
-    """The route (ROUTES) that decodes one row through these Linear layers (a model's own: its
-    real shapes, and all of its weights, more than the CPU caches hold) fastest: each runs
-    them all three times, taking turns, and the best pass of each counts (noise only adds
-    time); another route than nn.Linear's ("plain") must win by 10%. About three tokens' worth
-    of decoding per route, once per process and dtype."""
-    if dtype not in _fastest_route:
-        rows = {layer: torch.randn(1, layer.in_features, dtype=dtype) for layer in linears}
-        run = {"plain": lambda layer: F.linear(rows[layer], layer.weight, layer.bias),
-               "halves": lambda layer: ThinLinear.halves(layer.weight, layer.bias, rows[layer]),
-               "mv": lambda layer: ThinLinear.mv(layer.weight, layer.bias, rows[layer])}
-        best = dict.fromkeys(ROUTES[dtype], float("inf"))
-        for _ in range(3):
-            for name in best:
-                t0 = time.perf_counter()
-                for layer in linears:
-                    run[name](layer)
-                best[name] = min(best[name], time.perf_counter() - t0)
-        winner = min(best, key=best.get)
-        _fastest_route[dtype] = winner if best[winner] < 0.9 * best["plain"] else "plain"
-    return _fastest_route[dtype]
-
-
-def use_thin_linears(model):
-    """Give every plain nn.Linear of a CPU model ThinLinear's routes, in place (merged LoRA
-    layers included), where one of them is faster than nn.Linear's on this machine
-    (fastest_route). The parameters stay the very same tensors, under the same names, so ties,
-    state dicts and training are unchanged."""
-    if float_weight(model).device.type != "cpu":
-        return model
-    slots = [(module, name, child) for module in list(model.modules())
-             for name, child in module.named_children() if type(child) is nn.Linear]
-    big = [child for _, _, child in slots if ThinLinear.suits(child.weight)]
-    if not big or fastest_route(big, big[0].weight.dtype) == "plain":
-        return model
-    for module, name, child in slots:
-        with torch.device("meta"):  # no memory for weights about to be replaced
-            thin = ThinLinear(child.in_features, child.out_features, bias=False)
-        thin.weight, thin.bias = child.weight, child.bias
-        thin.train(child.training)
-        setattr(module, name, thin)
-    return model
-
-
-# -----------------------------------------------------------------------------
-# int8 weights
-
-class Int8Linear(nn.Module):
-    """A Linear layer whose weight is stored in int8, with one scale per output row
-    (symmetric, weight-only quantisation). Decoding reads every weight once per token and is
-    bound by memory bandwidth, so a quarter of the bytes is most of the time saved. The matmul
-    is PyTorch's int8 CPU kernel, which takes bfloat16 inputs."""
-
-    def __init__(self, linear):
-        super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8))
-        self.register_buffer("scale", scale.to(torch.bfloat16))
-        self.bias = linear.bias
-
-    def forward(self, x):
-        flat = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
-        if flat.size(0) <= 32:
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
-        else:
-            # the kernel's time grows with every row; for a long prompt a bfloat16 matmul with
-            # the weight widened once is faster (the crossover lies between 32 and 64 rows)
-            y = flat @ (self.weight.to(torch.bfloat16) * self.scale[:, None]).t()
-        y = y.to(x.dtype).view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
-
-
-def quantize_int8(model):
-    """Replace every Linear of the model (the output head included) by an Int8Linear, in
-    place. The token embedding keeps its own weights: a lookup reads one row per token."""
-    if float_weight(model).device.type != "cpu":
-        raise UserError("quantize=int8 uses PyTorch's CPU kernel: run it with --device=cpu")
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child))
-    return model
 
 
 # -----------------------------------------------------------------------------

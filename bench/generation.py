@@ -43,6 +43,7 @@ import checkpoint  # noqa: E402
 import engine  # noqa: E402
 import hf as hf_format  # noqa: E402
 import hardware  # noqa: E402
+import quantize  # noqa: E402
 from configurator import configure, run  # noqa: E402
 from dataset import open_dataset  # noqa: E402
 from errors import UserError  # noqa: E402
@@ -185,6 +186,7 @@ def qwen_part(dev):
                for k, v in theirs.state_dict().items())
     ours = checkpoint.fill_model(ours_config, tensors, hf.renamer(ours_config, name), "cpu",
                                  torch.float32, name).eval().to(dev)
+    quantize.fast_cpu_linears(ours)  # as sample.py decodes on a CPU
     theirs.to(dev)
     prompt = torch.randint(config.vocab_size, (1, prompt_tokens), device=dev)
     params = sum(p.numel() for p in ours.parameters())
@@ -235,13 +237,15 @@ def bandwidth_use(model, times, dev):
 
 
 def weight_formats(model):
-    """The model with float32, bfloat16 and int8 weights."""
+    """The model with float32, bfloat16 and int8 weights, each in the layout sample.py decodes
+    with on a CPU (the float ones: quantize.fast_cpu_linears)."""
     def copy():
         c = GPT(model.config)
         c.load_state_dict(model.state_dict())
         return c.eval()
-    return {"float32 weights": model, "bfloat16 weights": copy().to(torch.bfloat16),
-            "int8 weights": engine.quantize_int8(copy())}
+    return {"float32 weights": quantize.fast_cpu_linears(model),
+            "bfloat16 weights": quantize.fast_cpu_linears(copy().to(torch.bfloat16)),
+            "int8 weights": quantize.quantize_int8(copy())}
 
 
 def full_logits(model, idx):
@@ -252,6 +256,7 @@ def full_logits(model, idx):
 def char_part():
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384)).eval()
+    quantize.fast_cpu_linears(model)  # as sample.py decodes on a CPU
     prompt = torch.zeros(1, 1, dtype=torch.long)  # one character, as sample.py's default "\n"
 
     def batched(n, context_shift=False):

@@ -92,7 +92,7 @@ def test_chat_prompt_keeps_the_history_and_drops_the_oldest_turns(tokenizers_pai
     import engine
     ours, theirs = tokenizers_pair
     options = engine.DecodingOptions(8, temperature=0)
-    talk = chat.Chat(chat_run[1].eval(), ours, options, chat.stop_tokens_of(ours), system_prompt="Be brief.")
+    talk = chat.Chat(chat_run[1].eval(), ours, options, engine.stop_token_ids(chat_run[1], ours), system_prompt="Be brief.")
     first, _, _ = talk.reply("Who wrote Hamlet?")
     ids, dropped = talk.prompt_ids("And Macbeth?")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who wrote Hamlet?"},

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import engine
+import kvcache
 from conftest import TINY, torchrun
 from model import GPT, GPTConfig
 
@@ -22,11 +23,11 @@ def model():
 
 def test_static_cache_on_cuda_equals_a_full_forward(model):
     ids = torch.randint(97, (3, 32), device="cuda")
-    cache = engine.KVCache(model, 3, 32, static=True)
+    cache = kvcache.KVCache(model, 3, 32, static=True)
     cache.reset(torch.zeros(3, dtype=torch.long, device="cuda"))
     with torch.no_grad():
         full = model(ids, ids)[0]
-        stepped = torch.stack([cache.feed(model, ids[:, t:t + 1]) for t in range(32)], dim=1)
+        stepped = torch.stack([cache.extend(model, ids[:, t:t + 1]) for t in range(32)], dim=1)
     torch.testing.assert_close(stepped, full, rtol=1e-4, atol=1e-4)
 
 

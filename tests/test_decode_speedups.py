@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import engine
+import kvcache
 from model import GPT, GPTConfig
 
 
@@ -16,10 +17,10 @@ def model():
 
 def step_logits(model, ids, static):
     """The logits of every position of ids (rows, T), fed one token at a time through a cache."""
-    cache = engine.KVCache(model, ids.size(0), ids.size(1), static=static)
+    cache = kvcache.KVCache(model, ids.size(0), ids.size(1), static=static)
     cache.reset(torch.zeros(ids.size(0), dtype=torch.long))
     with torch.no_grad():
-        return torch.stack([cache.feed(model, ids[:, t:t + 1]) for t in range(ids.size(1))], dim=1)
+        return torch.stack([cache.extend(model, ids[:, t:t + 1]) for t in range(ids.size(1))], dim=1)
 
 
 def test_static_cache_logits_equal_the_growing_cache_and_a_full_forward(model):
@@ -35,7 +36,7 @@ def test_a_static_cache_has_aligned_slots_and_the_same_logits(model):
     """17 tokens get 24 slots (16-aligned, within the context of 24): the masked extra slots
     change no logit."""
     ids = torch.randint(65, (2, 17))
-    cache = engine.KVCache(model, 2, 17, static=True)
+    cache = kvcache.KVCache(model, 2, 17, static=True)
     assert cache.length == 24 and cache.layers[0].kv.size(3) == 24
     torch.testing.assert_close(step_logits(model, ids, True), step_logits(model, ids, False),
                                rtol=1e-5, atol=1e-5)
@@ -58,7 +59,7 @@ def test_compiled_decode_step_gives_the_eager_tokens(model):
         compiled = engine.generate(model, rows, 30, compile=True, **options)
         assert torch.equal(compiled, eager), options
         assert eager.size(1) > model.config.block_size  # the window was cropped on the way
-        cache = engine._kept_caches[model]
+        cache = kvcache._kept_caches[model]
         addresses.add(tuple(layer.kv.data_ptr() for layer in cache.layers))
         compiles.append(counters["stats"]["unique_graphs"])
     assert len(addresses) == 1
@@ -142,8 +143,8 @@ def test_fastest_attention_picks_a_backend_that_runs_the_step(model):
     candidates = (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                   SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
     state = torch.get_rng_state()
-    chosen = engine.fastest_attention(model, 3, 20, candidates)
+    chosen = kvcache.fastest_attention(model, 3, 20, candidates)
     assert torch.equal(torch.get_rng_state(), state)  # seeded sampling after it is unchanged
     assert chosen in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
-    assert engine.fastest_attention(model, 3, 20, candidates) is chosen
-    assert engine.KVCache(model, 3, 20).backends is None  # the CPU keeps torch's own choice
+    assert kvcache.fastest_attention(model, 3, 20, candidates) is chosen
+    assert kvcache.KVCache(model, 3, 20).backends is None  # the CPU keeps torch's own choice

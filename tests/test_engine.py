@@ -11,9 +11,11 @@ import torch
 import transformers
 
 import engine
+import quantize
 from conftest import assert_user_error, run_script, save_tiny_bpe, tiny_bpe, until_stop
 from errors import UserError
 from checkpoint import load_model
+from logits import process_logits
 from model import GPT, GPTConfig
 
 VOCAB = tiny_bpe().get_vocab_size()  # the folder's tokenizer.json: a small byte-level BPE
@@ -132,7 +134,7 @@ def test_processed_logits_equal_transformers(hf, options):
     ids = torch.randint(8, (rows, length), generator=gen)  # few distinct tokens: many repeats
     ids[0, :pad] = engine.PAD  # a left-padded row must be processed as if alone
     logits = 3 * torch.randn(rows, vocab, generator=gen)
-    ours = engine.process_logits(ids, logits.clone(), length - 5, engine.DecodingOptions(1, **options))
+    ours = process_logits(ids, logits.clone(), length - 5, engine.DecodingOptions(1, **options))
     sampling = options.get("temperature", 1.0) > 0
     processors = hf_processors(hf, sampling, **{k: v for k, v in options.items() if k != "temperature" or sampling})
     for row in range(rows):
@@ -148,7 +150,7 @@ def test_presence_and_frequency_penalties_follow_openai():
     ids[1, :2] = engine.PAD
     logits = torch.randn(3, 10, generator=gen)
     prompt_width = 4
-    ours = engine.process_logits(ids, logits.clone(), prompt_width,
+    ours = process_logits(ids, logits.clone(), prompt_width,
                                  engine.DecodingOptions(1, presence_penalty=0.6, frequency_penalty=0.25))
     expected = logits.clone()
     for row in range(3):
@@ -302,7 +304,7 @@ def test_int8_and_bfloat16_weights_stay_close(folder, ours):
     idx = prompts(1, 20)
     with torch.no_grad():
         ref, _ = ours(idx, targets=idx)
-        for model in (engine.quantize_int8(load_model(folder[0])[0].eval()),
+        for model in (quantize.quantize_int8(load_model(folder[0])[0].eval()),
                       load_model(folder[0], dtype="bfloat16")[0].eval()):
             logits, _ = model(idx, targets=idx)
             error = (logits.float() - ref).abs().mean() / ref.std()
@@ -402,58 +404,78 @@ def test_sample_rejects_bad_decoding_options(folder, args, words):
     assert_user_error(sample(folder[0], *args), *words)
 
 
-def test_thin_linear_equals_linear_and_leaves_small_weights_to_it(monkeypatch):
-    """ThinLinear (the CPU decode routes) gives nn.Linear's outputs; its batched-matmul route
-    ("halves") is taken for a few rows of a big weight only (odd out_features included), not for
-    a small weight such as a grouped-query key projection; its matrix-vector route ("mv") for
+def test_small_batch_linear_equals_linear_and_leaves_small_weights_to_it(monkeypatch):
+    """SmallBatchLinear (the CPU decode routes) gives nn.Linear's outputs; its batched-matmul route
+    ("split_matmul") is taken for a few rows of a big weight only (odd out_features included), not for
+    a small weight such as a grouped-query key projection; its matrix-vector route ("matvec") for
     one row only."""
     from torch import nn
     calls = []
     real_bmm, real_mv = torch.bmm, torch.mv
-    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append("halves") or real_bmm(*a))
-    monkeypatch.setattr(torch, "mv", lambda *a: calls.append("mv") or real_mv(*a))
+    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append("split_matmul") or real_bmm(*a))
+    monkeypatch.setattr(torch, "mv", lambda *a: calls.append("matvec") or real_mv(*a))
     torch.manual_seed(0)
-    for route in ("halves", "mv"):
-        monkeypatch.setattr(engine, "_fastest_route", {torch.float32: route})
+    for route in ("split_matmul", "matvec"):
+        monkeypatch.setattr(quantize, "_fastest_route", {torch.float32: route})
         for (n_in, n_out), rows, taken in [((896, 128), 1, False), ((768, 50257), 1, True),
-                                           ((896, 4864), 2, route == "halves"), ((896, 4864), 8, False)]:
+                                           ((896, 4864), 2, route == "split_matmul"), ((896, 4864), 8, False)]:
             linear = nn.Linear(n_in, n_out, bias=n_out != 50257)
-            thin = engine.ThinLinear(n_in, n_out, bias=linear.bias is not None)
-            thin.load_state_dict(linear.state_dict())
+            layer = quantize.SmallBatchLinear(n_in, n_out, bias=linear.bias is not None)
+            layer.load_state_dict(linear.state_dict())
             x = torch.randn(rows, 1, n_in)
             calls.clear()
             with torch.no_grad():
-                torch.testing.assert_close(thin(x), linear(x), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
             assert calls == ([route] if taken else []), (route, n_in, n_out, rows)
 
 
-@pytest.mark.parametrize("route", ["plain", "halves", "mv"])
-def test_thin_linears_are_given_only_where_their_route_wins(route, monkeypatch):
-    """use_thin_linears swaps a CPU model's big Linear layers for ThinLinear only when the
+@pytest.mark.parametrize("route", ["linear", "split_matmul", "matvec"])
+def test_fast_cpu_linears_are_given_only_where_their_route_wins(route, monkeypatch):
+    """fast_cpu_linears swaps a CPU model's big Linear layers for SmallBatchLinear only when the
     once-a-process measurement (fastest_route) finds a route faster than nn.Linear's on this
     machine; either way the model's outputs and parameters stay the same."""
     from torch import nn
-    monkeypatch.setattr(engine, "_fastest_route", {torch.float32: route})
+    monkeypatch.setattr(quantize, "_fastest_route", {torch.float32: route})
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=256, block_size=8, vocab_size=4096)).eval()
     params = dict(model.named_parameters())
     x = torch.randint(4096, (1, 8))
     with torch.no_grad():
         before = model(x)[0]
-        engine.use_thin_linears(model)
+        quantize.fast_cpu_linears(model)
         after = model(x)[0]
     kinds = {type(m) for m in model.modules() if isinstance(m, nn.Linear)}
-    assert kinds == ({nn.Linear} if route == "plain" else {engine.ThinLinear})
+    assert kinds == ({nn.Linear} if route == "linear" else {quantize.SmallBatchLinear})
     assert all(p is params[n] for n, p in model.named_parameters())
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
 
 
 def test_fastest_route_is_one_of_the_dtype_s_routes(monkeypatch):
     """The measurement runs every route of the dtype on a model's layers and keeps a winner."""
-    monkeypatch.setattr(engine, "_fastest_route", {})
+    monkeypatch.setattr(quantize, "_fastest_route", {})
     layers = [torch.nn.Linear(1024, 1024) for _ in range(2)]
-    for dtype, routes in engine.ROUTES.items():
+    for dtype, routes in quantize.ROUTES.items():
         for layer in layers:
             layer.to(dtype)
-        assert engine.fastest_route(layers, dtype) in routes
-    assert set(engine._fastest_route) == set(engine.ROUTES)
+        assert quantize.fastest_route(layers, dtype) in routes
+    assert set(quantize._fastest_route) == set(quantize.ROUTES)
+
+
+@pytest.mark.parametrize("route", ["linear", "split_matmul", "matvec"])
+def test_generate_leaves_the_model_as_it_was(route, monkeypatch):
+    """engine.generate on a CPU uses the caller's model as it is, whichever route this machine
+    would measure fastest: afterwards every module is the same object of the same type, and the
+    state dict holds the same tensors with the same values. A script that owns its model gives
+    it the faster layout itself (quantize.fast_cpu_linears)."""
+    monkeypatch.setattr(quantize, "_fastest_route", {torch.float32: route})
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=256, block_size=16, vocab_size=4096)).eval()
+    modules = {name: (module, type(module)) for name, module in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for options in (dict(temperature=0), dict(temperature=0.8, top_k=20, seed=0), dict(num_beams=2, temperature=0)):
+        engine.generate(model, [[1, 2, 3], [4]], 20, **options)  # past block_size too
+    assert {name: (module, type(module)) for name, module in model.named_modules()} == modules
+    after = model.state_dict()
+    assert after.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(after[k], v), k

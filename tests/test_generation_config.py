@@ -41,8 +41,8 @@ def qwen_folder(folder, **generation):
 def resolved(tokenizer, argv=(), width=1):
     """The options sample.py decodes with for the command line argv."""
     cfg = configure(dict(knobs(vars(sample))), list(argv))
-    values, note = sample.decoding_defaults(cfg, cfg.passed, tokenizer)
-    return sample.decoding_options(values, cfg.passed, tokenizer, width), note
+    values, note = engine.with_generation_config(cfg, cfg.passed, tokenizer)
+    return engine.options_from_flags(values, cfg.passed, tokenizer, width), note
 
 
 def ours_and_theirs(folder, seed, **their_kwargs):
@@ -150,8 +150,7 @@ def test_a_fine_tuned_run_keeps_the_settings_and_the_llama_ids(tmp_path):
     for back in (checkpoint.load_tokenizer(str(tmp_path / "run")), from_spec(json.loads(json.dumps(tok.spec())))):
         assert (back.bos_token, back.eot_token, back.eos_tokens) == (bos, eot, [eot, eos])
         assert back.generation == tok.generation
-    import chat
-    assert chat.stop_tokens_of(checkpoint.load_model(str(tmp_path / "run"))[1]) == sorted([eot, eos])
+    assert engine.stop_token_ids(*checkpoint.load_model(str(tmp_path / "run"))) == sorted([eot, eos])
     assert sample.encode_prompt(back, "a")[0] == bos
 
 

@@ -14,6 +14,7 @@ import engine
 import hf
 from checkpoint import load_model
 from conftest import run_script
+from logits import process_logits
 from model import GPT, GPTConfig
 
 CHARS = "\n !,.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -209,7 +210,7 @@ def test_typical_min_new_tokens_bad_words_and_suppress_equal_transformers_proces
     ]
     for options, processors in cases:
         expected = LogitsProcessorList(processors)(ids, logits.clone())
-        ours = engine.process_logits(ids, logits.clone(), prompt_width, engine.DecodingOptions(1, **options),
+        ours = process_logits(ids, logits.clone(), prompt_width, engine.DecodingOptions(1, **options),
                                      stop_tokens=[3, 4])
         torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6, msg=str(options))
         assert torch.isinf(ours).any()  # each case filtered something
