@@ -100,7 +100,7 @@ class HFTokenizer:
     """A tokenizer of the `tokenizers` library: a model's tokenizer.json, or a BERT vocab.txt."""
 
     def __init__(self, json_text, chat_template=None, special_tokens=None):
-        from tokenizers import Tokenizer, models
+        from tokenizers import Tokenizer, models, processors
         try:
             self.tok = Tokenizer.from_str(json_text)
         except Exception as e:  # the library raises a bare Exception for a malformed tokenizer.json
@@ -115,6 +115,11 @@ class HFTokenizer:
         # without either
         self.eot_token = self.tok.token_to_id("[SEP]" if self.wordpiece else "<|endoftext|>")
         self.bos_token = self.tok.token_to_id("[CLS]") if self.wordpiece else None
+        if self.wordpiece and self.tok.post_processor is None and None not in (self.bos_token, self.eot_token):
+            # transformers' BertTokenizer wraps a text so; its tokenizer.json (an export's) must
+            # say it too. encode() leaves them out, as the wrapping is the caller's to choose
+            self.tok.post_processor = processors.BertProcessing(("[SEP]", self.eot_token),
+                                                                ("[CLS]", self.bos_token))
         # every id that ends a text, where a model's config names several (an instruct model's
         # end of turn and end of text); hf.llama_special_tokens sets them and these two
         self.eos_tokens = []
