@@ -95,7 +95,7 @@ def turn_spans(tok, messages, text):
 MARK = "\ue000"  # a private-use character, in no real text: where it lands, the content goes
 
 
-def unfound(i):
+def spans_not_found(i):
     return UserError("this chat template writes earlier turns differently as a conversation grows, "
                      f"and where message {i + 1} is in the text cannot be told")
 
@@ -109,7 +109,7 @@ def content_region(tok, messages, i, add_generation_prompt=False):
     start = len(os.path.commonprefix([text, marked]))
     end = len(os.path.commonprefix([text[start:][::-1], marked[start:][::-1]]))
     if marked[start:len(marked) - end] != MARK:
-        raise unfound(i)  # the template writes the content more than once, or not at all
+        raise spans_not_found(i)  # the template writes the content more than once, or not at all
     return text, start, len(text) - end
 
 
@@ -132,7 +132,7 @@ def content_spans(tok, messages):
             turn_start, prompt = 0, tok.apply_chat_template([], add_generation_prompt=True)
         if not (text.startswith(prompt, turn_start) and turn_start + len(prompt) <= start
                 and text.startswith(end_of_turn, end)):
-            raise unfound(i)
+            raise spans_not_found(i)
         spans.append((turn_start + len(prompt), end + len(end_of_turn)))
     return spans
 
@@ -142,8 +142,8 @@ def encode_with_mask(tok, messages):
     transformers' return_assistant_tokens_mask marks a token that a span cuts through)."""
     text, spans = assistant_spans(tok, messages)
     encoding = tok.tok.encode(text, add_special_tokens=False)
-    mask = [int(any(begin < end and start < finish for start, end in spans))
-            for begin, finish in encoding.offsets]
+    mask = [int(any(token_start < span_end and span_start < token_end for span_start, span_end in spans))
+            for token_start, token_end in encoding.offsets]
     ids = list(encoding.ids)
     if tok.eot_token is not None and (not ids or ids[-1] != tok.eot_token):
         ids.append(tok.eot_token)  # where one conversation ends and the next begins
