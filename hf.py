@@ -37,7 +37,11 @@ GPT2_VOCAB_SIZE = 50257  # tiktoken's "gpt2" encoding
 # what a hub download fetches: the config, the weights, the tokenizer; pytorch_model.bin
 # only when there is no safetensors file, since many repos hold both
 HUB_FILES = ["config.json", "generation_config.json", "model*.safetensors",
-             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+             "special_tokens_map.json", "chat_template.jinja"]
+# the special tokens whose texts transformers gives a chat template (its SPECIAL_TOKENS_ATTRIBUTES)
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                       "mask_token")
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # the Llama-style model_types, one architecture in model.py, and their transformers classes
 LLAMA_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -354,13 +358,25 @@ def chat_template(folder):
             template = f.read()
     if not isinstance(template, str):
         return None, None
+    return template, special_tokens(folder, settings)
+
+
+def special_tokens(folder, settings):
+    """{"bos_token": text, ...}: the special tokens' texts a chat template may use, read as
+    transformers reads them: tokenizer_config.json's, over which an older folder's
+    special_tokens_map.json wins where the config lists no added_tokens_decoder."""
+    sources = [settings]
+    map_path = os.path.join(folder, "special_tokens_map.json")
+    if "added_tokens_decoder" not in settings and os.path.exists(map_path):
+        sources.append(read_json(map_path))
     special = {}
-    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        value = settings.get(key)
-        value = value.get("content") if isinstance(value, dict) else value
-        if isinstance(value, str):
-            special[key] = value
-    return template, special
+    for source in sources:
+        for key in SPECIAL_TOKEN_NAMES:
+            value = source.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                special[key] = value
+    return special
 
 
 def llama_special_tokens(tokenizer, config):

@@ -100,7 +100,7 @@ class HFTokenizer:
     """A tokenizer of the `tokenizers` library: a model's tokenizer.json, or a BERT vocab.txt."""
 
     def __init__(self, json_text, chat_template=None, special_tokens=None):
-        from tokenizers import Tokenizer, models
+        from tokenizers import Tokenizer, models, processors
         try:
             self.tok = Tokenizer.from_str(json_text)
         except Exception as e:  # the library raises a bare Exception for a malformed tokenizer.json
@@ -115,6 +115,11 @@ class HFTokenizer:
         # without either
         self.eot_token = self.tok.token_to_id("[SEP]" if self.wordpiece else "<|endoftext|>")
         self.bos_token = self.tok.token_to_id("[CLS]") if self.wordpiece else None
+        if self.wordpiece and self.tok.post_processor is None and None not in (self.bos_token, self.eot_token):
+            # transformers' BertTokenizer wraps a text so; its tokenizer.json (an export's) must
+            # say it too. encode() leaves them out, as the wrapping is the caller's to choose
+            self.tok.post_processor = processors.BertProcessing(("[SEP]", self.eot_token),
+                                                                ("[CLS]", self.bos_token))
         # every id that ends a text, where a model's config names several (an instruct model's
         # end of turn and end of text); hf.llama_special_tokens sets them and these two
         self.eos_tokens = []
@@ -149,14 +154,15 @@ class HFTokenizer:
                            "bos_token": self.bos_token}
         return with_generation(spec, self)
 
-    def apply_chat_template(self, messages, add_generation_prompt=False, tools=None):
+    def apply_chat_template(self, messages, add_generation_prompt=False, tools=None, with_spans=False):
         """The text of a conversation ([{"role": ..., "content": ...}, ...]) as the model's chat
-        template writes it; add_generation_prompt: end with the start of an assistant turn."""
+        template writes it; add_generation_prompt: end with the start of an assistant turn;
+        with_spans: (text, the character spans of the template's {% generation %} blocks)."""
         if self.chat_template is None:
             raise UserError("this model's tokenizer has no chat template (a base model?): "
                             "give it plain text to continue")
         return render_chat_template(self.chat_template, messages, add_generation_prompt, tools,
-                                    self.special_tokens)
+                                    self.special_tokens, with_spans)
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -235,10 +241,11 @@ def from_spec(spec):
     return tokenizer
 
 
-def _generation_tag():
-    """The {% generation %} ... {% endgeneration %} block that transformers' templates may use to
-    mark the assistant's text: rendered as its body (data/chat/prepare.py finds the assistant's
-    text by rendering the turns one by one instead)."""
+def _generation_tag(rendered, spans):
+    """The {% generation %} ... {% endgeneration %} block that transformers' training templates
+    use to mark the text the assistant writes: rendered as its body, whose character span in the
+    whole text is appended to spans (rendered: the text's pieces so far, as the template yields
+    them), as transformers' return_assistant_tokens_mask finds it."""
     from jinja2 import nodes
     from jinja2.ext import Extension
 
@@ -251,17 +258,23 @@ def _generation_tag():
             return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
         def _body(self, caller):
-            return caller()
+            text = caller()
+            start = sum(map(len, rendered))
+            spans.append((start, start + len(text)))
+            return text
 
     return Generation
 
 
 def render_chat_template(template, messages, add_generation_prompt=False, tools=None,
-                         special_tokens=None):
-    """A chat template rendered as transformers renders it (see the top of this file)."""
+                         special_tokens=None, with_spans=False):
+    """A chat template rendered as transformers renders it (see the top of this file); with_spans:
+    (text, [(start, end), ...]), the spans of its {% generation %} blocks (none if it has none).
+    A message's keys whose value is None are left out, as transformers leaves them (OpenAI-style
+    logs write "tool_calls": null, on which templates that test `'tool_calls' in message` fail)."""
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-    GenerationTag = _generation_tag()
+    rendered, spans = [], []
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -272,16 +285,23 @@ def render_chat_template(template, messages, add_generation_prompt=False, tools=
                           sort_keys=sort_keys)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols", GenerationTag])
+                                        extensions=["jinja2.ext.loopcontrols",
+                                                    _generation_tag(rendered, spans)])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception,
                        strftime_now=lambda fmt: datetime.now().strftime(fmt))
     if not isinstance(messages, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
         raise UserError("a conversation is a list of {\"role\": ..., \"content\": ...} messages")
+    messages = [{key: value for key, value in m.items() if value is not None} for m in messages]
     try:
-        return env.from_string(template).render(
-            messages=messages, tools=tools, documents=None,
-            add_generation_prompt=add_generation_prompt, **(special_tokens or {}))
+        for piece in env.from_string(template).generate(
+                messages=messages, tools=tools, documents=None,
+                add_generation_prompt=add_generation_prompt, **(special_tokens or {})):
+            rendered.append(piece)
     except jinja2.exceptions.TemplateError as e:
         raise UserError(f"the chat template refused the conversation: {e}") from None
+    except Exception as e:  # a template is a program: it fails as programs do (TypeError, ...)
+        raise UserError(f"the chat template failed on the conversation ({type(e).__name__}: {e})") from None
+    text = "".join(rendered)
+    return (text, spans) if with_spans else text

@@ -12,9 +12,9 @@ template, found as init_from finds the model (no weights are read).
 Writes, through the repo's dataset.py, train.bin and val.bin (the conversations' token ids, one
 after another, each ended by the end-of-text token where the vocabulary has one), meta.json,
 and train.mask.bin / val.mask.bin: one byte per token, 1 where the token is the assistant's
-(the text its turns add to the template's, end-of-turn marker included), which train.py learns
-to predict, 0 elsewhere (system prompt, user turns, the template's markup). Every 10th
-conversation goes to val.
+(its turns' text, end-of-turn marker included: see assistant_spans and docs/finetuning.md),
+which train.py learns to predict, 0 elsewhere (system prompt, user turns, the template's
+markup). Every 10th conversation goes to val. An error names the line of the conversation.
 """
 
 import json
@@ -38,7 +38,7 @@ tokenizer = ""  # the model whose tokenizer and chat template to use
 
 
 def read_conversations(path):
-    """The messages of every line of a .jsonl file, checked; errors name the line."""
+    """[(line number, messages), ...] of a .jsonl file, checked; errors name the line."""
     conversations = []
     for n, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
@@ -54,17 +54,32 @@ def read_conversations(path):
             raise UserError(f'{path}, line {n}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}}')
         if not any(m["role"] == "assistant" for m in messages):
             raise UserError(f"{path}, line {n}: the conversation has no assistant message to learn")
-        conversations.append(messages)
+        conversations.append((n, messages))
     if not conversations:
         raise UserError(f"{path} holds no conversation")
     return conversations
 
 
 def assistant_spans(tok, messages):
-    """(text, [(start, end), ...]): the rendered conversation and the character spans of its
-    assistant turns: what rendering turn i adds to the text the template writes before it, up
-    to where the assistant starts (add_generation_prompt)."""
-    text = tok.apply_chat_template(messages)
+    """(text, [(start, end), ...]): the rendered conversation and the character spans the
+    assistant writes, found the first of three ways that applies:
+    - the template marks them itself with {% generation %} blocks (a training template), read
+      as transformers' return_assistant_tokens_mask reads them;
+    - each assistant turn is what rendering it adds to the text before it, after the start of
+      an assistant turn (add_generation_prompt): what the model writes when it chats;
+    - where the template writes earlier turns differently as the conversation grows (Mistral's
+      puts the system prompt into the last user turn), the same text found another way: from
+      the end of the message before it and the start of an assistant turn, over its content, to
+      the end of turn the template writes after it (content_spans)."""
+    text, spans = tok.apply_chat_template(messages, with_spans=True)
+    if not spans:
+        spans = turn_spans(tok, messages, text) or content_spans(tok, messages)
+    return text, spans
+
+
+def turn_spans(tok, messages, text):
+    """The assistant turns' spans as what each adds to the text before it; None if the template
+    writes a turn differently once later turns follow it."""
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -72,17 +87,63 @@ def assistant_spans(tok, messages):
         before = tok.apply_chat_template(messages[:i], add_generation_prompt=True)
         upto = tok.apply_chat_template(messages[:i + 1])
         if not (text.startswith(upto) and upto.startswith(before)):
-            raise UserError("this chat template writes earlier turns differently as a conversation "
-                            "grows, so the assistant's tokens cannot be told apart")
+            return None
         spans.append((len(before), len(upto)))
-    return text, spans
+    return spans
+
+
+MARK = "\ue000"  # a private-use character, in no real text: where it lands, the content goes
+
+
+def spans_not_found(i):
+    return UserError("this chat template writes earlier turns differently as a conversation grows, "
+                     f"and where message {i + 1} is in the text cannot be told")
+
+
+def content_region(tok, messages, i, add_generation_prompt=False):
+    """(text, start, end): messages rendered, and where message i's content is in it: the part
+    of the text that changes when the content is replaced by MARK."""
+    text = tok.apply_chat_template(messages, add_generation_prompt)
+    marked = tok.apply_chat_template(messages[:i] + [dict(messages[i], content=MARK)] + messages[i + 1:],
+                                     add_generation_prompt)
+    start = len(os.path.commonprefix([text, marked]))
+    end = len(os.path.commonprefix([text[start:][::-1], marked[start:][::-1]]))
+    if marked[start:len(marked) - end] != MARK:
+        raise spans_not_found(i)  # the template writes the content more than once, or not at all
+    return text, start, len(text) - end
+
+
+def content_spans(tok, messages):
+    """The assistant turns' spans, each from the end of the message before it, past the text
+    that ends that message and starts an assistant turn (as the generation prompt writes it),
+    to the end of turn after its content (as a conversation ending there writes it)."""
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        text, start, end = content_region(tok, messages, i)
+        upto, _, upto_end = content_region(tok, messages[:i + 1], i)
+        end_of_turn = upto[upto_end:]
+        if i > 0:
+            _, _, turn_start = content_region(tok, messages, i - 1)
+            before, _, before_end = content_region(tok, messages[:i], i - 1, add_generation_prompt=True)
+            prompt = before[before_end:]
+        else:
+            turn_start, prompt = 0, tok.apply_chat_template([], add_generation_prompt=True)
+        if not (text.startswith(prompt, turn_start) and turn_start + len(prompt) <= start
+                and text.startswith(end_of_turn, end)):
+            raise spans_not_found(i)
+        spans.append((turn_start + len(prompt), end + len(end_of_turn)))
+    return spans
 
 
 def encode_with_mask(tok, messages):
-    """(ids, mask) of a conversation: mask[i] is 1 where token i starts inside an assistant turn."""
+    """(ids, mask) of a conversation: mask[i] is 1 where token i overlaps an assistant span (as
+    transformers' return_assistant_tokens_mask marks a token that a span cuts through)."""
     text, spans = assistant_spans(tok, messages)
     encoding = tok.tok.encode(text, add_special_tokens=False)
-    mask = [int(any(start <= begin < end for start, end in spans)) for begin, _ in encoding.offsets]
+    mask = [int(any(token_start < span_end and span_start < token_end for span_start, span_end in spans))
+            for token_start, token_end in encoding.offsets]
     ids = list(encoding.ids)
     if tok.eot_token is not None and (not ids or ids[-1] != tok.eot_token):
         ids.append(tok.eot_token)  # where one conversation ends and the next begins
@@ -101,8 +162,11 @@ def main():
         raise UserError(f"{tokenizer} has no chat template: instruction tuning needs one "
                         "(a base model's tokenizer may lack it; use the instruct model's)")
     splits = {"train": ([], []), "val": ([], [])}
-    for n, messages in enumerate(conversations):
-        ids, mask = encode_with_mask(tok, messages)
+    for n, (line, messages) in enumerate(conversations):
+        try:
+            ids, mask = encode_with_mask(tok, messages)
+        except UserError as e:
+            raise UserError(f"{input}, line {line}: {e}") from None
         split = splits["val" if n % 10 == 9 else "train"]
         split[0].extend(ids)
         split[1].extend(mask)
