@@ -160,8 +160,11 @@ def main():
     def decode(ids):
         return tokenizer.decode(ids, skip_special_tokens=cfg["skip_special_tokens"])
 
+    # the token encode_prompt puts first ([CLS]) is the model's, not the user's text: it is fed
+    # but not shown, as transformers' text-generation pipeline shows the prompt as typed
+    shown = [p[1:] if tokenizer.bos_token is not None else p for p in prompts]
     streams = [engine.TextStream(decode, p, stops, show_prompt=cfg["return_full_text"])
-               for p in prompts for _ in range(options.num_return_sequences)]
+               for p in shown for _ in range(options.num_return_sequences)]
     beams = options.num_beams > 1
     live = cfg["stream"] and len(streams) == 1 and not beams
     if live:
