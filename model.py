@@ -218,15 +218,17 @@ class GPT(nn.Module):
         temperature=0 is greedy. The keys and values of the tokens seen stay in a KV cache, so
         each step runs only the newest token through the model.
         Any other option (top_p, min_p, penalties, num_beams, stop_tokens, seed, ...: see
-        engine.generate) hands the whole call to engine.generate."""
-        if options:
-            import engine  # decoding with every option lives in engine.py, which builds on this file
+        engine.generate), or prompts of several lengths (lists of token ids), hands the whole
+        call to engine.generate."""
+        import engine  # decoding with every option lives in engine.py, which builds on this file
+        if options or not torch.is_tensor(idx):
             if options.get("num_beams", 1) > 1 and temperature == 1.0 and "do_sample" not in options:
                 # nanoGPT's default temperature means "sample"; beams without do_sample are
                 # deterministic, as in transformers
                 temperature = 0
             return engine.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                    **options)
+        engine.DecodingOptions(max_new_tokens, temperature=temperature, top_k=top_k)  # refuses bad ones
         from engine import KVCache
         block_size = self.config.block_size
         cache = KVCache(self, idx.size(0), min(block_size, idx.size(1) + max_new_tokens))

@@ -9,6 +9,7 @@ import torch
 
 import engine
 from checkpoint import load_model, save_run
+from errors import UserError
 from llama import Llama, LlamaConfig
 from model import GPT, GPTConfig, build
 from optim import configure_optimizers
@@ -170,6 +171,11 @@ def test_other_options_go_to_engine_generate():
         10, temperature=0, num_beams=3))[0])
     nucleus = model.generate(x, 10, temperature=0.8, top_p=0.9, seed=5)
     assert torch.equal(nucleus, engine.generate(model, x, 10, temperature=0.8, top_p=0.9, seed=5))
+    uneven = [[1, 2, 3], [4]]  # prompts of several lengths: the engine left-pads them
+    assert torch.equal(model.generate(uneven, 6, 0), engine.generate(model, uneven, 6, temperature=0))
+    for bad in (dict(temperature=-1.0), dict(top_k=-2), dict(max_new_tokens=-1)):
+        with pytest.raises(UserError, match=next(iter(bad))):  # refused as engine.generate refuses it
+            model.generate(x, **{"max_new_tokens": 5, **bad})
 
 
 # -----------------------------------------------------------------------------
