@@ -229,7 +229,7 @@ class GPT(nn.Module):
             return engine.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                    **options)
         engine.DecodingOptions(max_new_tokens, temperature=temperature, top_k=top_k)  # refuses bad ones
-        from engine import KVCache
+        from engine import KVCache  # the generation engine's cache: buffers allocated once
         block_size = self.config.block_size
         cache = KVCache(self, idx.size(0), min(block_size, idx.size(1) + max_new_tokens))
         no_padding = torch.zeros(idx.size(0), dtype=torch.long, device=idx.device)
