@@ -37,10 +37,10 @@ import integrity
 import lora
 from atomic import atomic_write
 from errors import UserError
-from model import GPT, GPTConfig
+from model import build, config_class
 from tokenizer import CharTokenizer, TiktokenTokenizer, from_spec
 
-# the positive int fields of a GPTConfig (model_args), checked wherever one is read
+# the positive int fields of a model's config (model_args), checked wherever one is read
 SIZES = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 
 
@@ -106,8 +106,13 @@ def check_out_dir(path):
 
 
 def model_config(args, source=None):
-    """A GPTConfig from model_args (a checkpoint's, config.json's, or the flags'), checked."""
+    """A model's config (model.GPTConfig, or llama.LlamaConfig where model_args' family is
+    "llama") from model_args (a checkpoint's, config.json's, or the flags'), checked."""
     where = f"{source}: " if source else ""
+    try:
+        config_type = config_class(args.get("family", "gpt2"))
+    except ValueError as e:
+        raise UserError(f"{where}not a model this repo builds: {e}") from None
     for key in SIZES:
         value = args.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -122,7 +127,7 @@ def model_config(args, source=None):
     dropout = args.get("dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise UserError(f"{where}dropout must be in [0, 1), got {dropout!r}")
-    fields = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    fields = {f.name: f.default for f in dataclasses.fields(config_type) if f.init}
     optional = {"n_kv_head": int, "mlp_hidden": int, "rope_scaling": dict, "hf_model_type": str,
                 "eos_token_id": list}
     for key, value in args.items():
@@ -141,7 +146,7 @@ def model_config(args, source=None):
             raise UserError(f"{where}{key} must be {'a positive int' if kind is int else 'a ' + kind.__name__}"
                             f"{' or None' if key in optional else ''}, got {value!r}")
     try:
-        return GPTConfig(**{k: v for k, v in args.items() if k in fields})
+        return config_type(**{k: v for k, v in args.items() if k in fields})
     except (ValueError, TypeError, KeyError, ZeroDivisionError) as e:
         raise UserError(f"{where}not a model this repo builds: {e}") from None
 
@@ -418,7 +423,7 @@ def load_model(source, device="cpu", dtype=None, dropout=None, block_size=None, 
             raise UserError(f"block_size={block_size} is larger than the context of {source} "
                             f"({model.config.block_size} positions): lower --block_size")
         model.crop_block_size(block_size)
-    return model, tokenizer
+    return model.eval(), tokenizer
 
 
 def load_hf(name_or_path, device, dtype, dropout):
@@ -471,7 +476,7 @@ def fill_model(config, tensors, rename, device, dtype, name):
     the model is built on the meta device and the loaded tensors are assigned to it.
     tensors: (file name, shape, read) triples; rename(file name) -> (our name, transpose) or None."""
     with torch.device("meta"):
-        model = GPT(config)
+        model = build(config)
     wanted = dict(model.named_parameters())  # tied parameters once, under their first name
     aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - wanted.keys()
     loaded = {}

@@ -2,10 +2,10 @@
 Hugging Face's model format, both ways: hub downloads, config.json, the tokenizer's files,
 safetensors read at 1x the weights' memory, and export to a folder transformers loads.
 Two families: GPT-2 (model_type "gpt2") and the Llama-style models ("llama", "mistral",
-"qwen2"), which model.py builds as GPTConfig(family="llama").
+"qwen2"), which llama.py builds (llama.LlamaConfig).
 
     folder = locate("gpt2-xl")            # a GPT-2 size, a hub id, or a local folder
-    args = model_args(read_config(folder), "gpt2-xl")   # our GPTConfig's fields
+    args = model_args(read_config(folder), "gpt2-xl")   # our config's fields (model_args)
     tokenizer = folder_tokenizer(folder, "gpt2-xl", args["vocab_size"])
     files = weight_files(folder, "gpt2-xl")
     export(model, tokenizer, "my-model")   # config.json, model.safetensors, tokenizer files
@@ -43,7 +43,7 @@ HUB_FILES = ["config.json", "generation_config.json", "model*.safetensors",
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                        "mask_token")
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# the Llama-style model_types, one architecture in model.py, and their transformers classes
+# the Llama-style model_types, one architecture in llama.py, and their transformers classes
 LLAMA_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                "qwen2": "Qwen2ForCausalLM"}
 MODEL_TYPES = ("gpt2", *LLAMA_TYPES)
@@ -168,7 +168,7 @@ def generation_defaults(folder, name):
 
 
 def model_args(hf, name, dropout=None):
-    """Our GPTConfig's fields for a Hugging Face config.json; refuses what our GPT would compute
+    """Our config's fields (model_args) for a Hugging Face config.json; refuses what our GPT would compute
     otherwise."""
     if hf.get("model_type") in LLAMA_TYPES:
         return llama_args(hf, name, dropout)
@@ -200,8 +200,8 @@ def model_args(hf, name, dropout=None):
 
 
 def llama_args(hf, name, dropout=None):
-    """GPTConfig's fields (family "llama") for the config.json of a Llama, Mistral or Qwen2
-    model, with transformers' defaults for the keys it leaves out; refuses what model.py would
+    """LlamaConfig's fields (family "llama") for the config.json of a Llama, Mistral or Qwen2
+    model, with transformers' defaults for the keys it leaves out; refuses what llama.py would
     compute otherwise (another activation, RoPE variant or head size, a sliding window that
     would matter)."""
     model_type = hf["model_type"]
@@ -253,7 +253,7 @@ def llama_args(hf, name, dropout=None):
                 qkv_bias=model_type == "qwen2",
                 attn_bias=model_type == "llama" and bool(hf.get("attention_bias", False)),
                 mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
-                bias=False, eos_token_id=eos or None,
+                eos_token_id=eos or None,
                 dropout=hf.get("attention_dropout", 0.0) if dropout is None else dropout)
 
 
@@ -278,7 +278,7 @@ def sliding_window(hf, model_type):
 def rope_args(hf, name, block_size):
     """(rope_theta, rope_scaling) of a config.json: transformers 5 writes rope_parameters,
     older configs rope_theta and rope_scaling. rope_scaling comes out None, or complete, as
-    GPTConfig takes it (Llama 3.1's original_max_position_embeddings filled in as transformers
+    LlamaConfig takes it (Llama 3.1's original_max_position_embeddings filled in as transformers
     does, so that a later crop of block_size does not change it)."""
     params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
@@ -423,7 +423,7 @@ def weight_files(folder, name):
 
 def renamer(config, name):
     """The rename function (file's tensor name -> (our name, transpose) or None to skip it)
-    for checkpoints of config's family (a GPTConfig)."""
+    for checkpoints of config's family (a GPTConfig or LlamaConfig)."""
     if config.family == "gpt2":
         return rename
     return functools.partial(llama_rename, expected=llama_names(config), config=config, source=name)
@@ -545,7 +545,7 @@ def read_tensor(f, buffer, offset, nbytes, dtype, shape, out, transpose):
 # Export: our GPT as a folder transformers loads as GPT-2
 
 def export_config(config, tokenizer):
-    """transformers' config (as JSON) of our GPTConfig: GPT2Config, or the Llama-style one."""
+    """transformers' config (as JSON) of our config: GPT2Config, or the Llama-style one."""
     if config.family == "llama":
         return llama_export_config(config, tokenizer)
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
@@ -573,7 +573,7 @@ def llama_export_type(config):
 
 
 def llama_export_config(config, tokenizer):
-    """transformers' LlamaConfig, MistralConfig or Qwen2Config (as JSON) of our GPTConfig."""
+    """transformers' LlamaConfig, MistralConfig or Qwen2Config (as JSON) of our LlamaConfig."""
     model_type = llama_export_type(config)
     eos = config.eos_token_id or ([] if tokenizer.eot_token is None else [tokenizer.eot_token])
     rope = {"rope_type": "default"} if config.rope_scaling is None else dict(config.rope_scaling)

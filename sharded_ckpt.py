@@ -29,7 +29,7 @@ from atomic import replace_folder
 from configurator import configure, run
 from distributed import Distributed, by_position, collective_device
 from errors import UserError
-from model import GPT
+from model import build
 
 # torch.distributed.checkpoint is imported by the functions that use it: it is slow to import,
 # which a run that does not use it need not pay
@@ -209,7 +209,7 @@ def write_run(path, state, progress, folder):
     """ckpt.pt from a sharded checkpoint's state (model, optimizer) and progress."""
     config = checkpoint.model_config(progress.pop("model_args"), folder)
     with torch.device("meta"):
-        model = GPT(config)  # its config only: the tensors come from the shards
+        model = build(config)  # its config only: the tensors come from the shards
     settings, tokenizer, base = progress.pop("config"), progress.pop("tokenizer"), progress.pop("base")
     checkpoint.save_run(path, model, None, settings, tokenizer, base, model_state=state["model"],
                         optimizer_state=by_position(state["optimizer"]), **progress)

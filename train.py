@@ -32,7 +32,7 @@ import lora
 import sharded_ckpt
 from dataset import get_batch, open_dataset, to_device
 from errors import UserError
-from model import GPT
+from model import build
 from optim import configure_optimizers
 from runlog import RunLog
 
@@ -194,7 +194,7 @@ def load_or_build_model(meta, passed, device_type, build_on="cpu"):
             ckpt_path, run = sharded, sharded_ckpt.read_progress(sharded)
             config = checkpoint.model_config({**run["model_args"], "dropout": dropout}, sharded)
             with torch.device("meta"):
-                model = GPT(config)
+                model = build(config)
             run["sharded"] = sharded
         else:
             model, run = checkpoint.load_run(ckpt_path, device=build_on, dropout=dropout)
@@ -211,7 +211,7 @@ def load_or_build_model(meta, passed, device_type, build_on="cpu"):
                                           "vocab_size": meta.get("vocab_size", 50304)})
         check_memory(dataclasses.asdict(config), device_type)
         with torch.device(build_on):
-            model = GPT(config)
+            model = build(config)
         return model, meta.get("tokenizer"), run, base
     # the architecture is the pretrained model's; dropout applies, block_size crops;
     # a LoRA run as init_from comes with its adapters merged into the weights

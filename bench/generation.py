@@ -48,7 +48,7 @@ from configurator import configure, run  # noqa: E402
 from dataset import open_dataset  # noqa: E402
 from errors import UserError  # noqa: E402
 from bench import shapes  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT, GPTConfig, build  # noqa: E402
 
 # -----------------------------------------------------------------------------
 repeat = 3  # timed runs of each measurement
@@ -240,7 +240,7 @@ def weight_formats(model):
     """The model with float32, bfloat16 and int8 weights, each in the layout sample.py decodes
     with on a CPU (the float ones: quantize.fast_cpu_linears)."""
     def copy():
-        c = GPT(model.config)
+        c = build(model.config)
         c.load_state_dict(model.state_dict())
         return c.eval()
     return {"float32 weights": quantize.fast_cpu_linears(model),

@@ -59,7 +59,7 @@ def damaged_checkpoints(root, good):
     variant("n_embd_negative", lambda r: r["model_args"].update(n_embd=-32))
     variant("n_head_not_dividing", lambda r: r["model_args"].update(n_head=3))
     variant("family_unknown", lambda r: r["model_args"].update(family="rnn"))
-    variant("norm_eps_str", lambda r: r["model_args"].update(norm_eps="small"))
+    variant("norm_eps_str", lambda r: r["model_args"].update(family="llama", norm_eps="small"))
     variant("bias_str", lambda r: r["model_args"].update(bias="yes"))
     variant("activation_unknown", lambda r: r["model_args"].update(activation="relu"))
     variant("dropout_1_5", lambda r: r["model_args"].update(dropout=1.5))

@@ -289,7 +289,7 @@ def test_top_k_samples_only_the_k_most_likely_tokens(ours):
 def test_bad_options_are_user_errors(ours, options, words):
     options = {"max_new_tokens": 5, **options}
     with pytest.raises(UserError, match=words):
-        ours.generate(prompts(1, 3), **options)
+        engine.generate(ours, prompts(1, 3), **options)
 
 
 def test_empty_prompt_is_a_user_error(ours):

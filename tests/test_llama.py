@@ -17,10 +17,11 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
 
 import engine
 import hf
+import llama
 from checkpoint import load_model, load_tokenizer, save_run
 from conftest import assert_user_error, run_script, tiny_bpe
 from errors import UserError
-from model import GPT, GPTConfig
+from model import GPT
 
 
 @functools.cache
@@ -144,9 +145,9 @@ def test_logits_equal_transformers(pairs, kind):
 
 def test_a_new_llama_trains_from_gpt2_s_init():
     torch.manual_seed(0)
-    config = GPTConfig(family="llama", block_size=32, vocab_size=100, n_layer=2, n_head=4, n_kv_head=2,
-                       n_embd=64, mlp_hidden=128, tie_embeddings=False)
-    model = GPT(config)
+    config = llama.LlamaConfig(block_size=32, vocab_size=100, n_layer=2, n_head=4, n_kv_head=2,
+                               n_embd=64, mlp_hidden=128, tie_embeddings=False)
+    model = llama.Llama(config)
     assert not hasattr(model, "transformer")  # no position table: rotary embeddings
     assert abs(model.model.layers[0].self_attn.q_proj.weight.std().item() - 0.02) < 0.003
     assert abs(model.model.layers[0].mlp.down_proj.weight.std().item() - 0.02 / math.sqrt(4)) < 0.002
@@ -163,7 +164,7 @@ def test_a_new_llama_trains_from_gpt2_s_init():
     assert loss.item() < 0.5 * first.item()
     assert model.flops_per_token() == 6 * model.get_num_params() + 12 * 2 * 64 * 32
     with pytest.raises(ValueError, match="yarn"):
-        GPTConfig(family="llama", rope_scaling={"rope_type": "yarn", "factor": 2.0})
+        llama.LlamaConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0})
 
 
 # -----------------------------------------------------------------------------
@@ -263,9 +264,9 @@ def test_a_run_saves_and_loads_back(pairs, kind, tmp_path):
 def test_export_loads_in_transformers_with_equal_logits(pairs, kind, tmp_path):
     if kind == "new":  # a model of ours, trained here: no model_type of its own, qkv_bias as Qwen2's
         torch.manual_seed(0)
-        ours = GPT(GPTConfig(family="llama", block_size=32, vocab_size=VOCAB, n_layer=2, n_head=4,
-                             n_kv_head=2, n_embd=32, mlp_hidden=48, qkv_bias=True, tie_embeddings=False,
-                             rope_theta=1000.0, bias=False)).eval()
+        ours = llama.Llama(llama.LlamaConfig(block_size=32, vocab_size=VOCAB, n_layer=2, n_head=4,
+                                             n_kv_head=2, n_embd=32, mlp_hidden=48, qkv_bias=True,
+                                             tie_embeddings=False, rope_theta=1000.0)).eval()
         tok, model_type = pairs["qwen2"][2], "qwen2"
     else:
         theirs, ours, tok, _ = pairs[kind]

@@ -1,12 +1,19 @@
-"""The model on its own: initial loss, learning, and the pieces train.py relies on."""
+"""The model on its own: initial loss, learning, the pieces train.py relies on, generate, and
+either family built back from a saved config."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from model import GPT, GPTConfig
+import engine
+from checkpoint import load_model, save_run
+from errors import UserError
+from llama import Llama, LlamaConfig
+from model import GPT, GPTConfig, build
 from optim import configure_optimizers
+from tokenizer import CharTokenizer
 
 
 def tiny(**kw):
@@ -112,3 +119,100 @@ def test_generate_greedy_and_sampled():
     torch.manual_seed(1)
     b = model.generate(x, 10, temperature=1.0, top_k=3)
     assert torch.equal(a, b)
+
+
+# -----------------------------------------------------------------------------
+# generate: nanoGPT's loop, over the KV cache, the same tokens as engine.generate
+
+def tiny_llama():
+    torch.manual_seed(0)
+    return Llama(LlamaConfig(block_size=32, vocab_size=65, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                             tie_embeddings=False))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generate_gives_engine_s_tokens(family):
+    model = (tiny() if family == "gpt2" else tiny_llama()).eval()
+    x = torch.randint(65, (3, 5))
+    for new in (10, 60):  # 60: past block_size (32), where both crop to the last 32 tokens
+        greedy = engine.generate(model, x, new, temperature=0)
+        assert greedy.shape == (3, 5 + new)
+        assert torch.equal(model.generate(x, new, temperature=0), greedy)
+        assert torch.equal(model.generate(x, new, top_k=1), greedy)  # only the most likely is left
+        for seed in (0, 1, 2):
+            torch.manual_seed(seed)
+            ours = model.generate(x, new, temperature=0.8, top_k=5)
+            torch.manual_seed(seed)
+            theirs = engine.generate(model, x, new, temperature=0.8, top_k=5)
+            assert torch.equal(ours, theirs)
+        torch.manual_seed(3)
+        sampled = model.generate(x, new, temperature=0.8, top_k=5)
+        assert not torch.equal(sampled, greedy)  # it does sample
+
+
+def test_generate_takes_nanogpt_s_positional_call():
+    model = tiny().eval()
+    x = torch.randint(65, (2, 3))
+    torch.manual_seed(0)
+    positional = model.generate(x, 100, 0.8, 200)  # sample.py's call in nanoGPT; top_k > vocab
+    torch.manual_seed(0)
+    assert torch.equal(positional, model.generate(x, max_new_tokens=100, temperature=0.8, top_k=200))
+    torch.manual_seed(0)
+    assert torch.equal(positional, engine.generate(model, x, 100, temperature=0.8, top_k=200))
+
+
+def test_other_options_go_to_engine_generate():
+    model = tiny().eval()
+    x = torch.randint(65, (2, 4))
+    # beams without a temperature are deterministic, as transformers' beams without do_sample
+    beams = model.generate(x, 10, num_beams=3)
+    assert torch.equal(beams, engine.generate(model, x, 10, temperature=0, num_beams=3))
+    assert torch.equal(beams, engine.beam_search(model, x.tolist(), engine.DecodingOptions(
+        10, temperature=0, num_beams=3))[0])
+    nucleus = model.generate(x, 10, temperature=0.8, top_p=0.9, seed=5)
+    assert torch.equal(nucleus, engine.generate(model, x, 10, temperature=0.8, top_p=0.9, seed=5))
+    uneven = [[1, 2, 3], [4]]  # prompts of several lengths: the engine left-pads them
+    assert torch.equal(model.generate(uneven, 6, 0), engine.generate(model, uneven, 6, temperature=0))
+    for bad in (dict(temperature=-1.0), dict(top_k=-2), dict(max_new_tokens=-1)):
+        with pytest.raises(UserError, match=next(iter(bad))):  # refused as engine.generate refuses it
+            model.generate(x, **{"max_new_tokens": 5, **bad})
+
+
+# -----------------------------------------------------------------------------
+# loading: one constructor for either family, checkpoints of earlier versions included
+
+# the config fields of both families, as this repo saved them in every run's model_args
+# before the Llama-style family had a config class of its own
+OLD_FIELDS = dict(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768,
+                  dropout=0.0, bias=True, activation="gelu_tanh", family="gpt2", n_kv_head=None,
+                  norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, mlp_hidden=None,
+                  tie_embeddings=True, qkv_bias=False, attn_bias=False, mlp_bias=False,
+                  hf_model_type=None, eos_token_id=None)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_run_saved_with_both_families_fields_loads_eval_ready(family, tmp_path):
+    model = tiny() if family == "gpt2" else tiny_llama()
+    config = dataclasses.asdict(model.config)
+    old = {**OLD_FIELDS, **config}
+    if family == "llama":
+        old.update(bias=False, activation="gelu_tanh")  # the old loaders wrote these for Llamas
+    path = str(tmp_path / "ckpt.pt")
+    chars = CharTokenizer("".join(chr(32 + i) for i in range(65)))
+    save_run(path, model, torch.optim.AdamW(model.parameters()), {}, chars.spec())
+    run = torch.load(path, weights_only=True)
+    run["model_args"] = old
+    torch.save(run, path)
+    loaded, _ = load_model(str(tmp_path))
+    assert type(loaded) is type(model) and dataclasses.asdict(loaded.config) == config
+    assert not loaded.training and not any(m.training for m in loaded.modules())  # eval-ready
+    idx = torch.randint(65, (2, 16))
+    assert torch.equal(loaded(idx, idx)[0], model.eval()(idx, idx)[0])
+
+
+def test_build_makes_each_family_s_model():
+    assert type(build(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=10))) is GPT
+    llama = build(LlamaConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=10))
+    assert type(llama) is Llama and not hasattr(llama, "transformer")
+    assert [n for n, _ in llama.named_parameters()][:2] == ["model.embed_tokens.weight",
+                                                            "model.layers.0.input_layernorm.weight"]

@@ -5,7 +5,7 @@ import os
 import torch
 
 from conftest import TINY, assert_user_error, run_script
-from model import GPT, GPTConfig
+from llama import Llama, LlamaConfig
 from train import setup_finetune
 
 
@@ -30,8 +30,8 @@ def test_trainable_patterns_train_only_the_named_parameters(trained, char_datase
 
 def test_freeze_and_patterns_on_a_llama_style_model():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(family="llama", n_layer=3, n_head=4, n_kv_head=2, n_embd=32, block_size=16,
-                          vocab_size=50, mlp_hidden=64, tie_embeddings=False, bias=False))
+    model = Llama(LlamaConfig(n_layer=3, n_head=4, n_kv_head=2, n_embd=32, block_size=16,
+                              vocab_size=50, mlp_hidden=64, tie_embeddings=False))
     setup_finetune(model, "freeze", freeze_layers=2)
     trains = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trains and all(n.startswith(("model.layers.2.", "model.norm.", "lm_head.")) for n in trains)
