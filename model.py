@@ -229,7 +229,7 @@ class GPT(nn.Module):
             return engine.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                    **options)
         engine.DecodingOptions(max_new_tokens, temperature=temperature, top_k=top_k)  # refuses bad ones
-        from engine import KVCache  # the generation engine's cache: buffers allocated once
+        from kvcache import KVCache  # the generation engine's cache: buffers allocated once
         block_size = self.config.block_size
         cache = KVCache(self, idx.size(0), min(block_size, idx.size(1) + max_new_tokens))
         no_padding = torch.zeros(idx.size(0), dtype=torch.long, device=idx.device)
@@ -242,7 +242,7 @@ class GPT(nn.Module):
             else:
                 idx_cond = idx[:, -1:]  # the tokens before it are in the cache
             # the logits (b, vocab_size) after the last token, its keys and values cached
-            logits = cache.feed(self, idx_cond)
+            logits = cache.extend(self, idx_cond)
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)
             else:
