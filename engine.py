@@ -434,14 +434,10 @@ def beam_search(model, prompts, opts, stop_tokens=(), logits_processors=(), stop
     # one does not pick the same token K times
     running = torch.zeros(P, K, device=device)
     running[:, 1:] = -1e9
-    finished_ids = ids.view(P, K, total).clone()
-    finished = torch.full((P, K), -1e9, device=device)  # length-penalised scores
-    is_finished = torch.zeros(P, K, dtype=torch.bool, device=device)
-    improvable = torch.ones(P, 1, dtype=torch.bool, device=device)
+    done = FinishedBeams(ids.view(P, K, total), opts)
     # candidates per step, as Hugging Face keeps them: num_beams more than could end on a stop
     # token (each beam's best continuations may be every stop token), and at least twice the beams
     n_candidates = max(2, 1 + len(stop_tokens)) * K
-    top_k_mask = torch.arange(n_candidates, device=device) < K
     offsets = torch.arange(P, device=device)[:, None] * K
 
     for t in range(width, total):
@@ -467,42 +463,62 @@ def beam_search(model, prompts, opts, stop_tokens=(), logits_processors=(), stop
         ids = cand_ids.gather(1, best[:, :, None].expand(-1, -1, total)).view(P * K, total)
         cache.reorder(rows)
 
-        # candidates among the top K that end join the finished ones, if they rank there;
-        # Hugging Face's -1e9 penalties shut out the others, and all of a prompt that is done
-        # (every slot finished with early_stopping=True, or no improvement possible)
         generated = t + 1 - width
-        final = cand_scores / generated ** opts.length_penalty
-        full = is_finished.all(dim=1, keepdim=True) & (opts.early_stopping is True)
-        for shut_out in (full, ~improvable, ~(ends & top_k_mask)):
-            final = final - 1e9 * shut_out.float()
-        merged_scores = torch.cat((finished, final), dim=1)
-        keep = torch.topk(merged_scores, K).indices
-        finished = merged_scores.gather(1, keep)
-        is_finished = torch.cat((is_finished, ends & top_k_mask), dim=1).gather(1, keep)
-        merged_ids = torch.cat((finished_ids, cand_ids), dim=1)
-        finished_ids = merged_ids.gather(1, keep[:, :, None].expand(-1, -1, total))
-
-        # can a running beam still beat the worst finished one? Log-probabilities only fall as a
-        # sequence grows, so Hugging Face estimates its best final score by its score now
-        # divided by the current length; "never" with a positive penalty divides by the longest
-        # possible length, where the penalty favours it most
-        never = opts.early_stopping == "never" and opts.length_penalty > 0
-        length = max_new_tokens if never else generated
-        best_possible = running[:, :1] / length ** opts.length_penalty
-        worst = torch.where(is_finished, finished.min(dim=1, keepdim=True).values, -1e9)
-        improvable &= (best_possible > worst).any(dim=1, keepdim=True)
-        all_full = is_finished.all() and opts.early_stopping is True
-        if not improvable.any() or all_full or ends.all():
+        done.add(cand_ids, cand_scores, ends, generated)
+        if done.search_is_over(running, generated, max_new_tokens) or ends.all():
             break
         logits = next_logits(model, cache, ids, t + 1, opts.context_shift, step)
 
     # the best num_return_sequences of each prompt, cut to the longest of them; the slots
     # after a sequence's end still hold PAD, and take the fill token
-    out = finished_ids[:, :n].reshape(P * n, total)
+    out = done.ids[:, :n].reshape(P * n, total)
     longest = int((out[:, width:] != PAD).sum(dim=1).max())
     out = out[:, :width + longest]
     out[:, width:] = out[:, width:].masked_fill(out[:, width:] == PAD, fill_token)
-    return out, finished[:, :n].reshape(-1)
+    return out, done.scores[:, :n].reshape(-1)
+
+
+class FinishedBeams:
+    """The num_beams best finished sequences of each prompt and their scores (log-probability /
+    generated length ** length_penalty), as Hugging Face's beam hypotheses keep them."""
+
+    def __init__(self, ids, opts):
+        P, K, _ = ids.shape
+        self.opts, self.K = opts, K
+        self.ids = ids.clone()  # (P, K, total)
+        self.scores = torch.full((P, K), -1e9, device=ids.device)
+        self.is_finished = torch.zeros(P, K, dtype=torch.bool, device=ids.device)
+        self.improvable = torch.ones(P, 1, dtype=torch.bool, device=ids.device)
+
+    def add(self, cand_ids, cand_scores, ends, generated):
+        """Candidates among the top K that end join the finished ones, if they rank there;
+        Hugging Face's -1e9 penalties shut out the others, and all of a prompt that is done
+        (every slot finished with early_stopping=True, or no improvement possible)."""
+        joining = ends & (torch.arange(cand_scores.size(1), device=ends.device) < self.K)
+        final = cand_scores / generated ** self.opts.length_penalty
+        full = self.is_finished.all(dim=1, keepdim=True) & (self.opts.early_stopping is True)
+        for shut_out in (full, ~self.improvable, ~joining):
+            final = final - 1e9 * shut_out.float()
+        merged_scores = torch.cat((self.scores, final), dim=1)
+        keep = torch.topk(merged_scores, self.K).indices
+        self.scores = merged_scores.gather(1, keep)
+        self.is_finished = torch.cat((self.is_finished, joining), dim=1).gather(1, keep)
+        merged_ids = torch.cat((self.ids, cand_ids), dim=1)
+        self.ids = merged_ids.gather(1, keep[:, :, None].expand(-1, -1, merged_ids.size(2)))
+
+    def search_is_over(self, running, generated, max_new_tokens):
+        """True when no running beam can beat the worst finished one of its prompt (or, with
+        early_stopping=True, every prompt has num_beams finished). Log-probabilities only fall
+        as a sequence grows, so Hugging Face estimates a beam's best final score by its score
+        now divided by the current length; "never" with a positive penalty divides by the
+        longest possible length, where the penalty favours it most."""
+        opts = self.opts
+        never = opts.early_stopping == "never" and opts.length_penalty > 0
+        length = max_new_tokens if never else generated
+        best_possible = running[:, :1] / length ** opts.length_penalty
+        worst = torch.where(self.is_finished, self.scores.min(dim=1, keepdim=True).values, -1e9)
+        self.improvable &= (best_possible > worst).any(dim=1, keepdim=True)
+        return not self.improvable.any() or bool(self.is_finished.all() and opts.early_stopping is True)
 
 
 # -----------------------------------------------------------------------------
