@@ -85,17 +85,18 @@ MODEL_FILES = ("ckpt.pt", "config.json", "model.safetensors", "model.safetensors
 DATASET_FILES = ("train.bin", "val.bin")
 
 
-def check_not_foreign(folder, made_here, overwrite=False):
-    """Refuse (a UserError) to write into folder when it holds a model or a dataset that
-    made_here(folder) says this script did not make, unless overwrite (its --overwrite=True): a
-    user's model, a hub download, another program's dataset stay as they are."""
+def check_not_foreign(folder, made_here, overwrite=False, guarded=MODEL_FILES + DATASET_FILES):
+    """Refuse (a UserError) to write into folder when it holds a model or a dataset (one of the
+    files named in guarded) that made_here(folder) says this script did not make, unless
+    overwrite (its --overwrite=True): a user's model, a hub download, another program's dataset
+    stay as they are."""
     if overwrite or not os.path.isdir(folder):
         return
     try:
         names = set(os.listdir(folder))
     except OSError as e:
         raise UserError(f"cannot read the folder {folder}: {e.strerror}") from None
-    held = [name for name in MODEL_FILES + DATASET_FILES if name in names]
+    held = [name for name in guarded if name in names]
     if held and not made_here(folder):
         raise UserError(f"{folder} holds a model or dataset ({', '.join(held)}) that this script "
                         "did not make, which it would write over: choose another folder, or pass "

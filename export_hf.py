@@ -29,7 +29,7 @@ from configurator import configure, run  # first: Ctrl-C while the rest loads ex
 
 import checkpoint
 import hf
-from atomic import check_not_foreign
+from atomic import MODEL_FILES, check_not_foreign
 from errors import UserError
 
 # -----------------------------------------------------------------------------
@@ -108,7 +108,8 @@ def main():
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     check_export_dir(folder, ckpt_path)
     model, tokenizer = checkpoint.load_model(ckpt_path)
-    check_not_foreign(folder, lambda f: is_export_of(f, model, tokenizer), overwrite)
+    # a model there: hf.export refuses every file that is not an export's, a dataset's included
+    check_not_foreign(folder, lambda f: is_export_of(f, model, tokenizer), overwrite, MODEL_FILES)
     files = hf.export(model, tokenizer, folder)
     print(f"wrote {folder}: config.json, model.safetensors" + "".join(f", {n}" for n in files))
     if not files:

@@ -224,7 +224,7 @@ def replace_or_die(src, dst):
         os._exit(9)
     replace(src, dst)
 os.replace = replace_or_die
-dataset.write_dataset(sys.argv[1], CharTokenizer("abcd"), [3, 2, 1] * 30, [1, 2, 3] * 7, "new")
+write_dataset(sys.argv[1], CharTokenizer("abcd"), [3, 2, 1] * 30, [1, 2, 3] * 7, "new")
 """
 
 
@@ -387,6 +387,6 @@ def test_a_number_past_floats_is_refused_not_hung(key):
 @pytest.mark.parametrize("arg", ["--learning_rate=nan", "--grad_clip=1e400", f"--learning_rate=1{'0' * 400}"])
 def test_train_refuses_a_nonfinite_knob_and_writes_nothing(arg, char_dataset, tmp_path):
     result = run_script("train.py", *conftest.TINY, f"--dataset={char_dataset}",
-                        f"--out_dir={tmp_path / 'out'}", arg)
+                        f"--out_dir={tmp_path / 'out'}", "--max_iters=2", arg)
     assert_user_error(result, arg.split("=")[0][2:])
     assert not (tmp_path / "out").exists()
