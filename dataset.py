@@ -5,7 +5,10 @@ A dataset is a folder holding
     train.bin, val.bin  token ids, one after another, as uint16 (uint32 for vocabularies over
                         65,536 tokens)
     meta.json           vocab_size, the tokenizer spec (tokenizer.py), the ids' dtype, the source
-JSON instead of nanoGPT's meta.pkl, so reading a dataset never unpickles anything.
+JSON instead of nanoGPT's meta.pkl, so reading a dataset never unpickles anything. A dataset
+is replaced whole (swap_in): a preparation stopped part way leaves the old one, or a meta.json
+that says so; never train.bin of one dataset beside val.bin of another. No preparer writes
+into a folder holding a model or another program's dataset unless told to (--overwrite=True).
 
     read_text(path)                                  # a preparer's UTF-8 input
     write_dataset(folder, tokenizer, train_ids, val_ids, source)
@@ -97,6 +100,7 @@ def swap_in(folder, arrays, meta):
 
 
 def json_bytes(obj):
+    """meta.json's bytes: obj as indented JSON."""
     return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
 
 
