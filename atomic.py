@@ -6,9 +6,11 @@ flushed so the rename itself survives a power cut.
 
 Checkpoints, datasets and the loss plot are all written through atomic_write. A folder of files
 (a Hugging Face export) is written the same way by replace_folder: into a temporary folder
-beside it, swapped in whole once complete.
+beside it, swapped in whole once complete. lock_out_dir keeps a run's out_dir to one run at a
+time.
 """
 
+import contextlib
 import glob
 import os
 import shutil
@@ -19,24 +21,37 @@ from errors import UserError
 def atomic_write(path, write):
     """Call write(f) on a binary file that becomes `path` only once it is whole. A write that
     fails (a full disk) is a UserError, the file at path as it was."""
-    # a process killed while writing leaves its temporary file behind: clear those first
+    tmp = write_beside(path, write)
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        os.remove(tmp)
+        raise UserError(could_not_write(path, e)) from None
+    sync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def write_beside(path, write):
+    """Call write(f) on a new binary file beside path, PATH.tmp.<pid>, flushed to disk; return
+    its name, for the caller to rename over path (atomic_write does, a dataset renames all its
+    files together). A write that fails (a full disk) is a UserError, nothing left behind."""
+    # a process killed while writing leaves its temporary file behind: clear those first (files
+    # named as this names them, not a user's folder or link of a like name)
     for stale in glob.glob(glob.escape(path) + ".tmp.*"):
-        os.remove(stale)
-    tmp, failed = f"{path}.tmp.{os.getpid()}", None
+        if stale.rsplit(".", 1)[1].isdigit() and os.path.isfile(stale) and not os.path.islink(stale):
+            os.remove(stale)
+    tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a short write as a RuntimeError
-        failed = e
-    finally:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-    if failed is not None:
-        raise UserError(could_not_write(path, failed))
-    sync_folder(os.path.dirname(os.path.abspath(path)))
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a short write as a RuntimeError
+            raise UserError(could_not_write(path, e)) from None
+        raise
+    return tmp
 
 
 def could_not_write(path, error):
@@ -63,48 +78,165 @@ def sync_folder(folder):
             os.close(fd)
 
 
+# the files that make a folder a model's or a dataset's, which no script writes over (or beside)
+# unless it made them, or is told to
+MODEL_FILES = ("ckpt.pt", "config.json", "model.safetensors", "model.safetensors.index.json",
+               "pytorch_model.bin")
+DATASET_FILES = ("train.bin", "val.bin")
+
+
+def check_not_foreign(folder, made_here, overwrite=False, guarded=MODEL_FILES + DATASET_FILES):
+    """Refuse (a UserError) to write into folder when it holds a model or a dataset (one of the
+    files named in guarded) that made_here(folder) says this script did not make, unless
+    overwrite (its --overwrite=True): a user's model, a hub download, another program's dataset
+    stay as they are."""
+    if overwrite or not os.path.isdir(folder):
+        return
+    try:
+        names = set(os.listdir(folder))
+    except OSError as e:
+        raise UserError(f"cannot read the folder {folder}: {e.strerror}") from None
+    held = [name for name in guarded if name in names]
+    if held and not made_here(folder):
+        raise UserError(f"{folder} holds a model or dataset ({', '.join(held)}) that this script "
+                        "did not make, which it would write over: choose another folder, or pass "
+                        "--overwrite=True to replace it")
+
+
+# A folder that replace_folder makes beside its target, to write into or to move the old one
+# aside into, holds this file: a clean-up after a killed run deletes only folders that hold it,
+# never a user's own folder that happens to be named like one.
+MARKER = ".replace_folder"
+MARKER_TEXT = "made by atomic.replace_folder, which a killed run left behind: safe to delete\n"
+
+
 def replace_folder(folder, write):
     """Call write(tmp) on a new, empty folder that becomes `folder` only once write has returned:
-    its files are flushed to disk, the old folder (if any) is renamed aside, the new one renamed
+    its files are flushed to disk, the old folder (if any) is moved aside, the new one renamed
     into its place, and the old one removed. A failure while writing (a full disk) leaves the old
-    folder exactly as it was, and no temporary folder behind."""
+    folder exactly as it was, and no temporary folder behind.
+
+    Beside folder go FOLDER.tmp.<pid> and FOLDER.old.<pid>: marked folders (MARKER) holding the
+    new folder while it is written and the old one while it is swapped out, so that clear_stale
+    can tell them from a user's folders of the same names."""
     folder = os.path.abspath(folder)
-    parent = os.path.dirname(folder)
+    parent, name = os.path.split(folder)
     os.makedirs(parent, exist_ok=True)
     clear_stale(folder)
-    tmp, old = f"{folder}.tmp.{os.getpid()}", f"{folder}.old.{os.getpid()}"
-    os.mkdir(tmp)
+    tmp, old = make_marked(f"{folder}.tmp.{os.getpid()}"), None
     try:
-        write(tmp)
-        for name in os.listdir(tmp):
-            fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
+        new = os.path.join(tmp, name)
+        os.mkdir(new)
+        write(new)
+        for entry in os.listdir(new):
+            fd = os.open(os.path.join(new, entry), os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        sync_folder(tmp)
+        sync_folder(new)
         if os.path.lexists(folder):
-            os.rename(folder, old)
+            old = make_marked(f"{folder}.old.{os.getpid()}")
+            os.rename(folder, os.path.join(old, name))
         try:
-            os.rename(tmp, folder)
+            os.rename(new, folder)
         except BaseException:
-            if os.path.lexists(old):
-                os.rename(old, folder)  # put the old one back
+            if old is not None:
+                os.rename(os.path.join(old, name), folder)  # put the old one back
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     sync_folder(parent)
-    shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def make_marked(path):
+    """A new folder at path holding MARKER, flushed: from here on clear_stale may remove it.
+    One that cannot be made whole (a full disk) is not left behind."""
+    os.mkdir(path)
+    try:
+        with open(os.path.join(path, MARKER), "w", encoding="utf-8") as f:
+            f.write(MARKER_TEXT)
+        sync_folder(path)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return path
+
+
+def is_marked(path):
+    """Whether path is a folder (not a link to one) that make_marked made."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    try:
+        with open(os.path.join(path, MARKER), encoding="utf-8") as f:
+            return f.read(len(MARKER_TEXT) + 1) == MARKER_TEXT
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def clear_stale(folder):
     """What an earlier replace_folder of folder killed part way left: its temporary folders
-    (removed) and, if it died between its two renames, the old folder (renamed back)."""
+    (removed) and, if it died between its two renames, the old folder (moved back). Only marked
+    folders are touched: a user's FOLDER.old.1 stays as it is."""
+    name = os.path.basename(folder)
     for kind in ("tmp", "old"):
         for stale in sorted(glob.glob(glob.escape(folder) + f".{kind}.*")):
-            if not stale.rsplit(".", 1)[1].isdigit() or not os.path.isdir(stale):
+            if not stale.rsplit(".", 1)[1].isdigit() or not is_marked(stale):
                 continue
-            if kind == "old" and not os.path.lexists(folder):
-                os.rename(stale, folder)
-            else:
-                shutil.rmtree(stale)
+            inside = os.path.join(stale, name)
+            if kind == "old" and os.path.isdir(inside) and not os.path.lexists(folder):
+                os.rename(inside, folder)
+            shutil.rmtree(stale)
+
+
+LOCK_FILE = "run.lock"  # in out_dir while a run holds it: the holder's pid
+
+
+@contextlib.contextmanager
+def lock_out_dir(folder):
+    """Hold folder (a run's out_dir) for this process alone while the with-block runs; a second
+    process that tries is refused with a UserError naming the holder's pid. The lock is the
+    kernel's (flock on folder/LOCK_FILE), so it goes with its process however that ends, a
+    SIGKILL included; a folder this made is removed again if it is left empty."""
+    created = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_FILE)
+    fd = take_lock(path)
+    try:
+        yield
+    finally:
+        os.remove(path)  # while still held: whoever opens the name next makes a new lock file
+        os.close(fd)
+        if created:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass  # it holds the run's files
+
+
+def take_lock(path):
+    """An open descriptor of path holding its exclusive flock, with this process's pid written in."""
+    import fcntl  # POSIX only, as flock is
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"{os.path.dirname(path)} is in use by another run (pid {holder}): "
+                            "one run per out_dir; wait for it to end, or choose another out_dir") from None
+        # the holder before us may have removed the file between our open and our flock: the
+        # lock we hold is then on a file no one else can find, so take the one at path again
+        try:
+            ours = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            ours = False
+        if ours:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+    return fd

@@ -11,7 +11,8 @@ of `--key=value` overrides, applied in order. Values are Python literals
 (`--lr=3e-4`, `--compile=False`, `--start='hi'`); anything that does not parse
 as a literal is taken as a string (`--device=cpu`). Every value must match the
 type of the default it replaces (an int is accepted where a float is
-expected), so a typo fails loudly instead of training the wrong model.
+expected), so a typo fails loudly instead of training the wrong model, and
+no number may be NaN or infinite.
 
 Mistakes made by the person at the keyboard are reported as UserError: one
 line on stderr and exit code 2, no traceback (see `run`).
@@ -20,6 +21,7 @@ line on stderr and exit code 2, no traceback (see `run`).
 import ast
 import difflib
 import gc
+import math
 import os
 import signal
 import sys
@@ -88,6 +90,7 @@ def knobs(namespace):
 def _coerce(key, value, default, origin, nullable=None):
     """Check `value` against the type of `default`; return the value to store. nullable: the
     keys besides those whose default is None that None may be given to (None: every key)."""
+    _check_numbers(key, value, default, origin)
     if default is None:
         return value  # None means "unset / auto": any type may replace it
     if value is None:
@@ -107,6 +110,29 @@ def _coerce(key, value, default, origin, nullable=None):
         raise UserError(f"{origin}: {key} must be {article} {kind} "
                         f"(default {default!r}), got {value!r}")
     return value
+
+
+def _check_numbers(key, value, default, origin):
+    """Refuse a NaN or an infinity anywhere in value (1e400 parses as one), and an int too large
+    to be a float (a 1 and 400 zeros), before anything runs: an optimizer or a clip given one
+    trains NaNs, or raises deep inside torch. A word a float knob is given that Python reads as
+    NaN or infinity ('nan', 'inf') is named as such."""
+    if isinstance(default, float) and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return  # not a number: the type check names it
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{origin}: {key} must be a finite number, got {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
+        raise UserError(f"{origin}: {key} is a number of {len(str(abs(value)))} digits, beyond "
+                        "what any setting takes")
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            _check_numbers(key, item, None, origin)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_numbers(key, item, None, origin)
 
 
 def _parse_value(text):

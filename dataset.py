@@ -5,21 +5,26 @@ A dataset is a folder holding
     train.bin, val.bin  token ids, one after another, as uint16 (uint32 for vocabularies over
                         65,536 tokens)
     meta.json           vocab_size, the tokenizer spec (tokenizer.py), the ids' dtype, the source
-JSON instead of nanoGPT's meta.pkl, so reading a dataset never unpickles anything.
+JSON instead of nanoGPT's meta.pkl, so reading a dataset never unpickles anything. A dataset
+is replaced whole (swap_in): a preparation stopped part way leaves the old one, or a meta.json
+that says so; never train.bin of one dataset beside val.bin of another. No preparer writes
+into a folder holding a model or another program's dataset unless told to (--overwrite=True).
 
     read_text(path)                                  # a preparer's UTF-8 input
     write_dataset(folder, tokenizer, train_ids, val_ids, source)
     splits, meta = open_dataset("shakespeare_char", block_size, vocab_size)   # memory-mapped, checked
+    check_fits(meta, model_tokenizer_spec, "shakespeare_char", "out")   # the model reads its ids
     splits = to_device(splits, "cuda")               # a small corpus: held on the GPU whole
     x, y = get_batch(splits["train"], block_size, rows, generator)
 """
 
+import hashlib
 import json
 import os
 
 import numpy as np
 
-from atomic import atomic_write
+from atomic import atomic_write, check_not_foreign, sync_folder, write_beside
 from errors import UserError
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -36,32 +41,84 @@ def read_text(path):
         raise UserError(f"--input={path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
-def write_dataset(folder, tokenizer, train_ids, val_ids, source="", masks=None):
+MASKS = ("train.mask.bin", "val.mask.bin")
+# what meta.json says while write_dataset renames a new dataset's files in: a folder it is found
+# in was left half old, half new by a preparation that stopped (a SIGKILL, a power cut)
+INCOMPLETE = {"incomplete": "the dataset's files were being replaced: prepare it again"}
+
+
+def write_dataset(folder, tokenizer, train_ids, val_ids, source="", masks=None, overwrite=False):
     """Write train.bin, val.bin and meta.json into folder; return meta. An empty split is
-    refused, before anything is written. masks: (train, val) arrays of one 0/1 byte per token,
-    written as train.mask.bin / val.mask.bin: 1 where the token is a target to learn
-    (data/chat/prepare.py's assistant tokens), 0 where it is context only."""
+    refused, before anything is written, and so is a folder that holds a model or another
+    program's dataset (check_dataset_folder) unless overwrite. masks: (train, val) arrays of one
+    0/1 byte per token, written as train.mask.bin / val.mask.bin: 1 where the token is a target
+    to learn (data/chat/prepare.py's assistant tokens), 0 where it is context only."""
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     train_ids, val_ids = np.asarray(train_ids, dtype=dtype), np.asarray(val_ids, dtype=dtype)
     for split, ids in (("train", train_ids), ("val", val_ids)):
         if len(ids) == 0:
             raise UserError(f"{source or 'the text'} gives no {split} tokens: it is too short to "
                             "split into train and val; nothing written")
+    check_dataset_folder(folder, overwrite)
+    arrays = {"train.bin": train_ids, "val.bin": val_ids}
+    for name, ids, mask in zip(MASKS, (train_ids, val_ids), masks or ()):
+        assert len(mask) == len(ids), "one mask byte per token"
+        arrays[name] = np.asarray(mask, np.uint8)
     meta = {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.spec(), "dtype": dtype.name,
             "source": source, "train_tokens": len(train_ids), "val_tokens": len(val_ids)}
     try:
         os.makedirs(folder, exist_ok=True)
-        atomic_write(os.path.join(folder, "train.bin"), train_ids.tofile)
-        atomic_write(os.path.join(folder, "val.bin"), val_ids.tofile)
-        for split, ids, mask in zip(("train", "val"), (train_ids, val_ids), masks or ()):
-            assert len(mask) == len(ids), "one mask byte per token"
-            atomic_write(os.path.join(folder, f"{split}.mask.bin"), np.asarray(mask, np.uint8).tofile)
-        # meta.json last: a folder with a fresh meta.json has fresh .bin files too
-        meta_bytes = (json.dumps(meta, indent=2) + "\n").encode("utf-8")
-        atomic_write(os.path.join(folder, "meta.json"), lambda f: f.write(meta_bytes))
+        swap_in(folder, arrays, meta)
     except OSError as e:
         raise UserError(f"cannot write the dataset to {folder}: {e.strerror}") from None
     return meta
+
+
+def swap_in(folder, arrays, meta):
+    """Replace the dataset in folder by arrays ({file name: ids}) and meta, as a whole: every
+    file is written beside its name first (a full disk there leaves the old dataset as it
+    was), then meta.json says INCOMPLETE while they are renamed in, then the new meta.json is
+    written. A preparation stopped at any point leaves the old dataset, the new one, or one
+    that open_dataset refuses; never train.bin of one beside val.bin of another."""
+    meta_path = os.path.join(folder, "meta.json")
+    staged = []
+    try:
+        for name, ids in arrays.items():
+            staged.append((write_beside(os.path.join(folder, name), ids.tofile), name))
+        atomic_write(meta_path, lambda f: f.write(json_bytes(INCOMPLETE)))
+    except BaseException:
+        for tmp, _ in staged:
+            os.remove(tmp)
+        raise
+    for tmp, name in staged:
+        os.replace(tmp, os.path.join(folder, name))
+    for name in MASKS:  # an earlier dataset's loss masks, which this one has none of
+        if name not in arrays and os.path.isfile(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+    sync_folder(folder)
+    atomic_write(meta_path, lambda f: f.write(json_bytes(meta)))
+
+
+def json_bytes(obj):
+    """meta.json's bytes: obj as indented JSON."""
+    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+
+
+def check_dataset_folder(folder, overwrite=False):
+    """Refuse, unless overwrite, a folder to write a dataset into that holds a model, or a dataset
+    that write_dataset did not write (nanoGPT's, another program's): preparing would write over
+    or beside what the user keeps there. A preparer calls it before its work, write_dataset again."""
+    check_not_foreign(folder, lambda f: written_here(os.path.join(f, "meta.json")), overwrite)
+
+
+def written_here(meta_path):
+    """Whether the meta.json at meta_path is write_dataset's (a whole one, or INCOMPLETE)."""
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and ("train_tokens" in meta or meta == INCOMPLETE)
 
 
 def dataset_dir(name):
@@ -88,21 +145,20 @@ def open_dataset(name, block_size=None, vocab_size=None):
         if not isinstance(meta, dict):
             raise UserError(f"{meta_path} holds a JSON {type(meta).__name__}, not an object of "
                             "the dataset's settings: prepare the dataset again")
+    if meta == INCOMPLETE:
+        raise UserError(f"{meta_path}: the dataset's files were being replaced when its "
+                        "preparation stopped, so they may be of two datasets: prepare it again")
     dtype = meta.get("dtype", "uint16")
     if dtype not in ("uint16", "uint32"):
         raise UserError(f"{meta_path} names dtype {dtype!r}: token ids are stored as 'uint16' or "
                         "'uint32'")
     dtype = np.dtype(dtype)
-    if meta.get("tokenizer") is not None:  # a run trained on it carries this spec: check it now
-        from tokenizer import check_spec
-        try:
-            check_spec(meta["tokenizer"])
-        except UserError as e:
-            raise UserError(f"{meta_path}: {e}; prepare the dataset again") from None
     meta_vocab = meta.get("vocab_size")
     if meta_vocab is not None and (isinstance(meta_vocab, bool) or not isinstance(meta_vocab, int)
                                    or meta_vocab < 1):
         raise UserError(f"{meta_path}: vocab_size must be a positive integer, got {meta_vocab!r}")
+    if meta.get("tokenizer") is not None:  # a run trained on it carries this spec: check it now
+        check_meta_tokenizer(meta, meta_path)
     splits = {}
     for split in ("train", "val"):
         path = os.path.join(folder, f"{split}.bin")
@@ -136,6 +192,70 @@ def open_dataset(name, block_size=None, vocab_size=None):
                                 f"vocabulary has {vocab_size} ids (0 ... {vocab_size - 1}): "
                                 "prepare the dataset with the model's tokenizer")
     return splits, meta
+
+
+def check_meta_tokenizer(meta, meta_path):
+    """Refuse a meta.json whose tokenizer cannot be made from its spec, or whose vocab_size is not
+    that tokenizer's: the dataset's ids would decode to nothing, or to other text."""
+    from tokenizer import from_spec
+    try:
+        tokenizer = from_spec(meta["tokenizer"])
+    except UserError as e:
+        raise UserError(f"{meta_path}: {e}; prepare the dataset again") from None
+    if meta.get("vocab_size") is not None and meta["vocab_size"] != tokenizer.vocab_size:
+        raise UserError(f"{meta_path}: vocab_size is {meta['vocab_size']}, but its tokenizer has "
+                        f"{tokenizer.vocab_size} tokens: prepare the dataset again")
+
+
+def check_fits(meta, model_spec, dataset, model):
+    """Refuse a dataset prepared with another tokenizer than the model's (model_spec, the spec a
+    checkpoint or model folder carries): its ids would mean other text to the model, and training
+    would run on, learning garbage. Two specs fit when they give every id the same text
+    (tokenizer_fingerprint), whatever their form: a char vocabulary and its export's
+    tokenizer.json, tiktoken's gpt2 and GPT-2's own files. A dataset or checkpoint without a
+    spec (nanoGPT's) is not checked."""
+    spec = meta.get("tokenizer")
+    if spec is None or model_spec is None or same_tokens(spec, model_spec):
+        return
+    raise UserError(f"dataset {dataset!r} was prepared with another tokenizer "
+                    f"({describe(spec)}) than {model}'s ({describe(model_spec)}): its token ids "
+                    "mean other text to the model; prepare it with the model's tokenizer "
+                    f"(python data/text/prepare.py --tokenizer={model} ...)")
+
+
+def same_tokens(spec, other):
+    """Whether two tokenizer specs give every id the same text: at once when they name the same
+    vocabulary alike, else by their fingerprints."""
+    def vocabulary(s):  # what fixes the ids (not the chat template or decoding defaults)
+        return {k: s.get(k) for k in ("kind", "chars", "name", "json")}
+    return vocabulary(spec) == vocabulary(other) or \
+        tokenizer_fingerprint(spec) == tokenizer_fingerprint(other)
+
+
+def tokenizer_fingerprint(spec):
+    """sha256 of the text of every id of the tokenizer of spec, one after another: the same for
+    any two tokenizers that read and write the same ids."""
+    from tokenizer import from_spec
+    tokenizer = from_spec(spec)
+    digest = hashlib.sha256(str(tokenizer.vocab_size).encode())
+    for i in range(tokenizer.vocab_size):
+        try:
+            text = tokenizer.decode([i])
+        except (KeyError, ValueError):  # an id a vocabulary skips (tiktoken's have gaps)
+            text = None
+        digest.update(b"\0" + repr(text).encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+def describe(spec):
+    """A tokenizer spec in a few words."""
+    if not isinstance(spec, dict):
+        return "unknown"
+    if spec.get("kind") == "char":
+        return f"char, {len(spec.get('chars') or '')} characters"
+    if spec.get("kind") == "tiktoken":
+        return f"tiktoken's {spec.get('name')}"
+    return f"{spec.get('kind')}, a tokenizer.json"
 
 
 def to_device(splits, device, max_tokens=2**28):

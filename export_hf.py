@@ -16,31 +16,39 @@ adapters are baked into its base's weights; init_from=<folder> loads the export 
 
 The export is written beside export_dir and swapped in whole once complete, so a failure part
 way (a full disk) leaves the previous export as it was. An export_dir that is, or holds, a
-folder the run is made of (its own, its LoRA base's, down a chain of LoRA bases) is refused, and
-so is one holding files that are not an export's: the swap would delete them.
+folder the run is made of (its own, the model it was fine-tuned from, its LoRA base's, down a
+chain of them) is refused, and so is one holding files that are not an export's: the swap would
+delete them. A model there that is not an export of this run's model (a hub download, another
+model's export) is replaced only with --overwrite=True.
 """
 
+import json
 import os
 
 from configurator import configure, run  # first: Ctrl-C while the rest loads exits quietly
 
 import checkpoint
 import hf
+from atomic import MODEL_FILES, check_not_foreign
 from errors import UserError
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the run whose out_dir/ckpt.pt to export
 export_dir = ""  # where the Hugging Face folder goes; empty means out_dir/hf
+overwrite = False  # replace an export_dir that holds a model other than an export of this run's
 # -----------------------------------------------------------------------------
 
 
 def sources(ckpt_path):
-    """[(folder, what)] of the folders the run at ckpt_path is made of: its own, and for a LoRA
-    run its base's, and so on down a chain of LoRA runs (a base that is a Hugging Face folder
-    ends it; a hub id or a GPT-2 size lies in no folder of the user's). Absolute, links resolved."""
+    """[(folder, what)] of the folders the run at ckpt_path is made of: its own, and the folder
+    of the model it started from (a LoRA run's base, a full fine-tune's init_from), and so on
+    down the chain (a Hugging Face folder ends it; a hub id or a GPT-2 size lies in no folder of
+    the user's). Absolute, links resolved."""
     found, source, what = [], ckpt_path, "the run's own folder"
     while True:
         path = checkpoint.run_path(source)
+        if path is not None and not os.path.isfile(path):
+            return found  # a fine-tune's init_from.pt since moved: nothing there to destroy
         if path is None:
             if os.path.isdir(source):
                 found.append((os.path.realpath(source), what))
@@ -49,11 +57,25 @@ def sources(ckpt_path):
         if any(folder == f for f, _ in found):
             return found  # a loop of bases, which load_model reports
         found.append((folder, what))
-        run = checkpoint.load_checkpoint(path)  # memory-mapped: only "base" is read
-        base = run.get("base") if isinstance(run, dict) else None
-        if not isinstance(base, str) or not base:
+        run = checkpoint.load_checkpoint(path)  # memory-mapped: only "base" and "config" are read
+        start, what = started_from(run, path)
+        if start is None:
             return found
-        source, what = base, f"the folder of {path}'s LoRA base"
+        source = start
+
+
+def started_from(run, path):
+    """(source, what) of the model the run of checkpoint path started from: a LoRA run's base,
+    or a fine-tune's init_from; (None, None) for a run from scratch (or one resumed, which
+    does not say). A fine-tune's init_from is a path as the run was given it."""
+    base = run.get("base") if isinstance(run, dict) else None
+    if isinstance(base, str) and base:
+        return base, f"the folder of {path}'s LoRA base"
+    config = run.get("config") if isinstance(run, dict) else None
+    start = config.get("init_from") if isinstance(config, dict) else None
+    if isinstance(start, str) and start not in ("", "scratch", "resume"):
+        return start, f"the folder of the model {path}'s run was fine-tuned from"
+    return None, None
 
 
 def check_export_dir(folder, ckpt_path):
@@ -69,12 +91,25 @@ def check_export_dir(folder, ckpt_path):
                             "would delete: choose another --export_dir")
 
 
+def is_export_of(folder, model, tokenizer):
+    """Whether folder's config.json is the one exporting model (with tokenizer) writes: an export
+    of this run's model, earlier, which a new export may replace."""
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return config == json.loads(json.dumps(hf.export_config(model.config, tokenizer)))
+
+
 def main():
     configure(globals(), nullable=())
     folder = export_dir or os.path.join(out_dir, "hf")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     check_export_dir(folder, ckpt_path)
     model, tokenizer = checkpoint.load_model(ckpt_path)
+    # a model there: hf.export refuses every file that is not an export's, a dataset's included
+    check_not_foreign(folder, lambda f: is_export_of(f, model, tokenizer), overwrite, MODEL_FILES)
     files = hf.export(model, tokenizer, folder)
     print(f"wrote {folder}: config.json, model.safetensors" + "".join(f", {n}" for n in files))
     if not files:

@@ -27,13 +27,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, wherever we run from
 
 from configurator import configure, run  # noqa: E402
-from dataset import read_text, write_dataset  # noqa: E402
+from dataset import check_dataset_folder, read_text, write_dataset  # noqa: E402
 from errors import UserError  # noqa: E402
 
 # -----------------------------------------------------------------------------
 input = ""  # the conversations, one JSON object with "messages" a line
 out = ""  # the dataset folder to write, e.g. data/mychat (then train with --dataset=mychat)
 tokenizer = ""  # the model whose tokenizer and chat template to use
+overwrite = False  # write into an --out that holds a model, or a dataset not of this repo's preparers
 # -----------------------------------------------------------------------------
 
 
@@ -155,6 +156,7 @@ def main():
     configure(globals(), nullable=())
     if not input or not out or not tokenizer:
         raise UserError("give --input=FILE.jsonl, --tokenizer=MODEL and --out=FOLDER (e.g. data/mychat)")
+    check_dataset_folder(out, overwrite)
     conversations = read_conversations(input)
     from checkpoint import load_tokenizer  # torch is imported only here
     tok = load_tokenizer(tokenizer)
@@ -174,7 +176,8 @@ def main():
         raise UserError(f"{input} has {len(conversations)} conversation(s): val takes every 10th, "
                         "so give at least 10")
     meta = write_dataset(out, tok, splits["train"][0], splits["val"][0], input,
-                         masks=(np.array(splits["train"][1], np.uint8), np.array(splits["val"][1], np.uint8)))
+                         masks=(np.array(splits["train"][1], np.uint8), np.array(splits["val"][1], np.uint8)),
+                         overwrite=overwrite)
     learned = sum(splits["train"][1])
     print(f"{len(conversations)} conversations: train has {meta['train_tokens']:,} tokens "
           f"({learned:,} of them the assistant's, learned), val {meta['val_tokens']:,}")

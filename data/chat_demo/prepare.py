@@ -20,7 +20,8 @@ the answer in the format to learn:
     KIND: animal | NAME: tiger | Tiger is an animal.
 
 Some things (held_out) appear in no conversation, to show that the format, not a list of
-answers, is what the tuned model learned.
+answers, is what the tuned model learned. chat_demo.json says how the folder was made; a folder
+without it that holds a model or dataset is not written over unless --overwrite=True.
 
 --shape=qwen2.5-0.5b writes the same tokenizer and template with a random model of
 Qwen2.5-0.5B's shape instead (896 wide, 24 layers, 14 / 2 heads, SwiGLU 4864, 151,936 tokens,
@@ -38,6 +39,7 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)
 
 from bench import shapes  # noqa: E402
+from atomic import check_not_foreign  # noqa: E402
 from configurator import configure, run  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -46,6 +48,7 @@ conversations = 600
 held_out = "tiger,mango,violin"  # things no conversation is about
 seed = 0
 shape = "tiny"  # the base model's shape: "tiny" (the demo's), or "qwen2.5-0.5b" (random, 2 GB)
+overwrite = False  # write into an --out that holds a model or dataset this script did not make
 # -----------------------------------------------------------------------------
 SHAPES = {"tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -69,6 +72,9 @@ CHATML = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# written into out first: how the folder was made, and the sign that this script made it (and may
+# write it again)
+MADE_BY = "chat_demo.json"
 
 
 def answer(kind, name):
@@ -104,9 +110,13 @@ def main():
     from errors import UserError
     if shape not in SHAPES:
         raise UserError(f"shape must be one of {', '.join(SHAPES)}, got {shape!r}")
+    check_not_foreign(out, lambda folder: os.path.isfile(os.path.join(folder, MADE_BY)), overwrite)
     rng = random.Random(seed)
     chats = make_conversations(conversations, rng, set(held_out.split(",")))
     os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, MADE_BY), "w", encoding="utf-8") as f:
+        json.dump({"made_by": "data/chat_demo/prepare.py", "shape": shape, "seed": seed,
+                   "conversations": conversations, "held_out": held_out}, f, indent=2)
     with open(os.path.join(out, "conversations.jsonl"), "w", encoding="utf-8") as f:
         for messages in chats:
             f.write(json.dumps({"messages": messages}) + "\n")

@@ -18,18 +18,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, whe
 
 from configurator import configure, run  # noqa: E402
 from data.shakespeare_char.prepare import fetch_text, prepare_text  # noqa: E402
+from dataset import check_dataset_folder  # noqa: E402
 from tokenizer import TiktokenTokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
 input = ""    # a local text file to use; empty means download tinyshakespeare
 out_dir = ""  # where train.bin, val.bin and meta.json go; empty means this folder
+overwrite = False  # write into an out_dir that holds a model, or a dataset not of this repo's preparers
 # -----------------------------------------------------------------------------
 
 
 def main():
     configure(globals(), nullable=())
+    check_dataset_folder(out_dir or HERE, overwrite)
     text, source = fetch_text(input, cache_dir=HERE)
-    meta = prepare_text(text, out_dir or HERE, source, tokenizer=TiktokenTokenizer("gpt2"))
+    meta = prepare_text(text, out_dir or HERE, source, tokenizer=TiktokenTokenizer("gpt2"),
+                        overwrite=overwrite)
     print(f"source: {source} ({len(text):,} characters)")
     print(f"train has {meta['train_tokens']:,} GPT-2 tokens, val has {meta['val_tokens']:,}")
 

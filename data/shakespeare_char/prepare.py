@@ -31,13 +31,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, whe
 
 from atomic import atomic_write  # noqa: E402
 from configurator import configure, run  # noqa: E402
-from dataset import read_text, write_dataset  # noqa: E402
+from dataset import check_dataset_folder, read_text, write_dataset  # noqa: E402
 from errors import UserError  # noqa: E402
 from tokenizer import CharTokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
 input = ""    # a local text file to use; empty means download tinyshakespeare
 out_dir = ""  # where train.bin, val.bin and meta.json go; empty means this folder
+overwrite = False  # write into an out_dir that holds a model, or a dataset not of this repo's preparers
 # -----------------------------------------------------------------------------
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -148,9 +149,10 @@ def fetch_text(input_path="", cache_dir=HERE):
     return text, SDIST_SOURCE
 
 
-def prepare_text(text, out_dir, source="", tokenizer=None):
+def prepare_text(text, out_dir, source="", tokenizer=None, overwrite=False):
     """Encode text (char by char, unless another tokenizer is given), split 90/10, write the
-    dataset into out_dir; return its meta."""
+    dataset into out_dir (overwrite: even where it holds a model or another's dataset); return
+    its meta."""
     if not text:
         raise UserError(f"{source or 'the text'} is empty: there is nothing to train on")
     tokenizer = tokenizer or CharTokenizer.from_text(text)
@@ -160,14 +162,15 @@ def prepare_text(text, out_dir, source="", tokenizer=None):
     if len(train_ids) == 0 or len(val_ids) == 0:
         raise UserError(f"{source or 'the text'} is too short ({len(text)} characters) to split "
                         "into train and val (90/10): nothing written")
-    return write_dataset(out_dir, tokenizer, train_ids, val_ids, source)
+    return write_dataset(out_dir, tokenizer, train_ids, val_ids, source, overwrite=overwrite)
 
 
 def main():
     configure(globals(), nullable=())
+    check_dataset_folder(out_dir or HERE, overwrite)
     text, source = fetch_text(input)
     print(f"source: {source} ({len(text):,} characters)")
-    meta = prepare_text(text, out_dir or HERE, source)
+    meta = prepare_text(text, out_dir or HERE, source, overwrite=overwrite)
     print(f"vocab size: {meta['vocab_size']:,}")
     print(f"train has {meta['train_tokens']:,} tokens")
     print(f"val has {meta['val_tokens']:,} tokens")

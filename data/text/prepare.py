@@ -30,7 +30,7 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)  # the repo root, wherever we run from
 
 from configurator import configure, run  # noqa: E402
-from dataset import read_text, write_dataset  # noqa: E402
+from dataset import check_dataset_folder, read_text, write_dataset  # noqa: E402
 from errors import UserError  # noqa: E402
 from tokenizer import CharTokenizer, TiktokenTokenizer, from_spec  # noqa: E402
 
@@ -41,6 +41,7 @@ tokenizer = "gpt2"  # 'gpt2', 'char', or a model: a folder, a hub id, a GPT-2 si
 documents = "stream"  # 'stream': the file is one text; 'lines': a document a line, end-of-text after each
 num_proc = 0  # processes that tokenise; 0 means one per CPU core
 unknown = "error"  # a char model's tokenizer: characters outside its vocabulary are an 'error', or 'drop'ped
+overwrite = False  # write into an --out that holds a model, or a dataset not of this repo's preparers
 # -----------------------------------------------------------------------------
 
 PIECE = 1 << 18  # characters per unit of work: big enough to be worth sending, small for the progress bar
@@ -163,6 +164,7 @@ def main():
     if num_proc < 0:
         raise UserError(f"num_proc must be 0 (one per CPU core) or more, got {num_proc}")
     check_out(out)
+    check_dataset_folder(out, overwrite)
     text = read_text(input)
     if not text.strip():
         raise UserError(f"{input} is empty: there is nothing to train on")
@@ -188,7 +190,7 @@ def main():
     val_ids = encode(tok, val_text, eot, processes, "val")
     if len(train_ids) == 0 or len(val_ids) == 0:
         raise UserError(f"{input} is too short to split into train and val (90/10)")
-    meta = write_dataset(out, tok, train_ids, val_ids, input)
+    meta = write_dataset(out, tok, train_ids, val_ids, input, overwrite=overwrite)
     print(f"vocab size {meta['vocab_size']:,} ({meta['dtype']}); train has {meta['train_tokens']:,} "
           f"tokens, val {meta['val_tokens']:,}")
     print(f"train on it with --dataset={dataset_name(out)}")
