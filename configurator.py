@@ -135,11 +135,23 @@ def _check_numbers(key, value, default, origin):
             _check_numbers(key, item, None, origin)
 
 
+LITERAL_STARTS = tuple("0123456789+-.([{'\"")  # what a number, a string in quotes or a container starts with
+
+
 def _parse_value(text):
+    """A Python literal (a number, a quoted string, a list, tuple or dict, None), true / false
+    in any case (as Hugging Face's flags are written), or else the text itself: a bare word such
+    as cpu or gpt2-xl, or a prompt. Plain text never goes through the literal parser, which
+    runs out of memory on long texts."""
+    word = text.strip()
+    if word.lower() in ("true", "false"):
+        return word.lower() == "true"
+    if word != "None" and not word.startswith(LITERAL_STARTS):
+        return text
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # a bare word such as cpu or gpt2-xl
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
 
 
 def _print_help(defaults, script):
@@ -180,11 +192,14 @@ def configure(namespace, argv=None, skip_unknown_file_keys=False, nullable=None)
             passed.update(_apply_file(namespace, defaults, arg, skip_unknown_file_keys, nullable))
             continue
         key, sep, text = arg[2:].partition("=")
-        if not sep:
-            raise UserError(f"argument {arg!r} must look like --key=value")
         if key not in defaults:
             raise UserError(f"unknown config key {key!r}{_did_you_mean(key, defaults, '--')} "
                             "(see --help for the list)")
+        if not sep:  # a bare --flag switches a True / False setting on, as argparse's store_true
+            if not isinstance(defaults[key], bool) and defaults[key] is not None:
+                raise UserError(f"argument {arg!r} needs a value: --{key}=... (only a True / "
+                                "False setting may be given bare)")
+            text = "True"
         namespace[key] = _coerce(key, _parse_value(text), defaults[key], f"--{key}", nullable)
         passed.add(key)
     return Settings(knobs(namespace), passed)

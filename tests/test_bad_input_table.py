@@ -392,7 +392,7 @@ TRAIN_CASES = [
     ("train: config unknown key", ["{root}/config_unknown.py"], ["unknown config key 'n_layers'"]),
     ("train: config not UTF-8", ["{root}/config_latin1.py"], ["is not UTF-8 text"]),
     ("train: config missing", ["{root}/no_such_config.py"], ["cannot read config file"]),
-    ("train: --key without value", ["--batch_size"], ["must look like --key=value"]),
+    ("train: a bare --key that is no switch", ["--batch_size"], ["needs a value: --batch_size="]),
     ("train: dataset missing", ["--dataset={root}/no_such_data"], ["has no train.bin"]),
     ("train: dataset a file", ["--dataset={root}/a_file"], ["has no train.bin"]),
     ("train: meta.json vocab_size a string", ["--dataset={root}/data_bad/vocab_size_str"],

@@ -19,6 +19,23 @@ def test_overrides_parse_python_literals():
                   "out_dir": "x y", "betas": (0.8, 0.9)}
 
 
+def test_booleans_in_any_case_and_bare_flags():
+    ns = defaults()
+    configure(ns, ["--compile=false", "--device=TRUE"])
+    assert ns["compile"] is False and ns["device"] is True
+    configure(ns, ["--compile"])
+    assert ns["compile"] is True
+    with pytest.raises(UserError, match="needs a value: --batch_size=..."):
+        configure(ns, ["--batch_size"])
+
+
+def test_long_plain_text_is_not_parsed_as_python():
+    ns = defaults()
+    prompt = "word " * 5000 + "(end"
+    configure(ns, [f"--out_dir={prompt}"])
+    assert ns["out_dir"] == prompt
+
+
 def test_int_accepted_for_float():
     ns = defaults()
     configure(ns, ["--learning_rate=1"])
@@ -38,7 +55,7 @@ def test_config_file_then_overrides(tmp_path):
     (["--batch_size=3.5"], "batch_size must be an int"),
     (["--compile=1"], "compile must be a bool"),
     (["--learning_rate=fast"], "learning_rate must be a float"),
-    (["--batch_size"], "--key=value"),
+    (["--batch_size"], "--batch_size=..."),
     (["no/such/config.py"], "cannot read config file"),
 ])
 def test_bad_arguments_are_user_errors(argv, words):
