@@ -103,13 +103,13 @@ def is_export_of(folder, model, tokenizer):
 
 
 def main():
-    configure(globals(), nullable=())
-    folder = export_dir or os.path.join(out_dir, "hf")
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    cfg = configure(globals(), nullable=())
+    folder = cfg["export_dir"] or os.path.join(cfg["out_dir"], "hf")
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     check_export_dir(folder, ckpt_path)
     model, tokenizer = checkpoint.load_model(ckpt_path)
     # a model there: hf.export refuses every file that is not an export's, a dataset's included
-    check_not_foreign(folder, lambda f: is_export_of(f, model, tokenizer), overwrite, MODEL_FILES)
+    check_not_foreign(folder, lambda f: is_export_of(f, model, tokenizer), cfg["overwrite"], MODEL_FILES)
     files = hf.export(model, tokenizer, folder)
     print(f"wrote {folder}: config.json, model.safetensors" + "".join(f", {n}" for n in files))
     if not files:

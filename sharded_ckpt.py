@@ -219,7 +219,7 @@ out_dir = "out"  # the run whose ckpt.dcp/ becomes its ckpt.pt
 
 
 def main():
-    configure(globals())
+    out_dir = configure(globals())["out_dir"]
     folder, path = os.path.join(out_dir, FOLDER), os.path.join(out_dir, "ckpt.pt")
     if not os.path.isdir(folder):
         raise UserError(f"no sharded checkpoint at {folder} (train with --sharded_checkpoint=True)")

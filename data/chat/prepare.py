@@ -153,31 +153,32 @@ def encode_with_mask(tok, messages):
 
 
 def main():
-    configure(globals(), nullable=())
-    if not input or not out or not tokenizer:
+    cfg = configure(globals(), nullable=())
+    source, out, tokenizer_name = cfg["input"], cfg["out"], cfg["tokenizer"]
+    if not source or not out or not tokenizer_name:
         raise UserError("give --input=FILE.jsonl, --tokenizer=MODEL and --out=FOLDER (e.g. data/mychat)")
-    check_dataset_folder(out, overwrite)
-    conversations = read_conversations(input)
+    check_dataset_folder(out, cfg["overwrite"])
+    conversations = read_conversations(source)
     from checkpoint import load_tokenizer  # torch is imported only here
-    tok = load_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer_name)
     if getattr(tok, "chat_template", None) is None:
-        raise UserError(f"{tokenizer} has no chat template: instruction tuning needs one "
+        raise UserError(f"{tokenizer_name} has no chat template: instruction tuning needs one "
                         "(a base model's tokenizer may lack it; use the instruct model's)")
     splits = {"train": ([], []), "val": ([], [])}
     for n, (line, messages) in enumerate(conversations):
         try:
             ids, mask = encode_with_mask(tok, messages)
         except UserError as e:
-            raise UserError(f"{input}, line {line}: {e}") from None
+            raise UserError(f"{source}, line {line}: {e}") from None
         split = splits["val" if n % 10 == 9 else "train"]
         split[0].extend(ids)
         split[1].extend(mask)
     if not splits["val"][0]:
-        raise UserError(f"{input} has {len(conversations)} conversation(s): val takes every 10th, "
+        raise UserError(f"{source} has {len(conversations)} conversation(s): val takes every 10th, "
                         "so give at least 10")
-    meta = write_dataset(out, tok, splits["train"][0], splits["val"][0], input,
+    meta = write_dataset(out, tok, splits["train"][0], splits["val"][0], source,
                          masks=(np.array(splits["train"][1], np.uint8), np.array(splits["val"][1], np.uint8)),
-                         overwrite=overwrite)
+                         overwrite=cfg["overwrite"])
     learned = sum(splits["train"][1])
     print(f"{len(conversations)} conversations: train has {meta['train_tokens']:,} tokens "
           f"({learned:,} of them the assistant's, learned), val {meta['val_tokens']:,}")

@@ -104,19 +104,21 @@ def train_tokenizer(texts):
 
 
 def main():
+    cfg = configure(globals())
+    shape, out, seed, held_out = cfg["shape"], cfg["out"], cfg["seed"], cfg["held_out"]
     import torch
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     from errors import UserError
     if shape not in SHAPES:
         raise UserError(f"shape must be one of {', '.join(SHAPES)}, got {shape!r}")
-    check_not_foreign(out, lambda folder: os.path.isfile(os.path.join(folder, MADE_BY)), overwrite)
+    check_not_foreign(out, lambda folder: os.path.isfile(os.path.join(folder, MADE_BY)), cfg["overwrite"])
     rng = random.Random(seed)
-    chats = make_conversations(conversations, rng, set(held_out.split(",")))
+    chats = make_conversations(cfg["conversations"], rng, set(held_out.split(",")))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, MADE_BY), "w", encoding="utf-8") as f:
         json.dump({"made_by": "data/chat_demo/prepare.py", "shape": shape, "seed": seed,
-                   "conversations": conversations, "held_out": held_out}, f, indent=2)
+                   "conversations": cfg["conversations"], "held_out": held_out}, f, indent=2)
     with open(os.path.join(out, "conversations.jsonl"), "w", encoding="utf-8") as f:
         for messages in chats:
             f.write(json.dumps({"messages": messages}) + "\n")
@@ -143,5 +145,4 @@ def main():
 
 
 if __name__ == "__main__":
-    configure(globals())
     run(main)

@@ -29,11 +29,12 @@ overwrite = False  # write into an out_dir that holds a model, or a dataset not 
 
 
 def main():
-    configure(globals(), nullable=())
-    check_dataset_folder(out_dir or HERE, overwrite)
-    text, source = fetch_text(input, cache_dir=HERE)
-    meta = prepare_text(text, out_dir or HERE, source, tokenizer=TiktokenTokenizer("gpt2"),
-                        overwrite=overwrite)
+    cfg = configure(globals(), nullable=())
+    folder = cfg["out_dir"] or HERE
+    check_dataset_folder(folder, cfg["overwrite"])
+    text, source = fetch_text(cfg["input"], cache_dir=HERE)
+    meta = prepare_text(text, folder, source, tokenizer=TiktokenTokenizer("gpt2"),
+                        overwrite=cfg["overwrite"])
     print(f"source: {source} ({len(text):,} characters)")
     print(f"train has {meta['train_tokens']:,} GPT-2 tokens, val has {meta['val_tokens']:,}")
 

@@ -166,11 +166,12 @@ def prepare_text(text, out_dir, source="", tokenizer=None, overwrite=False):
 
 
 def main():
-    configure(globals(), nullable=())
-    check_dataset_folder(out_dir or HERE, overwrite)
-    text, source = fetch_text(input)
+    cfg = configure(globals(), nullable=())
+    folder = cfg["out_dir"] or HERE
+    check_dataset_folder(folder, cfg["overwrite"])
+    text, source = fetch_text(cfg["input"])
     print(f"source: {source} ({len(text):,} characters)")
-    meta = prepare_text(text, out_dir or HERE, source, overwrite=overwrite)
+    meta = prepare_text(text, folder, source, overwrite=cfg["overwrite"])
     print(f"vocab size: {meta['vocab_size']:,}")
     print(f"train has {meta['train_tokens']:,} tokens")
     print(f"val has {meta['val_tokens']:,} tokens")

@@ -156,22 +156,24 @@ def dataset_name(folder):
 
 
 def main():
-    configure(globals(), nullable=())
-    if not input or not out:
+    cfg = configure(globals(), nullable=())
+    source, out, tokenizer_name = cfg["input"], cfg["out"], cfg["tokenizer"]
+    documents, num_proc, unknown = cfg["documents"], cfg["num_proc"], cfg["unknown"]
+    if not source or not out:
         raise UserError("give --input=FILE (the text) and --out=FOLDER (e.g. data/mytext)")
     if documents not in ("stream", "lines"):
         raise UserError(f"documents must be 'stream' or 'lines', got {documents!r}")
     if num_proc < 0:
         raise UserError(f"num_proc must be 0 (one per CPU core) or more, got {num_proc}")
     check_out(out)
-    check_dataset_folder(out, overwrite)
-    text = read_text(input)
+    check_dataset_folder(out, cfg["overwrite"])
+    text = read_text(source)
     if not text.strip():
-        raise UserError(f"{input} is empty: there is nothing to train on")
-    print(f"{input}: {len(text):,} characters")
+        raise UserError(f"{source} is empty: there is nothing to train on")
+    print(f"{source}: {len(text):,} characters")
     if unknown not in ("error", "drop"):
         raise UserError(f"unknown must be 'error' or 'drop', got {unknown!r}")
-    tok = get_tokenizer(tokenizer, text)
+    tok = get_tokenizer(tokenizer_name, text)
     if unknown == "drop" and isinstance(tok, CharTokenizer):
         text = drop_unknown_characters(tok, text)
     elif isinstance(tok, CharTokenizer):
@@ -179,18 +181,18 @@ def main():
     eot = None
     if documents == "lines":
         if tok.eot_token is None:
-            raise UserError(f"tokenizer {tokenizer} has no end-of-text token to end documents "
+            raise UserError(f"tokenizer {tokenizer_name} has no end-of-text token to end documents "
                             "with: use --documents=stream")
         eot = tok.eot_token
     processes = num_proc or os.cpu_count() or 1
     train_text, val_text = split(text, documents == "lines")
     if not train_text or not val_text:  # before any progress bar
-        raise UserError(f"{input} is too short to split into train and val (90/10)")
+        raise UserError(f"{source} is too short to split into train and val (90/10)")
     train_ids = encode(tok, train_text, eot, processes, "train")
     val_ids = encode(tok, val_text, eot, processes, "val")
     if len(train_ids) == 0 or len(val_ids) == 0:
-        raise UserError(f"{input} is too short to split into train and val (90/10)")
-    meta = write_dataset(out, tok, train_ids, val_ids, input, overwrite=overwrite)
+        raise UserError(f"{source} is too short to split into train and val (90/10)")
+    meta = write_dataset(out, tok, train_ids, val_ids, source, overwrite=cfg["overwrite"])
     print(f"vocab size {meta['vocab_size']:,} ({meta['dtype']}); train has {meta['train_tokens']:,} "
           f"tokens, val {meta['val_tokens']:,}")
     print(f"train on it with --dataset={dataset_name(out)}")
