@@ -15,6 +15,7 @@ Every setting below can be changed by a config file and by --key=value;
 
 import dataclasses
 import fnmatch
+import functools
 import math
 import os
 import signal
@@ -98,58 +99,283 @@ KEPT_ON_RESUME = ("finetune", "freeze_layers", "trainable", "lora_rank", "lora_a
                   "lora_dropout", "lora_targets", "optim")
 # the model's shape: a resumed or pretrained model's own (block_size: a pretrained one's crops)
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "bias", "block_size")
+# the settings above, once the config file and the flags have set them: one read-only object
+# that main() hands to each step; a resumed or pretrained run gets a copy with what it keeps
+# (override)
+Config = dataclasses.make_dataclass("Config", knobs(globals()), frozen=True)
 
 
-def check_config(cfg):
+def main():
+    settings = configure(globals(), nullable=())  # None only where the default is None
+    config = Config(**settings)
+    check_config(config)
+    checkpoint.check_out_dir(config.out_dir)  # a file, under a file, read-only: before any work
+    runtime = set_up(config)
+    config, training = build_or_resume(config, settings.passed, runtime)
+
+    # nothing is written into out_dir until the run has started: its first record, at its
+    # first evaluation, replaces the metrics of any earlier run there
+    runlog = None
+    if runtime.master:
+        wandb_config = ((config.wandb_project, config.wandb_run_name, dataclasses.asdict(config))
+                        if config.wandb_log else None)
+        runlog = RunLog(config.out_dir, wandb_config, resume=config.init_from == "resume")
+    # Ctrl-C or SIGTERM asks the run to stop at the end of the current iteration, where the
+    # state is whole, and save it; a second one stops at once
+    world = runtime.world
+    stop = StopFlag(distributed.collective_device(world) if world.parallel else None)
+    # the peak is measured (random matrices) where no datasheet figure is known, once the run
+    # is known to be good: on random numbers of its own, not the run's (a resume restores those)
+    cuda_devices = [runtime.device] if runtime.device_type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices, device_type="cuda"):
+        # in the precision the matmuls run in
+        peak = config.peak_flops or hardware.peak_flops(runtime.device, runtime.precision)
+
+    train_loop(config, runtime, training, stop, peak, runlog)
+
+    if runlog is not None:
+        runlog.finish()
+    if world.parallel:
+        distributed.finish_processes()
+
+
+def check_config(config):
     """Reject settings that cannot work, before anything is written."""
-    if not cfg["init_from"]:
+    if not config.init_from:
         raise UserError("init_from must be 'scratch', 'resume', a GPT-2 size (gpt2 ... gpt2-xl), "
                         "a hub id or a model folder")
-    if cfg["finetune"] not in ("full", "freeze", "lora"):
-        raise UserError(f"finetune must be 'full', 'freeze' or 'lora', got {cfg['finetune']!r}")
-    if cfg["finetune"] == "lora" and cfg["trainable"]:
+    if config.finetune not in ("full", "freeze", "lora"):
+        raise UserError(f"finetune must be 'full', 'freeze' or 'lora', got {config.finetune!r}")
+    if config.finetune == "lora" and config.trainable:
         raise UserError("trainable= picks parameters to train with finetune='full' or 'freeze'; "
                         "with 'lora' the adapters train (choose them with lora_targets)")
-    if cfg["finetune"] == "lora" and cfg["init_from"] == "scratch":
+    if config.finetune == "lora" and config.init_from == "scratch":
         raise UserError("finetune=lora trains adapters on a pretrained model: set init_from to "
                         "gpt2 ... gpt2-xl, a hub id or a model folder")
-    if cfg["init_from"] not in ("scratch", "resume") and \
-            checkpoint.run_folder(cfg["init_from"]) == checkpoint.run_folder(cfg["out_dir"]):
-        raise UserError(f"out_dir={cfg['out_dir']} is init_from's folder: the run would overwrite "
+    if config.init_from not in ("scratch", "resume") and \
+            checkpoint.run_folder(config.init_from) == checkpoint.run_folder(config.out_dir):
+        raise UserError(f"out_dir={config.out_dir} is init_from's folder: the run would overwrite "
                         "the model it starts from; choose another out_dir (or init_from=resume)")
-    if cfg["compile"] not in (None, True, False):
-        raise UserError(f"compile must be True or False, got {cfg['compile']!r}")
+    if config.compile not in (None, True, False):
+        raise UserError(f"compile must be True or False, got {config.compile!r}")
     for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd",
                 "gradient_accumulation_steps", "eval_iters", "eval_interval", "log_interval"):
-        if cfg[key] < 1:
-            raise UserError(f"{key} must be at least 1, got {cfg[key]}")
-    size = cfg["eval_batch_size"]
+        if getattr(config, key) < 1:
+            raise UserError(f"{key} must be at least 1, got {getattr(config, key)}")
+    size = config.eval_batch_size
     if size is not None and (type(size) is not int or size < 1):
         raise UserError(f"eval_batch_size must be a whole number of at least 1 (or None: "
                         f"batch_size's), got {size!r}")
-    if cfg["optim"] not in ("adamw", "muon"):
-        raise UserError(f"optim must be 'adamw' or 'muon', got {cfg['optim']!r}")
-    if cfg["parallel"] not in distributed.PARALLEL_MODES:
-        raise UserError(f"parallel must be 'ddp' or 'fsdp', got {cfg['parallel']!r}")
-    if cfg["parallel"] == "fsdp" and cfg["optim"] == "muon":
+    if config.optim not in ("adamw", "muon"):
+        raise UserError(f"optim must be 'adamw' or 'muon', got {config.optim!r}")
+    if config.parallel not in distributed.PARALLEL_MODES:
+        raise UserError(f"parallel must be 'ddp' or 'fsdp', got {config.parallel!r}")
+    if config.parallel == "fsdp" and config.optim == "muon":
         raise UserError("optim=muon needs each matrix whole for its update, which parallel=fsdp "
                         "shards: use optim=adamw with fsdp, or muon with parallel=ddp")
-    if cfg["parallel"] == "fsdp" and cfg["dtype"] == "float16":
+    if config.parallel == "fsdp" and config.dtype == "float16":
         raise UserError("dtype=float16 needs a gradient scaler that parallel=fsdp does not "
                         "shard: use dtype=bfloat16 (or float32) with fsdp")
     for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "max_iters",
                 "warmup_iters", "lr_decay_iters", "freeze_layers"):
-        if cfg[key] < 0:
-            raise UserError(f"{key} must not be negative, got {cfg[key]}")
+        if getattr(config, key) < 0:
+            raise UserError(f"{key} must not be negative, got {getattr(config, key)}")
     for key in ("beta1", "beta2", "dropout", "lora_dropout"):
-        if not 0 <= cfg[key] < 1:
-            raise UserError(f"{key} must be in [0, 1), got {cfg[key]}")
-    if cfg["decay_lr"] and cfg["lr_decay_iters"] <= cfg["warmup_iters"]:
-        raise UserError(f"lr_decay_iters ({cfg['lr_decay_iters']}) must be more than warmup_iters "
-                        f"({cfg['warmup_iters']}): the learning rate decays from the end of the "
+        if not 0 <= getattr(config, key) < 1:
+            raise UserError(f"{key} must be in [0, 1), got {getattr(config, key)}")
+    if config.decay_lr and config.lr_decay_iters <= config.warmup_iters:
+        raise UserError(f"lr_decay_iters ({config.lr_decay_iters}) must be more than warmup_iters "
+                        f"({config.warmup_iters}): the learning rate decays from the end of the "
                         "warmup to lr_decay_iters (or set decay_lr=False)")
-    if not 0 <= cfg["seed"] < 2**64:
-        raise UserError(f"seed must be in [0, 2**64), got {cfg['seed']}")
+    if not 0 <= config.seed < 2**64:
+        raise UserError(f"seed must be in [0, 2**64), got {config.seed}")
+
+
+# -----------------------------------------------------------------------------
+# set up: this process's device and its place among the processes torchrun started
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """Where and how this process trains (set_up)."""
+    device: str  # 'cpu', 'mps', 'cuda' or 'cuda:N' (under torchrun, this process's GPU)
+    device_type: str  # 'cpu', 'cuda' or 'mps'
+    precision: str  # what the matmuls run in: 'float32', 'bfloat16' or 'float16'
+    autocast: object  # the context that makes them run in it
+    world: distributed.Distributed  # the processes this one trains with (parallel None: alone)
+    accum_steps: int  # this process's share of gradient_accumulation_steps
+    use_compile: bool  # whether the model runs through torch.compile
+
+    @property
+    def master(self):
+        """Whether this process is the one that logs and writes checkpoints (rank 0)."""
+        return self.world.rank == 0
+
+
+def set_up(config):
+    """This process's device, precision and process group (under torchrun), with the checks
+    that need them; seeds torch's random numbers."""
+    device, device_type, precision, autocast = hardware.setup(config.device, config.dtype)
+    world = distributed.setup(device_type, config.backend, config.parallel)
+    if config.sharded_checkpoint and world.parallel == "ddp":
+        raise UserError("sharded_checkpoint=True writes each process's shard of the model, but under "
+                        "parallel=ddp each process holds all of it (rank 0 writes ckpt.pt): use "
+                        "parallel=fsdp, or leave sharded_checkpoint off")
+    if world.parallel and device_type == "cuda":
+        device = f"cuda:{world.local_rank}"
+        torch.cuda.set_device(device)
+    if config.gradient_accumulation_steps % world.world_size != 0:
+        raise UserError(f"gradient_accumulation_steps ({config.gradient_accumulation_steps}) must be "
+                        f"divisible by the number of processes ({world.world_size})")
+    if config.seed + world.world_size > 2**64:
+        raise UserError(f"seed={config.seed}: each process seeds with seed + its rank, which must be "
+                        f"below 2**64; lower seed")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    # a new model's weights (and LoRA adapters) are drawn alike on every process (FSDP keeps
+    # each its shard of them, DDP copies rank 0's); each process's own seed for what comes
+    # after them (dropout)
+    torch.manual_seed(config.seed)
+    return Runtime(device, device_type, precision, autocast, world,
+                   accum_steps=config.gradient_accumulation_steps // world.world_size,
+                   use_compile=config.compile if config.compile is not None else device_type == "cuda")
+
+
+def tokens_per_iter(config, runtime):
+    """The tokens of one optimizer step, over all processes."""
+    return runtime.accum_steps * runtime.world.world_size * config.batch_size * config.block_size
+
+
+# -----------------------------------------------------------------------------
+# build or resume: the model, its optimizer and where the run stands
+
+@dataclasses.dataclass
+class Training:
+    """A run in progress: what its steps run and what its checkpoints save (build_or_resume)."""
+    raw_model: torch.nn.Module  # the model itself (model.build's): what checkpoints save
+    model: torch.nn.Module  # what training steps run: raw_model, compiled and wrapped in DDP as asked
+    eval_model: torch.nn.Module  # what evaluation runs: compiled as model is, never DDP's wrapper
+    optimizer: object  # configure_optimizers's: a torch optimizer, or optim.Optimizers
+    scaler: torch.amp.GradScaler  # float16's loss scaling (disabled in other precisions)
+    sampler: torch.Generator  # draws the training batches
+    batch: object  # batch(split, generator, rows): this process's rows of a global batch (draw_batch)
+    tokenizer_spec: dict | None  # saved with each checkpoint, for sample.py
+    base: str | None  # where a LoRA run's base model is, which its checkpoints name
+    iter_num: int  # optimizer steps taken
+    best_val_loss: float
+
+
+def build_or_resume(config, passed, runtime):
+    """The run, ready for its first step: the model (new, pretrained or resumed) set up for
+    fine-tuning and placed on the device, its optimizer and the generator of its batches, as
+    the checkpoint left them when resuming; then compiled and wrapped as asked. passed: the
+    settings the user gave. Returns (config, training): the config with what a resumed or
+    pretrained model decides of it."""
+    # the dataset's files before any model is loaded; then its length against the model's
+    # context and its token ids against the model's vocabulary
+    _, meta = open_dataset(config.dataset)
+    # under FSDP rank 0 alone builds or loads the model in host memory; the others build it
+    # empty and receive their shards from rank 0 (distributed.shard)
+    build_on = "meta" if runtime.world.sharded and runtime.world.rank > 0 else "cpu"
+    config, model, tokenizer_spec, saved_run, base = load_or_build_model(
+        config, meta, passed, runtime.device_type, build_on)
+    check_config(config)  # again, with what a resumed run keeps of its checkpoint
+    splits, _ = open_dataset(config.dataset, config.block_size, model.config.vocab_size)
+    prepare_model(model, config, runtime, saved_run)
+
+    # float16 needs loss scaling to keep small gradients from flushing to zero
+    scaler = torch.amp.GradScaler(runtime.device_type, enabled=(runtime.precision == "float16"))
+    optimizer = configure_optimizers(model, config.weight_decay, config.learning_rate,
+                                     (config.beta1, config.beta2), runtime.device_type, config.optim)
+    # batches are drawn from their own generator so its state can be saved and resumed;
+    # the same seed on every process, which each takes its own rows of the global batch
+    sampler = torch.Generator().manual_seed(config.seed)
+    iter_num, best_val_loss = 0, float("inf")
+    if saved_run is not None:
+        iter_num, best_val_loss = restore(saved_run, model, optimizer, sampler, runtime)
+    del saved_run  # free its memory: what the run needs of it is restored
+
+    raw_model = model
+    if runtime.use_compile:
+        model = torch.compile(model)
+    # evaluation runs compiled too, but not through DDP's wrapper, whose forward may wait for
+    # the other processes
+    eval_model = model
+    model = distributed.wrap_ddp(model, runtime.world, runtime.device_type)
+    if runtime.device_type == "cuda":  # a small corpus is copied to the GPU once, not a batch at a time
+        splits = to_device(splits, runtime.device)
+    batch = functools.partial(draw_batch, splits, config.block_size, runtime)
+    return config, Training(raw_model=raw_model, model=model, eval_model=eval_model,
+                            optimizer=optimizer, scaler=scaler, sampler=sampler, batch=batch,
+                            tokenizer_spec=tokenizer_spec, base=base, iter_num=iter_num,
+                            best_val_loss=best_val_loss)
+
+
+def load_or_build_model(config, meta, passed, device_type, build_on="cpu"):
+    """(config, model, tokenizer spec, saved_run, base) for init_from: a new GPT of the
+    configured shape, the run in out_dir (resume_model), or a pretrained model (GPT-2, a hub
+    id, a folder, a run of ours or nanoGPT's). meta: the dataset's. saved_run: a resumed
+    run's checkpoint (its optimizer, counters and random state), else None. base: where a
+    LoRA run's base model is, which its checkpoints name. A resumed or pretrained model's
+    shape replaces the flags' in the config returned. build_on: 'cpu', or 'meta' for a model
+    of the right shape without its values."""
+    if config.init_from == "resume":
+        return resume_model(config, meta, passed, build_on)
+    if config.init_from == "scratch":
+        args = {k: getattr(config, k) for k in ARCHITECTURE}
+        model_config = checkpoint.model_config({**args, "dropout": config.dropout,
+                                                "vocab_size": meta.get("vocab_size", 50304)})
+        check_memory(dataclasses.asdict(model_config), device_type)
+        with torch.device(build_on):
+            model = build(model_config)
+        return config, model, meta.get("tokenizer"), None, None
+    # the architecture is the pretrained model's; dropout applies, block_size crops;
+    # a LoRA run as init_from comes with its adapters merged into the weights
+    model, tokenizer = checkpoint.load_model(config.init_from, build_on, dropout=config.dropout,
+                                             block_size=config.block_size)
+    config = override(config, {k: getattr(model.config, k) for k in ARCHITECTURE}, passed,
+                      f"the architecture is {config.init_from}'s")
+    if meta.get("vocab_size", 0) > model.config.vocab_size:
+        raise UserError(f"dataset {config.dataset!r} has {meta['vocab_size']} token ids, more than "
+                        f"the {model.config.vocab_size} of {config.init_from}: prepare it with the "
+                        "model's tokenizer")
+    return config, model, tokenizer.spec(), None, config.init_from if config.finetune == "lora" else None
+
+
+def resume_model(config, meta, passed, build_on):
+    """load_or_build_model for init_from='resume': the run in out_dir, from ckpt.pt or from
+    its sharded checkpoint (ckpt.dcp/) where that is the newer; then the model is built empty,
+    and saved_run['sharded'] names the folder whose shards fill it."""
+    ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
+    sharded = os.path.join(config.out_dir, sharded_ckpt.FOLDER)
+    if os.path.isdir(sharded) and (not os.path.exists(ckpt_path) or
+                                   os.path.getmtime(sharded) > os.path.getmtime(ckpt_path)):
+        # the newer of the two: the model is built empty, for the shards to fill
+        ckpt_path, saved_run = sharded, sharded_ckpt.read_progress(sharded)
+        args = {**saved_run["model_args"], "dropout": config.dropout}
+        model_config = checkpoint.model_config(args, sharded)
+        with torch.device("meta"):
+            model = build(model_config)
+        saved_run["sharded"] = sharded
+    else:
+        model, saved_run = checkpoint.load_run(ckpt_path, device=build_on, dropout=config.dropout)
+    if saved_run["iter_num"] > config.max_iters:
+        raise UserError(f"max_iters={config.max_iters} is below iteration {saved_run['iter_num']}, "
+                        f"where {ckpt_path} stopped: raise --max_iters to train on (nothing written)")
+    kept = {k: saved_run["config"][k] for k in KEPT_ON_RESUME if k in saved_run["config"]}
+    shape = {k: saved_run["model_args"][k] for k in ARCHITECTURE}
+    config = override(config, kept | shape, passed, "a resumed run keeps its checkpoint's settings")
+    tokenizer_spec = saved_run.get("tokenizer") or meta.get("tokenizer")
+    return config, model, tokenizer_spec, saved_run, saved_run.get("base")
+
+
+def override(config, values, passed, why):
+    """config with values (what the checkpoint or the pretrained model says) in place of its
+    own, reporting in one line the ones the user passed (passed) that are overridden."""
+    ignored = [f"--{k}={getattr(config, k)!r}" for k in values
+               if k in passed and getattr(config, k) != values[k]]
+    if ignored:
+        print(f"note: {why}: {', '.join(ignored)} ignored")
+    return dataclasses.replace(config, **values)
 
 
 def check_memory(args, device_type):
@@ -170,58 +396,36 @@ def check_memory(args, device_type):
                         "of memory: choose a smaller model")
 
 
-def override(values, passed, why):
-    """Set the knobs in values (what the checkpoint or the pretrained model says), reporting in
-    one line the ones the user passed that are overridden."""
-    ignored = [f"--{k}={globals()[k]!r}" for k in values if k in passed and globals()[k] != values[k]]
-    globals().update(values)
-    if ignored:
-        print(f"note: {why}: {', '.join(ignored)} ignored")
-
-
-def load_or_build_model(meta, passed, device_type, build_on="cpu"):
-    """(model, tokenizer spec, run, base) for init_from: a new GPT of the configured shape, the
-    run in out_dir/ckpt.pt (with its optimizer and counters in `run`), or a pretrained model
-    (GPT-2, a hub id, a folder, a run of ours or nanoGPT's). base: where a LoRA run's base model
-    is, which its checkpoints name. A resumed or pretrained model's shape replaces the flags'.
-    build_on: 'cpu', or 'meta' for a model of the right shape without its values."""
-    run, base = None, None
-    if init_from == "resume":
-        ckpt_path, sharded = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, sharded_ckpt.FOLDER)
-        if os.path.isdir(sharded) and (not os.path.exists(ckpt_path) or
-                                       os.path.getmtime(sharded) > os.path.getmtime(ckpt_path)):
-            # the newer of the two: the model is built empty, for the shards to fill
-            ckpt_path, run = sharded, sharded_ckpt.read_progress(sharded)
-            config = checkpoint.model_config({**run["model_args"], "dropout": dropout}, sharded)
-            with torch.device("meta"):
-                model = build(config)
-            run["sharded"] = sharded
-        else:
-            model, run = checkpoint.load_run(ckpt_path, device=build_on, dropout=dropout)
-        if run["iter_num"] > max_iters:
-            raise UserError(f"max_iters={max_iters} is below iteration {run['iter_num']}, where "
-                            f"{ckpt_path} stopped: raise --max_iters to train on (nothing written)")
-        override({k: run["config"][k] for k in KEPT_ON_RESUME if k in run["config"]} |
-                 {k: run["model_args"][k] for k in ARCHITECTURE}, passed,
-                 "a resumed run keeps its checkpoint's settings")
-        return model, run.get("tokenizer") or meta.get("tokenizer"), run, run.get("base")
-    if init_from == "scratch":
-        args = {k: globals()[k] for k in ARCHITECTURE}
-        config = checkpoint.model_config({**args, "dropout": dropout,
-                                          "vocab_size": meta.get("vocab_size", 50304)})
-        check_memory(dataclasses.asdict(config), device_type)
-        with torch.device(build_on):
-            model = build(config)
-        return model, meta.get("tokenizer"), run, base
-    # the architecture is the pretrained model's; dropout applies, block_size crops;
-    # a LoRA run as init_from comes with its adapters merged into the weights
-    model, tokenizer = checkpoint.load_model(init_from, build_on, dropout=dropout, block_size=block_size)
-    override({k: getattr(model.config, k) for k in ARCHITECTURE}, passed,
-             f"the architecture is {init_from}'s")
-    if meta.get("vocab_size", 0) > model.config.vocab_size:
-        raise UserError(f"dataset {dataset!r} has {meta['vocab_size']} token ids, more than the "
-                        f"{model.config.vocab_size} of {init_from}: prepare it with the model's tokenizer")
-    return model, tokenizer.spec(), run, init_from if finetune == "lora" else None
+def prepare_model(model, config, runtime, saved_run):
+    """Choose what trains (setup_finetune; a resumed LoRA run's adapters from saved_run), seed
+    this process's own random numbers, and move the model to the device: under FSDP sharded,
+    its values from rank 0 or, resuming, from the sharded checkpoint. Prints its summary."""
+    trainable_count, total = setup_finetune(model, config.finetune, config.freeze_layers,
+                                            checkpoint.lora_settings(dataclasses.asdict(config)),
+                                            saved_run and saved_run.get("adapters"), config.trainable)
+    world = runtime.world
+    if world.rank > 0:  # rank 0 (and a single process) goes on drawing from where the model left off
+        torch.manual_seed(config.seed + world.rank)
+    # resuming from a sharded checkpoint the model is empty: the shards fill it
+    resuming_shards = saved_run is not None and "sharded" in saved_run
+    distributed.shard(model, world, runtime.precision, runtime.device_type, runtime.device,
+                      from_rank0=not resuming_shards)
+    if next(model.parameters()).is_meta:
+        distributed.materialize(model, runtime.device)
+    else:
+        model.to(runtime.device)
+    if not runtime.master:
+        return
+    print(f"{model.get_num_params() / 1e6:.2f}M parameters; {tokens_per_iter(config, runtime):,} "
+          f"tokens per iteration; device {runtime.device}, {runtime.precision}, "
+          f"compile={runtime.use_compile}"
+          + (f", {world.parallel} over {world.world_size} processes" if world.parallel else ""))
+    print(f"finetune={config.finetune}: {trainable_count:,} of {total:,} parameters "
+          f"train ({100 * trainable_count / total:.2f}%)")
+    if config.trainable:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        print(f"training {len(names)} tensors: {', '.join(names[:8])}"
+              + (f", ... ({len(names) - 8} more)" if len(names) > 8 else ""))
 
 
 def setup_finetune(model, mode, freeze_layers=0, lora_settings=None, adapters=None, patterns=""):
@@ -262,36 +466,182 @@ def keep_matching(model, patterns):
             p.requires_grad_(False)
 
 
-def get_lr(it):
+def restore(saved_run, model, optimizer, sampler, runtime):
+    """Load into optimizer and sampler what a resumed run's checkpoint (saved_run) holds for
+    them, and every random generator's state, so that the run goes on bit-identically.
+    Returns its (iter_num, best_val_loss)."""
+    progress = saved_run["iter_num"], saved_run["best_val_loss"]
+    world = runtime.world
+    if "sharded" in saved_run:
+        sharded_ckpt.load_sharded(saved_run["sharded"], model, optimizer, world, saved_run)
+    else:
+        distributed.load_full_optimizer_state(model, optimizer, saved_run["optimizer"], world)
+    if "sampler" in saved_run:  # nanoGPT's checkpoints have no random state
+        cuda = runtime.device_type == "cuda"
+        sampler.set_state(saved_run["sampler"])
+        torch.set_rng_state(saved_run["torch_rng"])
+        if cuda and saved_run["cuda_rng"]:
+            torch.cuda.set_rng_state_all(saved_run["cuda_rng"])
+        if len(saved_run.get("rank_rng", [])) == world.world_size:  # each process's own (FSDP runs)
+            torch.set_rng_state(saved_run["rank_rng"][world.rank])
+        if cuda and len(saved_run.get("rank_cuda_rng", [])) == world.world_size:
+            torch.cuda.set_rng_state(saved_run["rank_cuda_rng"][world.rank])
+    return progress
+
+
+def draw_batch(splits, block_size, runtime, split, generator, rows):
+    """This process's `rows` rows of a global batch of rows x world_size (every process
+    draws the same one) from splits[split], on the device."""
+    rank, device = runtime.world.rank, runtime.device
+    own = slice(rank * rows, (rank + 1) * rows)
+    x, y = get_batch(splits[split], block_size, rows * runtime.world.world_size, generator, own,
+                     splits.get(f"{split}.mask"))
+    if x.device.type == "cpu" and runtime.device_type == "cuda":
+        # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# -----------------------------------------------------------------------------
+# the loop: evaluate and save, take a step, log
+
+def train_loop(config, runtime, training, stop, peak, runlog):
+    """Train until max_iters (or, eval_only, evaluate once), evaluating and saving every
+    eval_interval iterations and logging every log_interval; or until stop (a StopFlag) is
+    requested, saving first. peak: the device's FLOP/s, for MFU; runlog: rank 0's RunLog."""
+    start_iter, train_time, run_start = training.iter_num, 0.0, time.time()
+    last_loss = None  # the last step's loss, a tensor (reading it would wait for the device)
+    while True:
+        iter_num = training.iter_num
+        lr = get_lr(iter_num, config)
+        for group in training.optimizer.param_groups:
+            group["lr"] = lr
+
+        # evaluate, and save a checkpoint; not again at the iteration a resumed run starts from
+        at_eval = iter_num % config.eval_interval == 0 or iter_num == config.max_iters
+        if at_eval and (iter_num != start_iter or iter_num == 0 or config.eval_only):
+            evaluate_and_save(config, runtime, training, lr, runlog, run_start)
+        if config.eval_only or iter_num >= config.max_iters:
+            return
+        if stop.requested():
+            save_and_stop(config, runtime, training, last_loss)
+            return
+
+        t0 = time.time()
+        last_loss = train_step(config, runtime, training)
+        if training.iter_num % config.log_interval == 0:
+            # the last micro-step's loss (averaged over processes) as an estimate of the batch's
+            loss = last_loss.float() * runtime.accum_steps
+            if runtime.world.parallel:
+                all_reduce(loss, op=ReduceOp.AVG)
+            loss = loss.item()
+            train_time += time.time() - t0
+            log_step(config, runtime, training, loss, lr, train_time / config.log_interval, peak,
+                     runlog, run_start)
+            train_time = 0.0
+        else:
+            train_time += time.time() - t0
+
+
+def get_lr(it, config):
     """Linear warmup for warmup_iters, then a cosine down to min_lr at lr_decay_iters."""
-    if not decay_lr:
-        return learning_rate
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it > lr_decay_iters:
-        return min_lr
-    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+    if not config.decay_lr:
+        return config.learning_rate
+    if it < config.warmup_iters:
+        return config.learning_rate * (it + 1) / (config.warmup_iters + 1)
+    if it > config.lr_decay_iters:
+        return config.min_lr
+    ratio = (it - config.warmup_iters) / (config.lr_decay_iters - config.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # from 1 down to 0
+    return config.min_lr + coeff * (config.learning_rate - config.min_lr)
+
+
+def train_step(config, runtime, training):
+    """One optimizer step: forward, backward and update, accumulating gradients over
+    runtime.accum_steps micro-steps; under DDP and FSDP the gradients are reduced across
+    processes only on the last micro-step. Returns the last micro-step's loss (scaled by
+    1 / accum_steps), detached."""
+    model, optimizer, scaler = training.model, training.optimizer, training.scaler
+    for micro_step in range(runtime.accum_steps):
+        last = micro_step == runtime.accum_steps - 1
+        with distributed.accumulating(model, training.raw_model, runtime.world, sync=last):
+            X, Y = training.batch("train", training.sampler, config.batch_size)
+            with runtime.autocast:
+                _, loss = model(X, Y)
+                loss = loss / runtime.accum_steps  # the gradients sum: scale so they average
+            scaler.scale(loss).backward()
+    if config.grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    training.iter_num += 1
+    return loss.detach()
+
+
+def log_step(config, runtime, training, loss, lr, dt, peak, runlog, run_start):
+    """Report the step just taken: its loss (a float), learning rate, dt (its seconds) and the
+    speed and MFU (against peak) they make; stop, nothing saved, where the loss is not finite."""
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: loss became {loss} at iteration {training.iter_num}; stopping "
+                         f"without saving, {checkpoint_path(config)} left as it was (try a lower "
+                         "learning_rate)")
+    if not runtime.master:
+        return
+    tok_s = tokens_per_iter(config, runtime) / dt
+    mfu = training.raw_model.estimate_mfu(tok_s / runtime.world.world_size, peak)
+    eta = (config.max_iters - training.iter_num) * dt
+    print(f"iter {training.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
+          f"{tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {eta / 60:.1f} min", flush=True)
+    runlog.log({"iter": training.iter_num, "loss": loss, "lr": lr, "ms": dt * 1000,
+                "tok_s": tok_s, "mfu": mfu, "elapsed": time.time() - run_start})
+
+
+def evaluate_and_save(config, runtime, training, lr, runlog, run_start):
+    """Evaluate (estimate_loss) and log; save a checkpoint where the val loss improved, or
+    always with always_save_checkpoint (not at iteration 0); stop, nothing saved, where the
+    val loss is not finite."""
+    losses = estimate_loss(training.eval_model, training.batch, runtime.autocast, runtime.world,
+                           config.eval_iters, config.eval_batch_size or config.batch_size, config.seed)
+    iter_num = training.iter_num
+    if runtime.master:
+        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+              f"val acc {losses['val_acc']:.4f}")
+        runlog.log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                    "train_acc": losses["train_acc"], "val_acc": losses["val_acc"],
+                    "lr": lr, "elapsed": time.time() - run_start})
+    if not math.isfinite(losses["val"]):
+        raise SystemExit(f"error: val loss is {losses['val']} at iteration {iter_num}; "
+                         f"stopping, {checkpoint_path(config)} left as it was (try a lower "
+                         "learning_rate)")
+    improved = losses["val"] < training.best_val_loss
+    training.best_val_loss = min(training.best_val_loss, losses["val"])
+    if iter_num > 0 and (improved or config.always_save_checkpoint):
+        if runtime.master:
+            print(f"saving checkpoint to {config.out_dir}")
+        save(config, runtime, training, losses["val"])
 
 
 @torch.no_grad()
-def estimate_loss(model, batch, autocast, dist):
+def estimate_loss(model, batch, autocast, world, iters, rows, seed):
     """Mean loss and next-token accuracy (how often the most likely token is the right one)
-    over eval_iters batches of each split, batch(split, generator, rows) drawing them;
-    the same batches every time, so successive evaluations compare. As in training, every
-    process draws the same global batches and takes its own eval_batch_size rows of each, so
-    N processes evaluate N times the rows of one in the same time, and with N times the rows
-    one process gets their numbers. Means over the targets that count (a loss mask's), summed
-    on each process's device and reduced once a split: one wait for the device, not three a
-    batch. Runs compiled when training is, but not through DDP's wrapper (it may talk to the
-    other processes); under FSDP through the sharded model (every process holds a shard)."""
+    over `iters` batches of each split, batch(split, generator, rows) drawing them from a
+    generator seeded with seed: the same batches every time, so successive evaluations
+    compare. As in training, every process (world, a distributed.Distributed) draws the same
+    global batches and takes its own `rows` rows of each, so N processes evaluate N times the
+    rows of one in the same time, and with N times the rows one process gets their numbers.
+    Means over the targets that count (a loss mask's), summed on each process's device and
+    reduced once a split: one wait for the device, not three a batch. Runs compiled when
+    training is, but not through DDP's wrapper (it may talk to the other processes); under
+    FSDP through the sharded model (every process holds a shard)."""
     model.eval()
     out = {}
     for split in ("train", "val"):
         generator = torch.Generator().manual_seed(seed)
         sums = 0  # (loss, right guesses, targets that count), summed over the targets
-        for _ in range(eval_iters):
-            X, Y = batch(split, generator, eval_batch_size or batch_size)
+        for _ in range(iters):
+            X, Y = batch(split, generator, rows)
             with autocast:
                 logits, loss = model(X, Y)
             learned = Y != -1  # targets a loss mask leaves out do not count
@@ -300,7 +650,7 @@ def estimate_loss(model, batch, autocast, dist):
             # a share with no target that counts has a loss of nan (a mean over none)
             loss_sum = torch.where(counted > 0, loss.float() * counted, 0.0)
             sums = sums + torch.stack([loss_sum, right.float(), counted.float()])
-        if dist.parallel:
+        if world.parallel:
             all_reduce(sums)
         loss_sum, right, counted = sums.tolist()
         out[split] = loss_sum / counted if counted else math.nan
@@ -309,238 +659,51 @@ def estimate_loss(model, batch, autocast, dist):
     return out
 
 
-def main():
-    passed = configure(globals(), nullable=()).passed  # None only where the default is None
-    check_config(knobs(globals()))
-    checkpoint.check_out_dir(out_dir)  # a file, under a file, read-only: before any work
+def checkpoint_path(config):
+    """Where the run's checkpoint goes: out_dir/ckpt.pt, or the sharded checkpoint's folder."""
+    return os.path.join(config.out_dir, sharded_ckpt.FOLDER if config.sharded_checkpoint else "ckpt.pt")
 
-    dev, device_type, precision, autocast = hardware.setup(device, dtype)
-    dist = distributed.setup(device_type, backend, parallel)
-    rank, world_size = dist.rank, dist.world_size
-    if sharded_checkpoint and dist.parallel == "ddp":
-        raise UserError("sharded_checkpoint=True writes each process's shard of the model, but under "
-                        "parallel=ddp each process holds all of it (rank 0 writes ckpt.pt): use "
-                        "parallel=fsdp, or leave sharded_checkpoint off")
-    if dist.parallel and device_type == "cuda":
-        dev = f"cuda:{dist.local_rank}"
-        torch.cuda.set_device(dev)
-    if gradient_accumulation_steps % world_size != 0:
-        raise UserError(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be "
-                        f"divisible by the number of processes ({world_size})")
-    accum_steps = gradient_accumulation_steps // world_size  # each process does its share
-    master = rank == 0  # only this process logs and writes checkpoints
-    use_compile = compile if compile is not None else device_type == "cuda"
-    if seed + world_size > 2**64:
-        raise UserError(f"seed={seed}: each process seeds with seed + its rank, which must be "
-                        f"below 2**64; lower seed")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    # a new model's weights (and LoRA adapters) are drawn alike on every process (FSDP keeps
-    # each its shard of them, DDP copies rank 0's); each process's own seed for what comes
-    # after them (dropout)
-    torch.manual_seed(seed)
 
-    # the dataset's files before any model is loaded; then its length against the model's
-    # context and its token ids against the model's vocabulary
-    _, meta = open_dataset(dataset)
-    # under FSDP rank 0 alone builds or loads the model in host memory; the others build it
-    # empty and receive their shards from rank 0 (distributed.shard)
-    build_on = "meta" if dist.sharded and rank > 0 else "cpu"
-    model, tokenizer_spec, run, base = load_or_build_model(meta, passed, device_type, build_on)
-    check_config(knobs(globals()))  # again, with what a resumed run keeps of its checkpoint
-    splits, meta = open_dataset(dataset, block_size, model.config.vocab_size)
-    trainable_count, total = setup_finetune(model, finetune, freeze_layers, checkpoint.lora_settings(globals()),
-                                            run and run.get("adapters"), trainable)
-    if rank > 0:  # rank 0 (and a single process) goes on drawing from where the model left off
-        torch.manual_seed(seed + rank)
-    resuming_shards = run is not None and "sharded" in run  # the model is empty: the shards fill it
-    distributed.shard(model, dist, precision, device_type, dev, from_rank0=not resuming_shards)
-    if next(model.parameters()).is_meta:
-        distributed.materialize(model, dev)
-    else:
-        model.to(dev)
-    tokens_per_iter = accum_steps * world_size * batch_size * block_size
-    if master:
-        print(f"{model.get_num_params() / 1e6:.2f}M parameters; {tokens_per_iter:,} tokens per "
-              f"iteration; device {dev}, {precision}, compile={use_compile}"
-              + (f", {dist.parallel} over {world_size} processes" if dist.parallel else ""))
-        print(f"finetune={finetune}: {trainable_count:,} of {total:,} parameters "
-              f"train ({100 * trainable_count / total:.2f}%)")
-        if trainable:
-            names = [n for n, p in model.named_parameters() if p.requires_grad]
-            print(f"training {len(names)} tensors: {', '.join(names[:8])}"
-                  + (f", ... ({len(names) - 8} more)" if len(names) > 8 else ""))
+def save(config, runtime, training, val_loss):
+    """Write the run's checkpoint: ckpt.pt (the full state, gathered on rank 0) or, with
+    sharded_checkpoint, a shard per process. val_loss: the evaluation's that saves it, None
+    when Ctrl-C or SIGTERM does."""
+    world, cuda = runtime.world, runtime.device_type == "cuda"
+    progress = dict(
+        iter_num=training.iter_num, best_val_loss=training.best_val_loss, val_loss=val_loss,
+        # everything random that is still to come, for a bit-exact resume
+        sampler=training.sampler.get_state(), torch_rng=torch.get_rng_state(),
+        cuda_rng=torch.cuda.get_rng_state_all() if cuda else [],
+        rank_rng=distributed.gather(torch.get_rng_state(), world) if world.sharded else [],
+        rank_cuda_rng=distributed.gather(torch.cuda.get_rng_state(), world)
+        if world.sharded and cuda else [])
+    if runtime.master:
+        os.makedirs(config.out_dir, exist_ok=True)
+    model, optimizer = training.raw_model, training.optimizer
+    if config.sharded_checkpoint:
+        progress |= dict(model_args=dataclasses.asdict(model.config), config=dataclasses.asdict(config),
+                         tokenizer=training.tokenizer_spec, base=training.base)
+        sharded_ckpt.save_sharded(checkpoint_path(config), model, optimizer, world, progress)
+        return
+    model_state, optimizer_state = distributed.full_state(model, optimizer, world)
+    if runtime.master:
+        checkpoint.save_run(checkpoint_path(config), model, optimizer, dataclasses.asdict(config),
+                            training.tokenizer_spec, training.base,
+                            model_state=model_state, optimizer_state=optimizer_state, **progress)
 
-    # float16 needs loss scaling to keep small gradients from flushing to zero
-    scaler = torch.amp.GradScaler(device_type, enabled=(precision == "float16"))
-    optimizer = configure_optimizers(model, weight_decay, learning_rate, (beta1, beta2), device_type, optim)
-    # batches are drawn from their own generator so its state can be saved and resumed;
-    # the same seed on every process, which each takes its own rows of the global batch
-    sampler = torch.Generator().manual_seed(seed)
-    iter_num, best_val_loss = 0, float("inf")
-    if run is not None:
-        iter_num, best_val_loss = run["iter_num"], run["best_val_loss"]
-        if "sharded" in run:
-            sharded_ckpt.load_sharded(run["sharded"], model, optimizer, dist, run)
-        else:
-            distributed.load_full_optimizer_state(model, optimizer, run["optimizer"], dist)
-        if "sampler" in run:  # nanoGPT's checkpoints have no random state
-            sampler.set_state(run["sampler"])
-            torch.set_rng_state(run["torch_rng"])
-            if device_type == "cuda" and run["cuda_rng"]:
-                torch.cuda.set_rng_state_all(run["cuda_rng"])
-            if len(run.get("rank_rng", [])) == world_size:  # each process's own (FSDP runs)
-                torch.set_rng_state(run["rank_rng"][rank])
-            if device_type == "cuda" and len(run.get("rank_cuda_rng", [])) == world_size:
-                torch.cuda.set_rng_state(run["rank_cuda_rng"][rank])
-    run = None  # free the memory
 
-    raw_model = model
-    if use_compile:
-        model = torch.compile(model)
-    # evaluation runs compiled too, but not through DDP's wrapper, whose forward may wait for
-    # the other processes
-    eval_model = model
-    model = distributed.wrap_ddp(model, dist, device_type)
-
-    if device_type == "cuda":  # a small corpus is copied to the GPU once, not a batch at a time
-        splits = to_device(splits, dev)
-
-    def batch(split, generator, rows):
-        """This process's `rows` rows of a global batch of rows x world_size (every process
-        draws the same one), on the device."""
-        own = slice(rank * rows, (rank + 1) * rows)
-        x, y = get_batch(splits[split], block_size, rows * world_size, generator, own,
-                         splits.get(f"{split}.mask"))
-        if x.device.type == "cpu" and device_type == "cuda":  # pinned memory lets the copy overlap with compute
-            return x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
-        return x.to(dev), y.to(dev)
-
-    ckpt_path = os.path.join(out_dir, sharded_ckpt.FOLDER if sharded_checkpoint else "ckpt.pt")
-
-    def save(val_loss):
-        progress = dict(
-            iter_num=iter_num, best_val_loss=best_val_loss, val_loss=val_loss,
-            # everything random that is still to come, for a bit-exact resume
-            sampler=sampler.get_state(), torch_rng=torch.get_rng_state(),
-            cuda_rng=torch.cuda.get_rng_state_all() if device_type == "cuda" else [],
-            rank_rng=distributed.gather(torch.get_rng_state(), dist) if dist.sharded else [],
-            rank_cuda_rng=distributed.gather(torch.cuda.get_rng_state(), dist)
-            if dist.sharded and device_type == "cuda" else [])
-        if master:
-            os.makedirs(out_dir, exist_ok=True)
-        if sharded_checkpoint:
-            progress |= dict(model_args=dataclasses.asdict(raw_model.config), config=knobs(globals()),
-                             tokenizer=tokenizer_spec, base=base)
-            sharded_ckpt.save_sharded(ckpt_path, raw_model, optimizer, dist, progress)
-            return
-        model_state, optimizer_state = distributed.full_state(raw_model, optimizer, dist)
-        if master:
-            checkpoint.save_run(ckpt_path, raw_model, optimizer, knobs(globals()), tokenizer_spec, base,
-                                model_state=model_state, optimizer_state=optimizer_state, **progress)
-
-    # nothing is written into out_dir until the run has started: its first record, at its
-    # first evaluation, replaces the metrics of any earlier run there
-    runlog = None
-    if master:
-        wandb_config = (wandb_project, wandb_run_name, knobs(globals())) if wandb_log else None
-        runlog = RunLog(out_dir, wandb_config, resume=init_from == "resume")
-
-    # Ctrl-C or SIGTERM asks the run to stop at the end of the current iteration, where the
-    # state is whole, and save it; a second one stops at once
-    stop = StopFlag(distributed.collective_device(dist) if dist.parallel else None)
-    # the peak is measured (random matrices) where no datasheet figure is known, once the run
-    # is known to be good: on random numbers of its own, not the run's (a resume restores those)
-    with torch.random.fork_rng(devices=[dev] if device_type == "cuda" else [], device_type="cuda"):
-        peak = peak_flops or hardware.peak_flops(dev, precision)  # in the precision the matmuls run in
-    start_iter, train_time, run_start = iter_num, 0.0, time.time()
-    last_loss = None  # the last step's loss, a tensor (reading it would wait for the device)
-    while True:
-        lr = get_lr(iter_num)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        # evaluate, and save a checkpoint; not again at the iteration a resumed run starts from
-        at_eval = iter_num % eval_interval == 0 or iter_num == max_iters
-        if at_eval and (iter_num != start_iter or iter_num == 0 or eval_only):
-            losses = estimate_loss(eval_model, batch, autocast, dist)
-            if master:
-                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                      f"val acc {losses['val_acc']:.4f}")
-                runlog.log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                            "train_acc": losses["train_acc"], "val_acc": losses["val_acc"],
-                            "lr": lr, "elapsed": time.time() - run_start})
-            if not math.isfinite(losses["val"]):
-                raise SystemExit(f"error: val loss is {losses['val']} at iteration {iter_num}; "
-                                 f"stopping, {ckpt_path} left as it was (try a lower learning_rate)")
-            improved = losses["val"] < best_val_loss
-            best_val_loss = min(best_val_loss, losses["val"])
-            if iter_num > 0 and (improved or always_save_checkpoint):
-                if master:
-                    print(f"saving checkpoint to {out_dir}")
-                save(losses["val"])
-        if eval_only or iter_num >= max_iters:
-            break
-        if stop.requested():
-            # the weights are checked in save_run; the loss of the last step too, as only
-            # logged iterations check theirs
-            if last_loss is not None and not math.isfinite(last_loss.item()):
-                raise UserError(f"interrupted at iteration {iter_num}, but its loss is "
-                                f"{last_loss.item()}: the training diverged (try a lower "
-                                f"learning_rate); not saved, {ckpt_path} left as it was")
-            save(None)
-            if master:
-                print(f"interrupted: saved iteration {iter_num} to {ckpt_path}; "
-                      "continue with --init_from=resume")
-            break
-
-        # forward, backward and update, accumulating gradients over micro-steps; under DDP
-        # and FSDP the gradients are reduced across processes only on the last micro-step
-        t0 = time.time()
-        for micro_step in range(accum_steps):
-            last = micro_step == accum_steps - 1
-            with distributed.accumulating(model, raw_model, dist, sync=last):
-                X, Y = batch("train", sampler, batch_size)
-                with autocast:
-                    _, loss = model(X, Y)
-                    loss = loss / accum_steps  # the gradients sum: scale so they average
-                scaler.scale(loss).backward()
-        if grad_clip != 0.0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        last_loss = loss.detach()
-
-        if iter_num % log_interval == 0:
-            # the last micro-step's loss (averaged over processes) as an estimate of the batch's
-            lossf = loss.detach().float() * accum_steps
-            if dist.parallel:
-                all_reduce(lossf, op=ReduceOp.AVG)
-            lossf = lossf.item()
-            train_time += time.time() - t0
-            if not math.isfinite(lossf):
-                raise SystemExit(f"error: loss became {lossf} at iteration {iter_num}; stopping "
-                                 f"without saving, {ckpt_path} left as it was (try a lower learning_rate)")
-            if master:
-                dt = train_time / log_interval
-                tok_s = tokens_per_iter / dt
-                mfu = raw_model.estimate_mfu(tok_s / world_size, peak)
-                eta = (max_iters - iter_num) * dt
-                print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
-                      f"{tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {eta / 60:.1f} min", flush=True)
-                runlog.log({"iter": iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000,
-                            "tok_s": tok_s, "mfu": mfu, "elapsed": time.time() - run_start})
-            train_time = 0.0
-        else:
-            train_time += time.time() - t0
-
-    if runlog is not None:
-        runlog.finish()
-    if dist.parallel:
-        distributed.finish_processes()
+def save_and_stop(config, runtime, training, last_loss):
+    """Save the run where Ctrl-C or SIGTERM stopped it. The weights are checked in save_run;
+    the loss of the last step (last_loss, a tensor; None before the first) here, as only
+    logged iterations check theirs."""
+    if last_loss is not None and not math.isfinite(last_loss.item()):
+        raise UserError(f"interrupted at iteration {training.iter_num}, but its loss is "
+                        f"{last_loss.item()}: the training diverged (try a lower "
+                        f"learning_rate); not saved, {checkpoint_path(config)} left as it was")
+    save(config, runtime, training, None)
+    if runtime.master:
+        print(f"interrupted: saved iteration {training.iter_num} to {checkpoint_path(config)}; "
+              "continue with --init_from=resume")
 
 
 class StopFlag:

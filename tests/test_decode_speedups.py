@@ -104,7 +104,7 @@ def test_evaluation_sums_reduce_on_the_model_s_device(monkeypatch):
 
     with pytest.raises(Reduced):
         train.estimate_loss(model, batch, torch.autocast("cpu", enabled=False),
-                            distributed.Distributed("ddp"))
+                            distributed.Distributed("ddp"), iters=1, rows=2, seed=0)
     assert seen == [torch.device("meta")]
 
 

@@ -201,7 +201,7 @@ def test_lora_run_saves_adapters_resumes_exactly_samples_and_exports(trained, ch
 ])
 def test_bad_finetune_config_is_refused(changes, words):
     import train
-    cfg = {**knobs(vars(train)), **changes}
+    cfg = train.Config(**{**knobs(vars(train)), **changes})
     with pytest.raises(UserError) as info:
         check_config(cfg)
     for w in words:

@@ -328,7 +328,7 @@ def test_finetune_then_export_loads_in_transformers(vocabulary, request, tmp_pat
 def test_gpt2_configs_apply_to_train(name):
     import train
     cfg = configure(dict(vars(train)), [os.path.join(REPO, "config", f"{name}.py")])
-    train.check_config(cfg)
+    train.check_config(train.Config(**cfg))
     assert cfg["init_from"] in GPT2_SIZES and cfg["dataset"] == "shakespeare"
     assert cfg["eval_only"] == name.startswith("eval")
 

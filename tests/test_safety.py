@@ -60,7 +60,7 @@ optimizers, configure, get_lr = [], train.configure_optimizers, train.get_lr
 def configure_and_keep(*args, **kwargs):
     optimizers.append(configure(*args, **kwargs))
     return optimizers[-1]
-def get_lr_and_act(it):
+def get_lr_and_act(it, config):
     action = actions.get(str(it))
     if action == "poison":
         for state in optimizers[0].state.values():
@@ -69,7 +69,7 @@ def get_lr_and_act(it):
         raise RuntimeError("a simulated failure")
     elif action:
         os.kill(os.getpid(), getattr(signal, action))
-    return get_lr(it)
+    return get_lr(it, config)
 train.configure_optimizers, train.get_lr = configure_and_keep, get_lr_and_act
 sys.argv = ["train.py", *sys.argv[2:]]
 configurator.run(train.main)
