@@ -13,6 +13,7 @@ Every setting below can be changed by a config file and by --key=value;
 `python train.py --help` lists them.
 """
 
+import contextlib
 import dataclasses
 import fnmatch
 import functools
@@ -26,12 +27,13 @@ from configurator import configure, knobs, run  # first: Ctrl-C while the rest l
 import torch
 from torch.distributed import ReduceOp, all_reduce
 
+import atomic
 import checkpoint
 import distributed
 import hardware
 import lora
 import sharded_ckpt
-from dataset import get_batch, open_dataset, to_device
+from dataset import check_fits, get_batch, open_dataset, to_device
 from errors import UserError
 from model import build
 from optim import configure_optimizers
@@ -111,7 +113,17 @@ def main():
     check_config(config)
     checkpoint.check_out_dir(config.out_dir)  # a file, under a file, read-only: before any work
     runtime = set_up(config)
-    config, training = build_or_resume(config, settings.passed, runtime)
+    # one run per out_dir: two would delete each other's temporary files and save over each
+    # other's checkpoints. The kernel's lock goes with the process however it ends
+    with atomic.lock_out_dir(config.out_dir) if runtime.master else contextlib.nullcontext():
+        train(config, settings.passed, runtime)
+    if runtime.world.parallel:
+        distributed.finish_processes()
+
+
+def train(config, passed, runtime):
+    """Build or resume the run, train it to max_iters (or a stop), and close its log."""
+    config, training = build_or_resume(config, passed, runtime)
 
     # nothing is written into out_dir until the run has started: its first record, at its
     # first evaluation, replaces the metrics of any earlier run there
@@ -132,11 +144,8 @@ def main():
         peak = config.peak_flops or hardware.peak_flops(runtime.device, runtime.precision)
 
     train_loop(config, runtime, training, stop, peak, runlog)
-
     if runlog is not None:
         runlog.finish()
-    if world.parallel:
-        distributed.finish_processes()
 
 
 def check_config(config):
@@ -279,6 +288,8 @@ def build_or_resume(config, passed, runtime):
     config, model, tokenizer_spec, saved_run, base = load_or_build_model(
         config, meta, passed, runtime.device_type, build_on)
     check_config(config)  # again, with what a resumed run keeps of its checkpoint
+    check_fits(meta, tokenizer_spec, config.dataset,
+               config.out_dir if config.init_from == "resume" else config.init_from)
     splits, _ = open_dataset(config.dataset, config.block_size, model.config.vocab_size)
     prepare_model(model, config, runtime, saved_run)
 

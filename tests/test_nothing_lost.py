@@ -297,6 +297,20 @@ def test_a_second_run_on_an_out_dir_is_refused_naming_the_first(tmp_path):
     assert os.listdir(out) == []  # the killed holder's lock file went with the third's lock
 
 
+def test_train_py_refuses_an_out_dir_another_run_holds(trained, char_dataset, tmp_path):
+    out = tmp_path / "out"
+    holder = python(HOLD, str(out), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        result = run_script("train.py", *conftest.TINY, f"--dataset={char_dataset}",
+                                     f"--out_dir={out}", "--max_iters=2")
+        assert_user_error(result, "in use by another run", f"pid {holder.pid}")
+        assert os.listdir(out) == [atomic.LOCK_FILE]  # nothing of the refused run written
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_released_lock_leaves_the_run_and_can_be_taken_again(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"a run's")
     for _ in range(2):
@@ -317,6 +331,17 @@ def test_a_dataset_of_another_tokenizer_does_not_fit(tmp_path):
     with pytest.raises(UserError, match="tiktoken's gpt2.*prepare it with the model's tokenizer"):
         dataset.check_fits(meta, TiktokenTokenizer("gpt2").spec(), "data", "gpt2")
     dataset.check_fits({"vocab_size": 3}, TiktokenTokenizer("gpt2").spec(), "data", "gpt2")  # says nothing
+
+
+def test_train_py_refuses_to_resume_on_a_dataset_of_another_vocabulary(trained, tmp_path):
+    out_dir, _ = trained
+    other = dataset.write_dataset(str(tmp_path / "data"), CharTokenizer("abcdefgh"), [0, 1, 2] * 400,
+                                  [1, 2] * 200)
+    before = digests(out_dir)
+    result = run_script("train.py", *conftest.TINY, f"--dataset={tmp_path / 'data'}",
+                                 f"--out_dir={out_dir}", "--init_from=resume", "--max_iters=30")
+    assert_user_error(result, "was prepared with another tokenizer", "(char, 8 characters)")
+    assert digests(out_dir) == before and other["vocab_size"] == 8
 
 
 def test_the_same_vocabulary_in_another_form_fits(tmp_path):
