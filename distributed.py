@@ -20,7 +20,8 @@ one node or many) and tells each its RANK, LOCAL_RANK and WORLD_SIZE; then, by `
 A run's ckpt.pt is the same file whatever trained it: the full state, gathered on rank 0, with
 the optimizer's state keyed by position as torch.optim writes it, so sample.py, export_hf.py
 and a resume with any number of processes (DDP, FSDP or none) read it. A model whose full state
-does not fit in one host's memory is saved as a sharded checkpoint instead (sharded_ckpt.py).
+does not fit in one host's memory is saved as a sharded checkpoint instead (sharded_ckpt.py;
+consolidate.py makes it a ckpt.pt).
 """
 
 import os

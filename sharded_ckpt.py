@@ -9,9 +9,9 @@ A resume reads it with any number of processes (FSDP, DDP or one):
     progress = sharded_ckpt.read_progress(folder)                          # run.pt, checked
     sharded_ckpt.load_sharded(folder, model, optimizer, dist, progress)   # files checked first
 
-and this script consolidates it into the run's ckpt.pt, for sample.py and export_hf.py:
+and consolidate() makes it the run's ckpt.pt, for sample.py and export_hf.py:
 
-$ python sharded_ckpt.py --out_dir=out
+$ python consolidate.py --out_dir=out
 """
 
 import os
@@ -26,7 +26,6 @@ import torch.distributed as torch_dist
 import checkpoint
 import integrity
 from atomic import replace_folder
-from configurator import configure, run
 from distributed import Distributed, by_position, collective_device
 from errors import UserError
 from model import build
@@ -179,7 +178,7 @@ def check_metadata(folder):
 
 
 # -----------------------------------------------------------------------------
-# python sharded_ckpt.py --out_dir=...: a sharded checkpoint made into ckpt.pt
+# python consolidate.py --out_dir=...: a sharded checkpoint made into ckpt.pt
 
 def consolidate(folder, path):
     """Write the sharded checkpoint in folder as the ckpt.pt at path, as a run on one process
@@ -214,18 +213,3 @@ def write_run(path, state, progress, folder):
     checkpoint.save_run(path, model, None, settings, tokenizer, base, model_state=state["model"],
                         optimizer_state=by_position(state["optimizer"]), **progress)
 
-
-out_dir = "out"  # the run whose ckpt.dcp/ becomes its ckpt.pt
-
-
-def main():
-    out_dir = configure(globals())["out_dir"]
-    folder, path = os.path.join(out_dir, FOLDER), os.path.join(out_dir, "ckpt.pt")
-    if not os.path.isdir(folder):
-        raise UserError(f"no sharded checkpoint at {folder} (train with --sharded_checkpoint=True)")
-    consolidate(folder, path)
-    print(f"wrote {path} from {folder}")
-
-
-if __name__ == "__main__":
-    run(main)

@@ -105,7 +105,7 @@ def test_sharded_checkpoint_resumes_exactly_with_any_number_of_processes(straigh
     listed = torch.load(split / "ckpt.dcp" / "run.pt", weights_only=True)["files"]
     assert sorted(listed) == sorted(p.name for p in (split / "ckpt.dcp").iterdir() if p.name != "run.pt")
     train(split, char_dataset, *TWO, *sharded, "--max_iters=20", "--init_from=resume")
-    consolidated = run_script("sharded_ckpt.py", f"--out_dir={split}")
+    consolidated = run_script("consolidate.py", f"--out_dir={split}")
     assert consolidated.returncode == 0, consolidated.stderr
     a, b = read_ckpt(straight), read_ckpt(split)
     assert all(torch.equal(a["model"][name], b["model"][name]) for name in a["model"])
@@ -169,7 +169,7 @@ def test_a_sharded_checkpoint_that_does_not_fit_or_runs_code_is_refused(char_dat
     (folder / ".metadata").write_bytes(pickle.dumps(Payload()))
     for script, args in [("train.py", [*RUN, f"--dataset={char_dataset}", f"--out_dir={out}",
                                        "--init_from=resume", "--max_iters=20"]),
-                         ("sharded_ckpt.py", [f"--out_dir={out}"])]:
+                         ("consolidate.py", [f"--out_dir={out}"])]:
         result = run_script(script, *args)
         assert_user_error(result, "refused", "posix.system")
         assert not os.path.exists(os.path.join(REPO, "pwned"))
@@ -193,7 +193,7 @@ def test_a_sharded_checkpoint_whose_files_changed_is_refused(char_dataset, tmp_p
         shard.write_bytes(pristine)
         change()
         before = digests(folder)
-        for args in (resume, ["sharded_ckpt.py", f"--out_dir={out}"]):
+        for args in (resume, ["consolidate.py", f"--out_dir={out}"]):
             result = run_script(*args)
             assert_user_error(result, *words, "restore it")
             assert digests(folder) == before and not (out / "ckpt.pt").exists()
