@@ -120,6 +120,8 @@ class DecodingOptions:
             raise UserError(f"typical_p must be in (0, 1] (1 keeps all tokens), got {self.typical_p}")
         if self.min_new_tokens < 0:
             raise UserError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:  # a torch.Generator's range
+            raise UserError(f"seed must be in [0, 2**64), got {self.seed}")
         if not all(isinstance(w, (list, tuple)) and w and all(isinstance(i, int) for i in w)
                    for w in self.bad_words_ids):
             raise UserError(f"bad_words_ids must be lists of token ids, got {self.bad_words_ids!r}")

@@ -522,6 +522,8 @@ RESUME_CASES = [
 ]
 SAMPLE_CASES = [
     ("sample: start None", ["--start=None"], ["start cannot be None"]),
+    ("sample: seed past a generator's range", ["--seed=1180591620717411303424"], ["seed must be in [0, 2**64)"]),
+    ("sample: negative seed", ["--seed=-1"], ["seed must be in [0, 2**64)"]),
     ("sample: start a binary file", ["--start=FILE:{root}/prompts/binary.bin"], ["is binary", "NUL bytes"]),
     ("sample: start a latin-1 file", ["--start=FILE:{root}/prompts/latin1.txt"], ["is not UTF-8 text", "byte 10"]),
     ("sample: start an empty file", ["--start=FILE:{root}/prompts/empty.txt"], ["holds no prompt"]),
@@ -558,6 +560,7 @@ SAMPLE_CASES = [
 CHAT_CASES = [
     ("chat: beams", ["--num_beams=2"], ["beam search"]),
     ("chat: temperature negative", ["--temperature=-1.0"], ["temperature must be >= 0"]),
+    ("chat: seed past a generator's range", ["--seed=1180591620717411303424"], ["seed must be in [0, 2**64)"]),
     ("chat: max_new_tokens negative", ["--max_new_tokens=-1"], ["max_new_tokens must be >= 0"]),
     ("chat: top_p 0", ["--top_p=0.0"], ["top_p must be in (0, 1]"]),
     ("chat: no checkpoint", ["--out_dir={root}/prompts"], ["no checkpoint"]),

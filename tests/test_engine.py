@@ -285,6 +285,7 @@ def test_top_k_samples_only_the_k_most_likely_tokens(ours):
     (dict(temperature=0, num_beams=2, num_return_sequences=3), "cannot exceed num_beams"),
     (dict(num_beams=3), "does not sample"),  # temperature 1: sampling
     (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(seed=2**64), "seed must be in"),
 ])
 def test_bad_options_are_user_errors(ours, options, words):
     options = {"max_new_tokens": 5, **options}
