@@ -168,8 +168,12 @@ SCRIPT_FLAGS = {
 REPLACED = ("bad_words_ids",)
 # the scripts' defaults where they are not the engine's: nanoGPT's sample.py samples 500 tokens
 # at temperature 0.8 from the 200 most likely, seeded; suppress_tokens takes text too
+# (early_stopping=None is False: a default of None lets the command line give True, False or
+# "never" alike)
 SCRIPT_DEFAULTS = dict(max_new_tokens=500, temperature=0.8, top_k=200, seed=1337,
-                       suppress_tokens=None)
+                       suppress_tokens=None, early_stopping=None)
+# the settings that only sampling uses (greedy decoding and beams do not)
+SAMPLING = ("temperature", "top_k", "top_p", "min_p", "typical_p")
 # the flags besides those whose default is None that None may be given to: the Optional fields
 NULLABLE_FLAGS = tuple(f.name for f in fields(DecodingOptions) if type(None) in getattr(f.type, "__args__", ()))
 
@@ -200,15 +204,25 @@ def with_generation_config(flags, passed, tokenizer):
     num_beams the user set: those choose sampling, greedy or beams themselves. Returns
     (flags, note), note saying which values came from the file ("" if none did)."""
     given = getattr(tokenizer, "generation", None) or {}
-    skip = set(passed) | ({"do_sample"} if {"temperature", "num_beams"} & set(passed) else set())
+    overruled = {"temperature", "num_beams"} & set(passed)
+    skip = set(passed) | ({"do_sample"} if overruled else set())
     taken = {k: v for k, v in {**hf.GENERATION_DEFAULTS, **given}.items() if k not in skip and k in flags}
     if not given or not taken:
         return flags, ""
-    note = "from generation_config.json: " + ", ".join(f"{k}={v!r}" for k, v in taken.items() if k in given)
-    filled = [f"{k}={v!r}" for k, v in taken.items() if k not in given and v != flags[k]]
+    samples = taken.get("do_sample", flags["do_sample"]) is not False
+    parts = []
+    from_file = [f"{k}={v!r}" for k, v in taken.items() if k in given and (samples or k not in SAMPLING)]
+    if from_file:
+        parts.append("from generation_config.json: " + ", ".join(from_file))
+    # transformers' defaults for what the file leaves out, those that decoding uses
+    filled = [f"{k}={v!r}" for k, v in taken.items()
+              if k not in given and v != flags[k] and (samples or k not in SAMPLING)]
     if filled:
-        note += f"; transformers' defaults for what it leaves out: {', '.join(filled)}"
-    return {**flags, **taken}, note
+        parts.append(f"transformers' defaults for what it leaves out: {', '.join(filled)}")
+    if given.get("do_sample") is False and "temperature" in passed and flags["temperature"] > 0:
+        # transformers would decode greedily and warn that the temperature is unused
+        parts.append("the file's do_sample=False gives way to the temperature you set: sampling")
+    return {**flags, **taken}, "; ".join(parts)
 
 
 def options_from_flags(flags, passed, tokenizer, prompt_width):
@@ -218,19 +232,30 @@ def options_from_flags(flags, passed, tokenizer, prompt_width):
     flags left at their (nanoGPT) defaults do not apply to them; one the user set (passed)
     that conflicts is an error. Words given as text are encoded with the model's tokenizer."""
     beams, samples, temp = flags["num_beams"], flags["num_samples"], flags["temperature"]
+    if beams > 1 and flags["do_sample"]:
+        raise UserError(f"num_beams={beams} with do_sample=True is beam sampling, which is not "
+                        "supported: drop do_sample for beam search, or num_beams to sample")
     if beams > 1 and "temperature" not in passed:
         temp = 0.0
     greedy = not (temp > 0 if flags["do_sample"] is None else flags["do_sample"])
-    if (beams > 1 or greedy) and "num_samples" not in passed:
+    if beams == 1 and "num_return_sequences" in passed:
+        # Hugging Face's name for several samples per prompt (pipeline(), generate())
+        if "num_samples" in passed and samples != flags["num_return_sequences"]:
+            raise UserError(f"num_samples={samples} and num_return_sequences="
+                            f"{flags['num_return_sequences']} both count the samples per prompt: "
+                            "give one of them")
+        samples = flags["num_return_sequences"]
+    elif (beams > 1 or greedy) and "num_samples" not in passed:
         samples = 1
     if samples < 1:
         raise UserError(f"num_samples must be >= 1, got {samples}")
     if beams > 1 and samples != 1:
         raise UserError(f"num_beams={beams} is beam search, which gives num_return_sequences "
                         "results per prompt, not samples: leave num_samples unset (or 1)")
-    if beams == 1 and flags["num_return_sequences"] != 1:
-        raise UserError("num_return_sequences counts the beams to print (with num_beams > 1); "
-                        "for several samples per prompt set num_samples")
+    if greedy and beams == 1 and samples > 1:
+        raise UserError(f"greedy decoding gives one result per prompt, not {samples} (do_sample="
+                        "False, or temperature=0): set --do_sample=True and a temperature > 0 to "
+                        "sample several")
     new_tokens, max_length = flags["max_new_tokens"], flags["max_length"]
     if max_length is not None:
         if max_length <= prompt_width:
@@ -239,6 +264,7 @@ def options_from_flags(flags, passed, tokenizer, prompt_width):
         new_tokens = max_length - prompt_width
     suppressed = token_lists(flags["suppress_tokens"], tokenizer, "suppress_tokens")
     resolved = dict(max_new_tokens=new_tokens, temperature=temp, num_beams=beams,
+                    early_stopping=False if flags["early_stopping"] is None else flags["early_stopping"],
                     num_return_sequences=samples if beams == 1 else flags["num_return_sequences"],
                     bad_words_ids=token_lists(flags["bad_words"], tokenizer, "bad_words"),
                     suppress_tokens=tuple(i for ids in suppressed for i in ids))

@@ -185,3 +185,33 @@ def test_an_export_keeps_the_settings_and_the_chat_template(tmp_path):
     tok.generation = {}
     hf.export(model, tok, str(tmp_path / "plain"))
     assert not (tmp_path / "plain" / "generation_config.json").exists()
+
+
+def test_hugging_face_habits_on_the_command_line():
+    """transformers users' flags: num_return_sequences for several samples, early_stopping
+    'never', a bare --do_sample, and beams with do_sample named as the conflict it is."""
+    tok = None  # no words to encode, no generation_config.json
+    options, _ = resolved(tok, ["--num_return_sequences=3"])
+    assert options.num_return_sequences == 3 and options.sampling
+    options, _ = resolved(tok, ["--num_beams=4", "--early_stopping=never", "--num_return_sequences=2"])
+    assert options.early_stopping == "never" and options.num_beams == 4 and options.temperature == 0
+    options, _ = resolved(tok, ["--do_sample", "--num_samples=2"])
+    assert options.do_sample is True and options.num_return_sequences == 2
+    with pytest.raises(engine.UserError, match="beam sampling, which is not supported"):
+        resolved(tok, ["--num_beams=5", "--do_sample=True"])
+
+
+def test_a_greedy_file_says_what_to_do_and_names_only_what_decoding_uses(tmp_path):
+    """A base model's generation_config.json with do_sample=False (Qwen2.5's): several samples
+    are refused naming the user's flag and the way out; the note names neither an empty list
+    nor a sampling default greedy decoding does not use; a temperature the user sets samples,
+    and the note says the file gave way."""
+    folder = qwen_folder(tmp_path / "base", do_sample=False, repetition_penalty=1.05)
+    _, tok = checkpoint.load_model(str(folder))
+    with pytest.raises(engine.UserError, match=r"not 2 .*--do_sample=True"):
+        resolved(tok, ["--num_samples=2"])
+    options, note = resolved(tok, [])
+    assert not options.sampling and "top_k" not in note and ": ;" not in note
+    assert note == "from generation_config.json: do_sample=False, repetition_penalty=1.05"
+    options, note = resolved(tok, ["--temperature=0.9"])
+    assert options.sampling and "gives way to the temperature you set" in note
