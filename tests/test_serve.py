@@ -5,16 +5,14 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 
 import pytest
 import requests
 
-from conftest import REPO, sample_text
+from conftest import ServedRun, sample_text
 from test_chat import CHATML, SPECIALS
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency "
@@ -44,7 +42,7 @@ def chat_model(tmp_path_factory):
         vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = HFTokenizer(tok.to_str(), CHATML, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128, vocab_size=tokenizer.vocab_size))
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=1024, vocab_size=tokenizer.vocab_size))
     out_dir = tmp_path_factory.mktemp("serve-run")
     checkpoint.save_run(str(out_dir / "ckpt.pt"), model, configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu"),
                         {}, tokenizer.spec(), iter_num=0, best_val_loss=9.9)
@@ -59,24 +57,26 @@ def free_port():
 
 @contextlib.contextmanager
 def running_server(out_dir, *flags):
-    """serve.py on a free port, until the block ends: (base url, process)."""
+    """serve.py on a free port (forked from conftest's script server, torch imported), until
+    the block ends, when SIGTERM stops it as uvicorn is stopped: (base url, its pid)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "serve.py", f"--out_dir={out_dir}", "--device=cpu",
-                             f"--port={port}", f"--model_name={NAME}", *flags], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    served = ServedRun(["serve.py", f"--out_dir={out_dir}", "--device=cpu", f"--port={port}",
+                        f"--model_name={NAME}", *flags])
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):
-            if proc.poll() is not None:
-                raise AssertionError(f"serve.py exited: {proc.stderr.read()}")
             with contextlib.suppress(requests.ConnectionError):
                 if requests.get(f"{url}/health", timeout=5).ok:
                     break
             time.sleep(0.1)
-        yield url, proc
+        else:
+            served.kill()
+        yield url, served.pid
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            served.send_signal(signal.SIGTERM)
+        _, stderr = served.communicate()
+        assert served.returncode in (0, -signal.SIGTERM) and "Traceback" not in stderr, stderr  # uvicorn ends by its signal
 
 
 @pytest.fixture(scope="module")
@@ -237,8 +237,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
         (dict(json={**chat, "n": 2, "temperature": 0}), 400, "n"),
         (dict(json={**chat, "tools": [{"type": "function"}]}), 400, "tools"),
         (dict(json={**chat, "model": "gpt-9"}), 404, "model"),
-        (dict(json={**chat, "messages": [{"role": "user", "content": "Hamlet " * 200}]}), 400, "messages"),
-        (dict(json={**chat, "max_tokens": 500}), 400, "max_tokens"),
+        (dict(json={**chat, "messages": [{"role": "user", "content": "Hamlet " * 1100}]}), 400, "messages"),
+        (dict(json={**chat, "max_tokens": 1020}), 400, "max_tokens"),
     ]
     for kwargs, status, param in cases:
         response = requests.post(f"{url}/chat/completions", timeout=10, **kwargs)
@@ -277,9 +277,9 @@ def test_a_soak_of_small_requests_grows_neither_threads_nor_memory(server, clien
                                                    max_tokens=2, stream=True))
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(ask, range(60)))  # warm: the pools and caches of every path
-        threads, memory = threads_and_memory(server[1].pid)
+        threads, memory = threads_and_memory(server[1])
         list(pool.map(ask, range(300)))
-    threads_after, memory_after = threads_and_memory(server[1].pid)
+    threads_after, memory_after = threads_and_memory(server[1])
     assert threads_after <= threads + 1 and memory_after - memory < 20e6, (threads, threads_after, memory, memory_after)
 
 
@@ -289,7 +289,7 @@ def test_an_api_key_is_required_when_set(chat_model):
     import serve
     _, model, tokenizer = chat_model
     flags = dict(serve.engine.decoding_flags(num_samples=1, max_new_tokens=None, temperature=1.0, top_k=None, seed=None))
-    server = serve.Server(model, tokenizer, flags, set(), NAME, 128, 2, 2)
+    server = serve.Server(model, tokenizer, flags, set(), NAME, 1024, 2, 2)
     try:
         with TestClient(serve.make_app(server, api_key="sesame")) as http:
             assert http.get("/v1/models").status_code == 401
