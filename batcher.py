@@ -5,8 +5,8 @@ Orca, Yu et al. 2022, which vLLM and text-generation-inference use).
 
 - Sequence: one row: its prompt, its own DecodingOptions and random generator, its text so far
   (engine.TextStream, which also ends it at a stop string), and whom to tell of its tokens.
-- Batcher: a thread that owns the model. Each step it admits waiting sequences (a prompt goes
-  through the model alone, and its keys and values are copied into the batch's cache), picks a
+- Batcher: a thread that owns the model. Each step it admits waiting sequences (their prompts
+  go through the model together, and their keys and values are copied into the batch's cache), picks a
   token for every row (logits.process_logits with the row's own options), lets the rows that
   ended or whose client left go, and runs the others one token further in one forward pass.
 
@@ -26,7 +26,7 @@ import torch
 from torch.nn import functional as F
 
 import engine
-from kvcache import KVCache, LayerCache, attention_bias, float_weight
+from kvcache import KVCache, LayerCache, attention_bias, cache_window, float_weight
 from logits import process_logits
 
 
@@ -107,9 +107,9 @@ class Batcher:
                 joining = [self.waiting.popleft() for _ in
                            range(min(len(self.waiting), self.max_rows - len(self.rows)))]
             try:
-                for sequence in joining:
-                    if not sequence.cancelled:
-                        self.join(sequence)
+                joining = [s for s in joining if not s.cancelled]
+                if joining:
+                    self.join(joining)
                 self.step()
             except Exception as e:  # a failed step ends its rows, not the server
                 self.fail(joining, e)
@@ -121,26 +121,28 @@ class Batcher:
             sequence.on_end(sequence, reason, "")
         self.rows, self.cache.size, self.replanned = [], 0, True
 
-    def join(self, sequence):
-        """Run the sequence's prompt through the model alone and copy its keys and values into
-        a free row of the batch, ending at the batch's current slot (the rows move right first
-        if the prompt is longer than the slots before it)."""
-        n, length = len(self.rows), len(sequence.prompt)
-        alone = KVCache(self.model, 1, length)
-        alone.reset(torch.zeros(1, dtype=torch.long, device=self.device))
-        prompt = torch.tensor([sequence.prompt], device=self.device)
-        sequence.logits = alone.extend(self.model, prompt)
-        if sequence.options.seed is not None:
-            sequence.generator = torch.Generator(self.device).manual_seed(sequence.options.seed)
+    def join(self, joining):
+        """Run the joining sequences' prompts through the model together (left-padded, as
+        engine.generate batches prompts) and copy each one's keys and values into a free row
+        of the batch, ending at the batch's current slot (the rows move right first if a
+        prompt is longer than the slots before it)."""
+        n, prompts = len(self.rows), [s.prompt for s in joining]
+        ids, width = engine.left_pad(prompts, 1, max(map(len, prompts)))
+        prefill = KVCache(self.model, len(joining), width)
+        logits = cache_window(self.model, prefill, ids.to(self.device), width)
         if not self.rows:
-            self.cache.size = length
-        elif self.cache.size < length:
-            self.move_rows(length - self.cache.size)
+            self.cache.size = width
+        elif self.cache.size < width:
+            self.move_rows(width - self.cache.size)
         end = self.cache.size
-        for mine, its in zip(self.storage.layers, alone.layers):
-            mine.kv[:, n, :, end - length:end] = its.kv[:, 0]
-        sequence.start = end - length
-        self.rows.append(sequence)
+        for j, sequence in enumerate(joining):
+            length = len(sequence.prompt)
+            for mine, its in zip(self.storage.layers, prefill.layers):
+                mine.kv[:, n + j, :, end - length:end] = its.kv[:, j, :, width - length:]
+            sequence.start, sequence.logits = end - length, logits[j:j + 1]
+            if sequence.options.seed is not None:
+                sequence.generator = torch.Generator(self.device).manual_seed(sequence.options.seed)
+            self.rows.append(sequence)
         self.replanned = True
 
     def leave(self, sequence, reason):
