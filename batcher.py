@@ -69,6 +69,7 @@ class Batcher:
         # anew whenever rows come or go), its own slots, positions and mask
         self.cache = copy.copy(self.storage)
         self.rows = []  # the live Sequences, in the order of the cache's rows
+        self.held = 0  # rows live or joining, as of the last token boundary (under the lock)
         self.replanned = True
         self.waiting = collections.deque()
         self.lock = threading.Condition()
@@ -77,9 +78,11 @@ class Batcher:
         self.thread.start()
 
     def submit(self, sequences):
-        """Queue the sequences of one request, all or none: False if the queue is full."""
+        """Queue the sequences of one request, all or none: False if the queue is full (the
+        free rows count as places in it: they take the waiting at the next token)."""
         with self.lock:
-            if len(self.waiting) + len(sequences) > self.max_waiting:
+            free = self.max_rows - self.held
+            if len(self.waiting) + len(sequences) > self.max_waiting + free:
                 return False
             self.waiting.extend(sequences)
             self.lock.notify()
@@ -106,6 +109,7 @@ class Batcher:
                     return
                 joining = [self.waiting.popleft() for _ in
                            range(min(len(self.waiting), self.max_rows - len(self.rows)))]
+                self.held = len(self.rows) + len(joining)
             try:
                 joining = [s for s in joining if not s.cancelled]
                 if joining:

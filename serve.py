@@ -301,6 +301,9 @@ def make_app(server, api_key=""):
 
     async def respond(server, body, request, prompt, prompt_field, logprobs, kind):
         options = server.options(body, len(prompt), prompt_field)
+        if body.n > server.batcher.max_waiting + server.batcher.max_rows:
+            raise ApiError(400, f"n={body.n} is more choices than the server holds "
+                                f"(max_batch + max_waiting)", "n")
         stops = engine.check_stop_strings(body.stop)
         reply = Reply(server, prompt, options, stops, logprobs)
         if not server.batcher.submit(reply.sequences):

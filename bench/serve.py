@@ -119,7 +119,7 @@ def transformers_app(model, name):
     return app
 
 
-def ask(url, prompt):
+def ask(url, prompt, max_tokens):
     """One streamed completion: (tokens generated, seconds to its first token, seconds)."""
     start, first, tokens = time.perf_counter(), None, 0
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
@@ -137,21 +137,21 @@ def ask(url, prompt):
     return tokens, first, time.perf_counter() - start
 
 
-def measure(url, prompts, clients):
+def measure(url, prompts, clients, max_tokens):
     """(generated tokens per second, median and worst time to first token) of the prompts
     sent by `clients` threads."""
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda p: ask(url, p), prompts))
+        results = list(pool.map(lambda p: ask(url, p, max_tokens), prompts))
     seconds = time.perf_counter() - start
     firsts = [first for _, first, _ in results]
     return sum(tokens for tokens, _, _ in results) / seconds, statistics.median(firsts), max(firsts)
 
 
-def models(dev):
-    """(ours, transformers') GPT-2-shaped models with the same random weights."""
+def models(dev, size, seed):
+    """(ours, its tokenizer, transformers') GPT-2-shaped models with the same random weights."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    n_layer, n_head, n_embd = shapes.GPT2[gpt2_size]
+    n_layer, n_head, n_embd = shapes.GPT2[size]
     torch.manual_seed(seed)
     theirs = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                                         bos_token_id=None, eos_token_id=None)).eval()
@@ -162,38 +162,41 @@ def models(dev):
 
 
 def main():
-    configure(globals(), nullable=())
-    if gpt2_size not in shapes.GPT2:
-        raise UserError(f"gpt2_size must be one of {', '.join(shapes.GPT2)}, got {gpt2_size!r}")
-    dev = hardware.setup(device, "float32", training=False)[0]
-    ours, tokenizer, theirs = models(dev)
-    generator = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(50257, (prompt_tokens,), generator=generator).tolist() for _ in range(n_requests)]
-    print(f"{gpt2_size} shape, random weights, float32 on {dev} ({torch.get_num_threads()} threads), "
-          f"torch {torch.__version__}; {n_requests} requests of {prompt_tokens} prompt + {max_tokens} "
-          f"generated tokens each, streamed over HTTP")
+    cfg = configure(globals(), nullable=())
+    if cfg["gpt2_size"] not in shapes.GPT2:
+        raise UserError(f"gpt2_size must be one of {', '.join(shapes.GPT2)}, got {cfg['gpt2_size']!r}")
+    dev = hardware.setup(cfg["device"], "float32", training=False)[0]
+    ours, tokenizer, theirs = models(dev, cfg["gpt2_size"], cfg["seed"])
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    new, clients_list = cfg["max_tokens"], cfg["concurrency"]
+    prompts = [torch.randint(50257, (cfg["prompt_tokens"],), generator=generator).tolist()
+               for _ in range(cfg["n_requests"])]
+    print(f"{cfg['gpt2_size']} shape, random weights, float32 on {dev} ({torch.get_num_threads()} "
+          f"threads), torch {torch.__version__}; {len(prompts)} requests of {cfg['prompt_tokens']} "
+          f"prompt + {new} generated tokens each, streamed over HTTP")
     # every request generates all of its tokens: the stop tokens are held back
     flags = engine.decoding_flags(num_samples=1, max_new_tokens=None, temperature=0.0, top_k=None,
-                                  seed=None, min_new_tokens=max_tokens)
-    server = serve.Server(ours, tokenizer, flags, {"min_new_tokens"}, "bench", 1024, max(concurrency), n_requests)
+                                  seed=None, min_new_tokens=new)
+    server = serve.Server(ours, tokenizer, flags, {"min_new_tokens"}, "bench", 1024, max(clients_list),
+                          len(prompts))
     results = {}
     with Served(serve.make_app(server)) as url:
-        ask(url, prompts[0])  # warm: the first request plans kernels and routes
-        for clients in concurrency:
-            results[clients] = measure(url, prompts, clients)
+        ask(url, prompts[0], new)  # warm: the first request plans kernels and routes
+        for clients in clients_list:
+            results[clients] = measure(url, prompts, clients, new)
     server.batcher.close()
-    one = results[min(concurrency)][0]
+    one = results[min(clients_list)][0]
     for clients, (rate, ttft, worst) in results.items():
-        print(f"serve.py, {clients:2d} concurrent client(s): {rate:7.1f} tok/s ({rate / one:4.1f}x one at "
-              f"a time), first token after {ttft:.2f} s (median), {worst:.2f} s (worst)")
-    if baseline:
+        print(f"serve.py, {clients:2d} concurrent client(s): {rate:7.1f} tok/s ({rate / one:4.1f}x one "
+              f"at a time), first token after {ttft:.2f} s (median), {worst:.2f} s (worst)")
+    if cfg["baseline"]:
         with Served(transformers_app(theirs, "bench")) as url:
-            ask(url, prompts[0])
-            rate, ttft, worst = measure(url, prompts, max(concurrency))
-        ours_rate = results[max(concurrency)][0]
-        print(f"transformers generate(), {max(concurrency)} concurrent clients: {rate:7.1f} tok/s, first "
-              f"token after {ttft:.2f} s (median), {worst:.2f} s (worst); serve.py {ours_rate / rate:.1f}x its "
-              "throughput")
+            ask(url, prompts[0], new)
+            rate, ttft, worst = measure(url, prompts, max(clients_list), new)
+        ours_rate = results[max(clients_list)][0]
+        print(f"transformers generate(), {max(clients_list)} concurrent clients: {rate:7.1f} tok/s, "
+              f"first token after {ttft:.2f} s (median), {worst:.2f} s (worst); serve.py "
+              f"{ours_rate / rate:.1f}x its throughput")
 
 
 if __name__ == "__main__":
