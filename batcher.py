@@ -69,7 +69,7 @@ class Batcher:
         # anew whenever rows come or go), its own slots, positions and mask
         self.cache = copy.copy(self.storage)
         self.rows = []  # the live Sequences, in the order of the cache's rows
-        self.held = 0  # rows live or joining, as of the last token boundary (under the lock)
+        self.held = 0  # rows live or joining (changed under the lock)
         self.replanned = True
         self.waiting = collections.deque()
         self.lock = threading.Condition()
@@ -109,8 +109,9 @@ class Batcher:
                     return
                 joining = [self.waiting.popleft() for _ in
                            range(min(len(self.waiting), self.max_rows - len(self.rows)))]
-                self.held = len(self.rows) + len(joining)
+                self.held += len(joining)
             try:
+                self.release(sum(s.cancelled for s in joining))  # their clients have gone
                 joining = [s for s in joining if not s.cancelled]
                 if joining:
                     self.join(joining)
@@ -118,12 +119,17 @@ class Batcher:
             except Exception as e:  # a failed step ends its rows, not the server
                 self.fail(joining, e)
 
+    def release(self, rows):
+        with self.lock:
+            self.held -= rows
+
     def fail(self, joining, error):
         """End every live and joining row with the error; the batch starts afresh."""
         reason = f"error: {type(error).__name__}: {error}"
         for sequence in dict.fromkeys(self.rows + joining):
             sequence.on_end(sequence, reason, "")
         self.rows, self.cache.size, self.replanned = [], 0, True
+        self.release(self.held)
 
     def join(self, joining):
         """Run the joining sequences' prompts through the model together (left-padded, as
@@ -158,6 +164,7 @@ class Batcher:
                 layer.kv[:, i, :, used] = layer.kv[:, len(self.rows) - 1, :, used]
             self.rows[i] = last
         self.rows.pop()
+        self.release(1)
         self.replanned = True
         if not self.rows:
             self.cache.size = 0
