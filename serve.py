@@ -304,7 +304,7 @@ def make_app(server, api_key=""):
         if body.n > server.batcher.max_waiting + server.batcher.max_rows:
             raise ApiError(400, f"n={body.n} is more choices than the server holds "
                                 f"(max_batch + max_waiting)", "n")
-        stops = engine.check_stop_strings(body.stop)
+        stops = engine.check_stop_strings(server.flags["stop"] if body.stop is None else body.stop)
         reply = Reply(server, prompt, options, stops, logprobs)
         if not server.batcher.submit(reply.sequences):
             raise ApiError(429, "the server is busy: its queue is full; retry in a moment",

@@ -118,6 +118,12 @@ def test_greedy_chat_and_completions_equal_engine_generate(chat_model, client):
     reply = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": QUESTIONS[0]}],
                                            temperature=0, max_tokens=20)
     assert reply.choices[0].message.content == text and reply.choices[0].finish_reason == reason
+    # ... and chat.py's answer to the same message
+    import chat
+    import engine
+    _, model, tokenizer = chat_model
+    talk = chat.Chat(model, tokenizer, engine.DecodingOptions(20, temperature=0), engine.stop_token_ids(model, tokenizer))
+    assert talk.reply(QUESTIONS[0])[0] == text
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), tokens)
     chunks = list(client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": QUESTIONS[0]}],
                                                  temperature=0, max_tokens=20, stream=True,
