@@ -6,9 +6,10 @@ Orca, Yu et al. 2022, which vLLM and text-generation-inference use).
 - Sequence: one row: its prompt, its own DecodingOptions and random generator, its text so far
   (engine.TextStream, which also ends it at a stop string), and whom to tell of its tokens.
 - Batcher: a thread that owns the model. Each step it admits waiting sequences (their prompts
-  go through the model together, and their keys and values are copied into the batch's cache), picks a
-  token for every row (logits.process_logits with the row's own options), lets the rows that
-  ended or whose client left go, and runs the others one token further in one forward pass.
+  go through the model together, and their keys and values are copied into the batch's
+  cache), picks a token for every row (logits.process_logits with the row's own options), lets
+  the rows that ended or whose client left go, and runs the others one token on in one forward
+  pass.
 
 The batch's cache is one kvcache.KVCache of max_rows rows and the whole context, allocated
 once. Every row writes its next token into the same slot, so a row's tokens end there and its

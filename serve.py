@@ -448,7 +448,11 @@ def main():
     engine.options_from_flags({**flags, "max_new_tokens": 1}, passed, tokenizer, 0)  # checked now
     name = cfg["model_name"] or (cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_from"])
     context = min(cfg["max_context"], model.config.block_size)
-    server = Server(model, tokenizer, flags, passed, name, context, cfg["max_batch"], cfg["max_waiting"])
+    try:
+        server = Server(model, tokenizer, flags, passed, name, context, cfg["max_batch"], cfg["max_waiting"])
+    except (RuntimeError, MemoryError) as e:  # the KV cache of max_batch rows does not fit
+        raise UserError(f"the KV cache of {cfg['max_batch']} rows of {context} tokens does not fit in "
+                        f"memory ({str(e).splitlines()[0][:120]}): lower --max_batch or --max_context") from None
     print(f"serving {name} at http://{cfg['host']}:{cfg['port']} (the chat page at /, the API at "
           f"/v1); {cfg['max_batch']} rows of {context} tokens", file=sys.stderr, flush=True)
     try:

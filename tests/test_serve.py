@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from conftest import ServedRun, sample_text
+from conftest import ServedRun, assert_user_error, run_script, sample_text
 from test_chat import CHATML, SPECIALS
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency "
@@ -319,3 +319,11 @@ def test_an_api_key_is_required_when_set(chat_model):
             assert http.get("/health").status_code == 200 and "<html" in http.get("/").text.lower()
     finally:
         server.batcher.close()
+
+
+def test_bad_flags_are_one_line_errors(chat_model):
+    out_dir = chat_model[0]
+    assert_user_error(run_script("serve.py", f"--out_dir={out_dir}", "--max_batch=0"), "max_batch must be >= 1")
+    assert_user_error(run_script("serve.py", f"--out_dir={out_dir}", "--device=cpu", "--num_beams=2"),
+                      "beam search")
+    assert_user_error(run_script("serve.py", f"--out_dir={out_dir}", "--device=cpu", "--top_p=2.0"), "top_p")
