@@ -32,6 +32,7 @@ from configurator import configure, run  # first: Ctrl-C while the rest loads ex
 import checkpoint
 import engine
 import hardware
+import sample
 from batcher import Batcher, Sequence
 from errors import UserError
 from quantize import fast_cpu_linears
@@ -149,8 +150,12 @@ class Server:
             raise ApiError(400, str(e), "messages") from None
 
     def text_prompt(self, prompt):
-        """The ids of a completion's prompt (text, or token ids)."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        """The ids of a completion's prompt (text, as sample.py encodes it, or token ids)."""
+        try:
+            ids = sample.encode_prompt(self.tokenizer, prompt) if isinstance(prompt, str) else prompt
+        except UserError:  # empty, and no end-of-text token to start from
+            raise ApiError(400, "the prompt is empty (and this tokenizer has no end-of-text "
+                                "token to start from)", "prompt") from None
         if not ids:
             raise ApiError(400, "the prompt is empty", "prompt")
         if not all(0 <= i < self.model.config.vocab_size for i in ids):

@@ -38,6 +38,22 @@ def page(page_server):
         browser.close()
 
 
+# resolves once the reply streaming in shows more than `length` characters while the Stop button
+# is up, pressing it then if `stop`: watched in the page, at every change of it, so that a fast
+# machine cannot finish the reply between a look from the test and a click
+WHILE_STREAMING = """({length, stop}) => new Promise((resolve) => {
+    const observer = new MutationObserver(() => {
+        const reply = document.querySelector('.message.assistant .content');
+        if (reply && reply.textContent.length > length && !document.getElementById('stop').hidden) {
+            observer.disconnect();
+            if (stop) document.getElementById('stop').click();
+            resolve();
+        }
+    });
+    observer.observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
+})"""
+
+
 def assistant_texts(page):
     return page.locator(".message.assistant .content").all_inner_texts()
 
@@ -46,18 +62,15 @@ def test_send_stream_stop_edit_regenerate_and_reload(page, page_server):
     page.fill("#max-tokens", "300")
     page.fill("#temperature", "0")
     page.fill("#input", "Who wrote Hamlet?")
-    page.click("#send")
     # the reply streams in: text shows while the stop button is up
-    page.wait_for_function("document.querySelector('.message.assistant .content').textContent.length > 0 "
-                           "&& !document.getElementById('stop').hidden")
+    page.evaluate(f"() => {{ document.getElementById('send').click(); return ({WHILE_STREAMING})({{length: 0, stop: false}}); }}")
     page.fill("#max-tokens", "900")  # the next reply runs long enough to be stopped
     page.wait_for_selector("#stop", state="hidden")
     first = assistant_texts(page)[0]
     assert first and "tok/s" in page.locator(".message.assistant .stats").inner_text()
 
     page.click(".message.assistant .regenerate")
-    page.wait_for_function("document.querySelector('.message.assistant .content').textContent.length > 20")
-    page.click("#stop")
+    page.evaluate(WHILE_STREAMING, {"length": 20, "stop": True})  # then stopped
     page.wait_for_selector("#stop", state="hidden")
     stopped = assistant_texts(page)[0]
     assert page.locator(".message.assistant .stats").inner_text() == "stopped"

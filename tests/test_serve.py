@@ -112,6 +112,16 @@ def chat_ids(chat_model, question):
                                                           add_generation_prompt=True))
 
 
+# first: run_script forks from conftest's script server, which a running server fixture (a
+# ServedRun of its own) holds until it ends
+def test_bad_flags_are_one_line_errors(chat_model):
+    out_dir = chat_model[0]
+    assert_user_error(run_script("serve.py", f"--out_dir={out_dir}", "--max_batch=0"), "max_batch must be >= 1")
+    assert_user_error(run_script("serve.py", f"--out_dir={out_dir}", "--device=cpu", "--num_beams=2"),
+                      "beam search")
+    assert_user_error(run_script("serve.py", f"--out_dir={out_dir}", "--device=cpu", "--top_p=2.0"), "top_p")
+
+
 def test_greedy_chat_and_completions_equal_engine_generate(chat_model, client):
     ids = chat_ids(chat_model, QUESTIONS[0])
     text, tokens, reason = alone(chat_model, ids, 20, temperature=0)
@@ -320,10 +330,3 @@ def test_an_api_key_is_required_when_set(chat_model):
     finally:
         server.batcher.close()
 
-
-def test_bad_flags_are_one_line_errors(chat_model):
-    out_dir = chat_model[0]
-    assert_user_error(run_script("serve.py", f"--out_dir={out_dir}", "--max_batch=0"), "max_batch must be >= 1")
-    assert_user_error(run_script("serve.py", f"--out_dir={out_dir}", "--device=cpu", "--num_beams=2"),
-                      "beam search")
-    assert_user_error(run_script("serve.py", f"--out_dir={out_dir}", "--device=cpu", "--top_p=2.0"), "top_p")
