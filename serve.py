@@ -61,7 +61,7 @@ REQUEST_FLAGS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_n
                  "n": "num_samples", "temperature": "temperature", "top_p": "top_p",
                  "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
                  "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-                 "seed": "seed", "stop": "stop"}
+                 "min_tokens": "min_new_tokens", "seed": "seed", "stop": "stop"}
 
 
 class ApiError(Exception):
@@ -100,9 +100,10 @@ def request_models():
         max_tokens: Optional[int] = Field(None, ge=1)
         temperature: Optional[float] = None
         top_p: Optional[float] = None
-        top_k: Optional[int] = None  # vLLM's extras: top_k, min_p, repetition_penalty
+        top_k: Optional[int] = None  # vLLM's extras: top_k, min_p, repetition_penalty, min_tokens
         min_p: Optional[float] = None
         repetition_penalty: Optional[float] = None
+        min_tokens: Optional[int] = Field(None, ge=0)
         presence_penalty: Optional[float] = None
         frequency_penalty: Optional[float] = None
         n: int = Field(1, ge=1)

@@ -274,9 +274,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
 
 
 def test_a_full_queue_answers_429(server):
-    # 40 clients at once, for replies of 1,000 tokens that none waits for: 16 rows and 8 places
-    # in the queue take 24 of them, the others are refused at once
-    body = {"model": NAME, "prompt": "To be", "max_tokens": 1000, "stream": True}
+    # 40 clients at once, for replies of 1,000 tokens (no stop token before) that none waits
+    # for: 16 rows and 8 places in the queue take 24 of them, the others are refused at once
+    body = {"model": NAME, "prompt": "To be", "max_tokens": 1000, "min_tokens": 1000, "stream": True}
     all_answered = threading.Barrier(40)
 
     def post(_):
