@@ -272,7 +272,7 @@ def make_app(server, api_key=""):
     async def invalid(request, error):
         return JSONResponse(validation_error(error.errors()).body(), status_code=400)
 
-    def authorized(request: Request):
+    async def authorized(request: Request):  # async: no worker thread per request
         given = request.headers.get("authorization", "")
         if api_key and not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
             raise ApiError(401, "a valid API key is needed: Authorization: Bearer <key>",

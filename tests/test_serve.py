@@ -311,7 +311,7 @@ def test_a_soak_of_small_requests_grows_neither_threads_nor_memory(server, clien
         threads, memory = threads_and_memory(server[1])
         list(pool.map(ask, range(200)))
     threads_after, memory_after = threads_and_memory(server[1])
-    assert threads_after <= threads + 1 and memory_after - memory < 20e6, (threads, threads_after, memory, memory_after)
+    assert threads_after == threads and memory_after - memory < 10e6, (threads, threads_after, memory, memory_after)
 
 
 def test_an_api_key_is_required_when_set(chat_model):
