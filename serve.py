@@ -296,7 +296,9 @@ def make_app(server, api_key=""):
     async def chat_completions(body: ChatRequest, request: Request):
         check_model(server, body.model)
         prompt = server.chat_prompt(body.messages)
-        top = body.top_logprobs or 0 if body.logprobs else None
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        top = (body.top_logprobs or 0) if body.logprobs else None
         return await respond(server, body, request, prompt, "messages", top, "chat.completion")
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
@@ -306,6 +308,8 @@ def make_app(server, api_key=""):
         return await respond(server, body, request, prompt, "prompt", body.logprobs, "text_completion")
 
     async def respond(server, body, request, prompt, prompt_field, logprobs, kind):
+        if body.stream_options is not None and not body.stream:
+            raise ApiError(400, "stream_options is for streamed replies (stream: true)", "stream_options")
         options = server.options(body, len(prompt), prompt_field)
         if body.n > server.batcher.max_waiting + server.batcher.max_rows:
             raise ApiError(400, f"n={body.n} is more choices than the server holds "

@@ -258,6 +258,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
         (dict(json={**chat, "top_p": 2.0}), 400, "top_p"),
         (dict(json={**chat, "n": 2, "temperature": 0}), 400, "n"),
         (dict(json={**chat, "tools": [{"type": "function"}]}), 400, "tools"),
+        (dict(json={**chat, "top_logprobs": 2}), 400, "top_logprobs"),
+        (dict(json={**chat, "stream_options": {"include_usage": True}}), 400, "stream_options"),
         (dict(json={**chat, "model": "gpt-9"}), 404, "model"),
         (dict(json={**chat, "messages": [{"role": "user", "content": "Hamlet " * 1100}]}), 400, "messages"),
         (dict(json={**chat, "max_tokens": 1020}), 400, "max_tokens"),
