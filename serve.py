@@ -37,6 +37,10 @@ from batcher import Batcher, Sequence
 from errors import UserError
 from quantize import fast_cpu_linears
 
+# OpenAI's defaults for the decoding flags: one sample, temperature 1, all tokens, unseeded;
+# max_new_tokens None: what the context leaves after the prompt
+OPENAI_DEFAULTS = dict(num_samples=1, max_new_tokens=None, temperature=1.0, top_k=None, seed=None)
+
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' loads out_dir/ckpt.pt; or a hub id, a folder, a run's out_dir
 out_dir = "out"
@@ -48,12 +52,9 @@ api_key = ""  # non-empty: every /v1 request must carry "Authorization: Bearer <
 model_name = ""  # the model id clients name and /v1/models lists; empty: init_from (or out_dir)
 max_batch = 16  # requests (rows) decoded together
 max_waiting = 64  # rows waiting for a place in the batch; a request beyond them gets 429
-max_context = 4096  # the longest prompt + reply (at most the model's context): the cache holds max_batch of them
-# the decoding flags (engine.DecodingOptions' fields and engine.SCRIPT_FLAGS) with OpenAI's
-# defaults: one sample, temperature 1, all tokens, unseeded; max_new_tokens None: what the
-# context leaves after the prompt
-globals().update(engine.decoding_flags(num_samples=1, max_new_tokens=None, temperature=1.0,
-                                       top_k=None, seed=None))
+max_context = 4096  # the longest prompt + reply (at most the model's context); the cache holds max_batch
+# the decoding flags (engine.DecodingOptions' fields and engine.SCRIPT_FLAGS) with OpenAI's defaults
+globals().update(engine.decoding_flags(**OPENAI_DEFAULTS))
 # -----------------------------------------------------------------------------
 
 # the request fields that set a decoding flag: {field: flag}
@@ -178,7 +179,8 @@ class Server:
         flags = {**self.flags, **given}
         if flags["max_new_tokens"] is None:
             flags["max_new_tokens"] = room
-        field = "max_completion_tokens" if request.model_fields_set & {"max_completion_tokens"} else "max_tokens"
+        field = ("max_completion_tokens" if "max_completion_tokens" in request.model_fields_set
+                 else "max_tokens")
         if flags["max_new_tokens"] > room:
             raise ApiError(400, f"{field}={flags['max_new_tokens']} does not fit: the context of "
                                 f"{self.context} tokens leaves {room} after the "
@@ -385,11 +387,12 @@ async def whole(reply, kind, meta, request):
     choices = []
     for i in range(n):
         if kind == "chat.completion":
-            choice = {"message": {"role": "assistant", "content": texts[i]},
-                      "logprobs": chat_logprobs(reply, entries[i]) if reply.sequences[i].logprobs is not None else None}
+            logprobs = chat_logprobs(reply, entries[i])
+            choice = {"message": {"role": "assistant", "content": texts[i]}}
         else:
-            choice = {"text": texts[i], "logprobs": completion_logprobs(reply, entries[i], 0)
-                      if reply.sequences[i].logprobs is not None else None}
+            logprobs = completion_logprobs(reply, entries[i], 0)
+            choice = {"text": texts[i]}
+        choice["logprobs"] = None if reply.sequences[i].logprobs is None else logprobs
         choices.append({"index": i, **choice, "finish_reason": reasons[i]})
     return {**meta, "object": kind, "choices": choices, "usage": reply.usage()}
 
@@ -461,8 +464,9 @@ def main():
     try:
         server = Server(model, tokenizer, flags, passed, name, context, cfg["max_batch"], cfg["max_waiting"])
     except (RuntimeError, MemoryError) as e:  # the KV cache of max_batch rows does not fit
+        reason = str(e).splitlines()[0][:120]
         raise UserError(f"the KV cache of {cfg['max_batch']} rows of {context} tokens does not fit in "
-                        f"memory ({str(e).splitlines()[0][:120]}): lower --max_batch or --max_context") from None
+                        f"memory ({reason}): lower --max_batch or --max_context") from None
     print(f"serving {name} at http://{cfg['host']}:{cfg['port']} (the chat page at /, the API at "
           f"/v1); {cfg['max_batch']} rows of {context} tokens", file=sys.stderr, flush=True)
     try:

@@ -175,8 +175,7 @@ def main():
           f"threads), torch {torch.__version__}; {len(prompts)} requests of {cfg['prompt_tokens']} "
           f"prompt + {new} generated tokens each, streamed over HTTP")
     # every request generates all of its tokens: the stop tokens are held back
-    flags = engine.decoding_flags(num_samples=1, max_new_tokens=None, temperature=0.0, top_k=None,
-                                  seed=None, min_new_tokens=new)
+    flags = engine.decoding_flags(**{**serve.OPENAI_DEFAULTS, "temperature": 0.0, "min_new_tokens": new})
     server = serve.Server(ours, tokenizer, flags, {"min_new_tokens"}, "bench", 1024, max(clients_list),
                           len(prompts))
     results = {}

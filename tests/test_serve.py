@@ -321,8 +321,8 @@ def test_an_api_key_is_required_when_set(chat_model):
 
     import serve
     _, model, tokenizer = chat_model
-    flags = dict(serve.engine.decoding_flags(num_samples=1, max_new_tokens=None, temperature=1.0, top_k=None, seed=None))
-    server = serve.Server(model, tokenizer, flags, set(), NAME, 1024, 2, 2)
+    server = serve.Server(model, tokenizer, serve.engine.decoding_flags(**serve.OPENAI_DEFAULTS), set(), NAME,
+                          1024, 2, 2)
     try:
         with TestClient(serve.make_app(server, api_key="sesame")) as http:
             assert http.get("/v1/models").status_code == 401
