@@ -256,6 +256,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
         (dict(json={**chat, "messages": "Hi"}), 400, "messages"),
         (dict(json={**chat, "messages": [{"role": "wizard", "content": "Hi"}]}), 400, "messages"),
         (dict(json={**chat, "top_p": 2.0}), 400, "top_p"),
+        (dict(json={**chat, "seed": -1}), 400, "seed"),
         (dict(json={**chat, "n": 2, "temperature": 0}), 400, "n"),
         (dict(json={**chat, "tools": [{"type": "function"}]}), 400, "tools"),
         (dict(json={**chat, "top_logprobs": 2}), 400, "top_logprobs"),
