@@ -25,6 +25,7 @@ import engine
 import hardware
 from errors import UserError
 from quantize import fast_cpu_linears
+from tokenizer import conversation_ids
 
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' loads out_dir/ckpt.pt; or a hub id, a folder, a run's out_dir
@@ -58,7 +59,7 @@ class Chat:
         while True:
             system = [{"role": "system", "content": self.system}] if self.system else []
             messages = system + history + [{"role": "user", "content": user}]
-            ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            ids = conversation_ids(self.tokenizer, messages)
             if len(ids) <= room or not history:
                 break
             history, dropped = history[2:], dropped + 1  # a user message and its answer

@@ -253,9 +253,9 @@ def options_from_flags(flags, passed, tokenizer, prompt_width):
         raise UserError(f"num_beams={beams} is beam search, which gives num_return_sequences "
                         "results per prompt, not samples: leave num_samples unset (or 1)")
     if greedy and beams == 1 and samples > 1:
-        raise UserError(f"greedy decoding gives one result per prompt, not {samples} (do_sample="
-                        "False, or temperature=0): set --do_sample=True and a temperature > 0 to "
-                        "sample several")
+        raise UserError(f"greedy decoding (do_sample=False, or temperature=0) gives one result "
+                        f"per prompt, not num_samples={samples}: set --do_sample=True and a "
+                        "temperature > 0 to sample several")
     new_tokens, max_length = flags["max_new_tokens"], flags["max_length"]
     if max_length is not None:
         if max_length <= prompt_width:

@@ -36,6 +36,7 @@ import sample
 from batcher import Batcher, Sequence
 from errors import UserError
 from quantize import fast_cpu_linears
+from tokenizer import conversation_ids
 
 # OpenAI's defaults for the decoding flags: one sample, temperature 1, all tokens, unseeded;
 # max_new_tokens None: what the context leaves after the prompt
@@ -147,7 +148,7 @@ class Server:
         turns = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
                   "".join(part.text for part in m.content)} for m in messages]
         try:
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(turns, add_generation_prompt=True))
+            return conversation_ids(self.tokenizer, turns)
         except UserError as e:  # the template's own raise_exception: roles out of order, ...
             raise ApiError(400, str(e), "messages") from None
 

@@ -305,3 +305,9 @@ def render_chat_template(template, messages, add_generation_prompt=False, tools=
         raise UserError(f"the chat template failed on the conversation ({type(e).__name__}: {e})") from None
     text = "".join(rendered)
     return (text, spans) if with_spans else text
+
+
+def conversation_ids(tokenizer, messages):
+    """The token ids of a conversation rendered by the tokenizer's chat template, ending with
+    the start of the assistant's turn: the prompt of a reply (chat.py and serve.py alike)."""
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))

@@ -348,11 +348,12 @@ def world(trained, char_dataset, tmp_path_factory):
 def knob_cases():
     """For every knob of every script whose default is not None (and that may not be set to
     None): --knob=None, and a value of another type."""
-    scripts = ["train.py", "sample.py", "chat.py", "export_hf.py", "consolidate.py", "data/text/prepare.py",
+    scripts = ["train.py", "sample.py", "chat.py", "serve.py", "export_hf.py", "consolidate.py",
+               "data/text/prepare.py", "bench/serve.py",
                "data/chat/prepare.py", "data/shakespeare_char/prepare.py",
                "data/shakespeare/prepare.py", "bench/train_step.py", "bench/loading.py",
                "bench/lora_memory.py", "bench/generation.py"]
-    nullable = {"sample.py": ("top_k", "seed"), "chat.py": ("top_k", "seed")}
+    nullable = {"sample.py": ("top_k", "seed"), "chat.py": ("top_k", "seed"), "serve.py": ("top_k", "seed")}
     cases = []
     from configurator import knobs
     for script in scripts:

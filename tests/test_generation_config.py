@@ -208,7 +208,7 @@ def test_a_greedy_file_says_what_to_do_and_names_only_what_decoding_uses(tmp_pat
     and the note says the file gave way."""
     folder = qwen_folder(tmp_path / "base", do_sample=False, repetition_penalty=1.05)
     _, tok = checkpoint.load_model(str(folder))
-    with pytest.raises(engine.UserError, match=r"not 2 .*--do_sample=True"):
+    with pytest.raises(engine.UserError, match=r"not num_samples=2: set --do_sample=True"):
         resolved(tok, ["--num_samples=2"])
     options, note = resolved(tok, [])
     assert not options.sampling and "top_k" not in note and ": ;" not in note
