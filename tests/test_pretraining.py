@@ -1,0 +1,232 @@
+"""Pretraining at web scale: the corpus preparers (corpus.py, data/fineweb/prepare.py,
+data/openwebtext/prepare.py) on local files in the real datasets' formats, and HellaSwag."""
+
+import http.server
+import itertools
+import json
+import os
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import SHAKESPEARE, ServedRun, assert_user_error, run_cases, run_script, stand_in_text
+
+FINEWEB, OWT = "data/fineweb/prepare.py", "data/openwebtext/prepare.py"
+SMALL = ["--shard_tokens=20000", "--val_tokens=15000"]
+
+
+def paragraphs():
+    text = open(SHAKESPEARE, encoding="utf-8").read() if os.path.exists(SHAKESPEARE) else stand_in_text()
+    return [p for p in text.split("\n\n") if p.strip()]
+
+
+def web_documents(n, seed):
+    """n documents of a few Shakespeare paragraphs each; one holds the end-of-text token's
+    text, as a web page may, and one is empty and one None, as rows of a web corpus may be."""
+    rng = random.Random(seed)
+    found = paragraphs()
+    docs = ["\n\n".join(rng.sample(found, rng.randint(1, 30))) for _ in range(n)]
+    docs[3] = "a page that writes <|endoftext|> in its text"
+    docs[5], docs[7] = "", None
+    return docs
+
+
+def write_fineweb_parquet(path, docs, row_group_size=40):
+    """A parquet file with FineWeb-Edu's columns (text among them), in several row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    n = len(docs)
+    table = pa.table({"text": docs, "id": [f"<urn:uuid:{i}>" for i in range(n)],
+                      "dump": ["CC-MAIN-2024-10"] * n, "url": [f"https://example.com/{i}" for i in range(n)],
+                      "file_path": ["s3://commoncrawl/x.warc.gz"] * n, "language": ["en"] * n,
+                      "language_score": [0.97] * n, "token_count": [len(d or "") // 4 for d in docs],
+                      "score": [3.2] * n, "int_score": [3] * n})
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+def write_owt_jsonl(path, docs):
+    """OpenWebText's rows, a JSON object a line ({"text": ...})."""
+    with open(path, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+
+
+def reference(docs, enc, val_tokens):
+    """(val ids, train ids) as the preparers should write them, computed one document at a
+    time: each document's ids, then end-of-text; whole documents go to val until it has
+    val_tokens."""
+    val, train = [], []
+    for d in docs:
+        if d:
+            (val if len(val) < val_tokens else train).extend(enc.encode_ordinary(d) + [enc.eot_token])
+    return val, train
+
+
+def read_shards(folder):
+    meta = json.loads((folder / "meta.json").read_text())
+    return meta, {split: [np.fromfile(folder / name, dtype=meta["dtype"]) for name in meta["shards"][split]]
+                  for split in ("val", "train")}
+
+
+@pytest.fixture(scope="module")
+def corpus_files(tmp_path_factory):
+    """Two FineWeb-Edu parquet files and their documents, in order."""
+    folder = tmp_path_factory.mktemp("fineweb")
+    first, second = web_documents(160, 0), web_documents(120, 1)
+    write_fineweb_parquet(folder / "000_00000.parquet", first)
+    write_fineweb_parquet(folder / "000_00001.parquet", second)
+    return folder, first + second
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus_files, gpt2_tokenizer, tmp_path_factory):
+    """The folder the fineweb preparer wrote, uninterrupted, on two processes."""
+    folder, _ = corpus_files
+    out = tmp_path_factory.mktemp("prepared") / "fineweb"
+    result = run_script(FINEWEB, f"--input={folder}", f"--out={out}", "--num_proc=2", *SMALL)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_fineweb_shards_equal_a_one_document_at_a_time_reference(corpus_files, prepared, gpt2_tokenizer):
+    _, docs = corpus_files
+    meta, shards = read_shards(prepared)
+    val, train = reference(docs, gpt2_tokenizer.enc, 15000)
+    assert np.concatenate(shards["val"]).tolist() == val
+    assert np.concatenate(shards["train"]).tolist() == train
+    assert all(len(s) == 20000 for s in shards["train"][:-1]) and 0 < len(shards["train"][-1]) <= 20000
+    assert (meta["train_tokens"], meta["val_tokens"], meta["dtype"]) == (len(train), len(val), "uint16")
+    assert meta["tokenizer"] == {"kind": "tiktoken", "name": "gpt2"}
+    assert not (prepared / "progress.json").exists()
+
+
+def test_openwebtext_on_jsonl_in_one_process(tmp_path, gpt2_tokenizer):
+    docs = web_documents(60, 2)
+    write_owt_jsonl(tmp_path / "owt.jsonl", docs)
+    out = tmp_path / "owt"
+    result = run_script(OWT, f"--input={tmp_path / 'owt.jsonl'}", f"--out={out}", "--num_proc=1", *SMALL)
+    assert result.returncode == 0, result.stderr
+    _, shards = read_shards(out)
+    val, train = reference(docs, gpt2_tokenizer.enc, 15000)
+    assert np.concatenate(shards["val"]).tolist() == val and np.concatenate(shards["train"]).tolist() == train
+    again = run_script(OWT, f"--input={tmp_path / 'owt.jsonl'}", f"--out={out}", *SMALL)
+    assert again.returncode == 0 and "prepared already" in again.stdout
+
+
+def test_a_killed_preparation_resumes_to_the_same_bytes(corpus_files, prepared, tmp_path):
+    folder, _ = corpus_files
+    out = tmp_path / "fineweb"
+    args = [FINEWEB, f"--input={folder}", f"--out={out}", "--num_proc=2", *SMALL]
+    run = ServedRun(args)
+    while not (out / "progress.json").exists() and run.server.proc.poll() is None:
+        time.sleep(0.002)
+    run.kill()
+    run.communicate()
+    assert not (out / "meta.json").exists(), "the run ended before it was killed"
+    other = run_script(FINEWEB, *args[1:], "--shard_tokens=30000")
+    assert_user_error(other, "other settings", "shard_tokens")
+    result = run_script(*args)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out)) == sorted(os.listdir(prepared))
+    for name in os.listdir(prepared):
+        if name.endswith(".bin"):
+            assert (out / name).read_bytes() == (prepared / name).read_bytes(), name
+
+
+def test_the_reader_stays_a_few_batches_ahead(gpt2_tokenizer):
+    import corpus
+    read = itertools.count()
+    endless = (((0, next(read)), "word " * 1000, 0.0) for _ in itertools.repeat(None))
+    work = corpus.tokenized(endless, gpt2_tokenizer.spec(), np.uint16, processes=2)
+    per_batch = corpus.BATCH_CHARS // 5000 + 1
+    for _ in zip(range(6), work):
+        pass
+    work.close()
+    assert next(read) <= (6 + 2 * 2 + 1) * per_batch  # the yielded batches and those in flight
+
+
+def test_uint32_ids_for_a_vocabulary_over_65536(tmp_path):
+    import corpus
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizer import HFTokenizer
+    words = ["<|endoftext|>", "[UNK]"] + [f"w{i}" for i in range(70_000)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    docs = [" ".join(f"w{(i * 7919 + j) % 70_000}" for j in range(50)) for i in range(40)]
+    write_owt_jsonl(tmp_path / "big.jsonl", docs)
+    files = corpus.local_files([str(tmp_path / "big.jsonl")])
+    meta = corpus.prepare(files, "text", str(tmp_path / "out"), HFTokenizer(tok.to_str()), 300, 100, 1)
+    assert meta["dtype"] == "uint32"
+    ids = np.concatenate([np.fromfile(tmp_path / "out" / n, dtype=np.uint32)
+                          for split in ("val", "train") for n in meta["shards"][split]])
+    assert ids.tolist() == [i for d in docs for i in tok.encode(d).ids + [0]]
+    assert ids.max() > 65535
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line, nothing written
+
+DISK_FULL = """
+import errno, os, sys, runpy
+def full(fd):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+os.fsync = full
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+class NoSuchRepo(http.server.BaseHTTPRequestHandler):
+    """The hub's answer to a dataset that does not exist."""
+
+    def do_GET(self):
+        self.send_response(404)
+        self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"error": "Repository not found"}')
+
+    def log_message(self, *args):
+        pass
+
+
+def test_bad_corpora_are_one_line_errors_with_nothing_written(corpus_files, tmp_path, gpt2_tokenizer):
+    folder, _ = corpus_files
+    out = tmp_path / "out"
+    write_owt_jsonl(tmp_path / "owt.jsonl", ["one", "two"])
+    (tmp_path / "notes.md").write_text("# not a corpus")
+    cases = [
+        (["--column=content", f"--input={folder}"], ["has no column 'content'", "text, id, dump"]),
+        (["--column=body", f"--input={tmp_path / 'owt.jsonl'}"], ["line 1 has no field 'body'"]),
+        ([f"--input={tmp_path / 'missing*.parquet'}"], ["matches no file"]),
+        ([f"--input={tmp_path / 'notes.md'}"], ["not a corpus file"]),
+        (["--shard_tokens=0"], ["shard_tokens must be at least 1"]),
+    ]
+    results = run_cases([{"script": FINEWEB, "args": [*args, f"--out={out}"], "watch": [out]}
+                         for args, _ in cases])
+    for (result, changed), (_, words) in zip(results, cases):
+        assert_user_error(result, *words)
+        assert not changed
+    full = run_script("-c", DISK_FULL, FINEWEB, f"--input={folder}", f"--out={out}", *SMALL)
+    # the disk fills while the progress bar runs: the bar's line, then the error's
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr
+    assert "No space left on device" in full.stderr.splitlines()[-1] and "make room" in full.stderr
+    assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_the_hub_unreachable_or_without_the_dataset(tmp_path):
+    offline = run_script(FINEWEB, f"--out={tmp_path / 'out'}", env={"HF_HUB_OFFLINE": "1"}, fresh=True)
+    assert_user_error(offline, "cannot reach", "--input=")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoSuchRepo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        missing = run_script(FINEWEB, "--name=nobody/no-such-corpus", f"--out={tmp_path / 'out'}",
+                             env={"HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_TELEMETRY": "1"}, fresh=True)
+    finally:
+        server.shutdown()
+    assert_user_error(missing, "no dataset 'nobody/no-such-corpus'", "check --name")
+    assert not (tmp_path / "out").exists()
