@@ -230,3 +230,95 @@ def test_the_hub_unreachable_or_without_the_dataset(tmp_path):
         server.shutdown()
     assert_user_error(missing, "no dataset 'nobody/no-such-corpus'", "check --name")
     assert not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------
+# HellaSwag
+
+def hellaswag_examples(n, seed):
+    """n examples in the validation file's format (its fields, four endings, a label)."""
+    rng = random.Random(seed)
+    lines = [line for p in paragraphs() for line in p.splitlines() if ":" not in line and len(line) > 20]
+    return [{"ind": i, "activity_label": "Reading", "ctx_a": lines[2 * i], "ctx_b": "then",
+             "ctx": lines[2 * i] + " then", "split": "val", "split_type": "indomain",
+             "label": rng.randrange(4), "endings": [rng.choice(lines) for _ in range(4)],
+             "source_id": f"activitynet~v_{i}"} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    """A tiny GPT2LMHeadModel of transformers' (random weights, the tiny BPE), saved as a model
+    folder: (folder, the transformers model, its tokenizers.Tokenizer)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from conftest import save_tiny_bpe, tiny_bpe
+    torch.manual_seed(0)
+    tok = tiny_bpe()
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=256,
+                                    vocab_size=tok.get_vocab_size())).eval()
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    hf.save_pretrained(folder)
+    save_tiny_bpe(folder)
+    return str(folder), hf, tok
+
+
+def transformers_losses(hf, tok, example):
+    """(total, mean) loss of each ending, each row scored alone by transformers."""
+    import torch
+    context = tok.encode(example["ctx"], add_special_tokens=False).ids
+    out = []
+    for ending in example["endings"]:
+        ids = context + tok.encode(" " + ending, add_special_tokens=False).ids
+        with torch.no_grad():
+            logprobs = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1)
+        losses = [-logprobs[t - 1, ids[t]].item() for t in range(len(context), len(ids))]
+        out.append((sum(losses), sum(losses) / len(losses)))  # floats: compared as float64
+    return out
+
+
+def test_hellaswag_losses_equal_transformers(tiny_gpt2):
+    import torch
+    import hellaswag
+    from checkpoint import load_model
+    folder, hf, tok = tiny_gpt2
+    model, tokenizer = load_model(folder)
+    model.eval()
+    examples = hellaswag_examples(5, 0)
+    rows = [row for e in examples for row in hellaswag.render(e, tokenizer, model.config.block_size)]
+    total, count = hellaswag.ending_losses(model, rows, "cpu")  # 20 rows in one padded batch
+    expected = torch.tensor([s for e in examples for s in transformers_losses(hf, tok, e)], dtype=torch.float64)
+    assert torch.allclose(total.double(), expected[:, 0], atol=1e-4, rtol=1e-5)
+    assert torch.allclose((total / count).double(), expected[:, 1], atol=1e-5, rtol=1e-5)
+
+
+def test_hellaswag_accuracy_of_a_file_in_the_real_format(tiny_gpt2, tmp_path):
+    folder, hf, tok = tiny_gpt2
+    examples = hellaswag_examples(12, 1)
+    scores = [transformers_losses(hf, tok, e) for e in examples]
+    for e, s in zip(examples[:6], scores):  # half of them answered as the model would: not chance
+        e["label"] = min(range(4), key=lambda i: s[i][1])
+    path = tmp_path / "hellaswag_val.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    result = run_script("hellaswag.py", f"--model={folder}", f"--input={path}", "--device=cpu",
+                        "--batch_size=5")
+    assert result.returncode == 0, result.stderr
+    acc = sum(min(range(4), key=lambda i: s[i][0]) == e["label"] for e, s in zip(examples, scores)) / 12
+    acc_norm = sum(min(range(4), key=lambda i: s[i][1]) == e["label"] for e, s in zip(examples, scores)) / 12
+    assert f"acc {acc:.4f}, acc_norm {acc_norm:.4f} (12 examples" in result.stdout, result.stdout
+    assert acc_norm >= 0.5
+
+
+def test_hellaswag_offline_or_damaged_cache_is_refused(tmp_path, monkeypatch):
+    import requests
+    import hellaswag
+    from errors import UserError
+
+    def offline(*args, **kwargs):
+        raise requests.ConnectionError("no network")
+    monkeypatch.setattr(requests, "get", offline)
+    with pytest.raises(UserError, match="cannot download HellaSwag .* give --input=FILE"):
+        hellaswag.load_examples(cache_dir=str(tmp_path))
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "hellaswag_val.jsonl").write_text(json.dumps(hellaswag_examples(1, 0)[0]) + "\n")
+    with pytest.raises(UserError, match="holds 1 examples, not 10,042: it is damaged; delete it"):
+        hellaswag.load_examples(cache_dir=str(tmp_path))
