@@ -206,24 +206,27 @@ def start_worker(spec, dtype):
 
 
 def document_encoder(spec, dtype):
-    """(encode, ids before a document, ids after it, dtype) for the tokenizer of spec.
-    tiktoken encodes a document's text as text: an "<|endoftext|>" written in a web page is
-    not the end-of-text token."""
+    """(encode: text -> ids array, ids before a document, ids after it, dtype) for the tokenizer
+    of spec. tiktoken encodes a document's text as text (an "<|endoftext|>" written in a web
+    page is not the end-of-text token), straight into an array."""
     from tokenizer import TiktokenTokenizer, from_spec
     tok = from_spec(spec)
-    encode = tok.enc.encode_ordinary if isinstance(tok, TiktokenTokenizer) else tok.encode
+    if isinstance(tok, TiktokenTokenizer):
+        encode = lambda text: tok.enc.encode_to_numpy(text, disallowed_special=())  # noqa: E731
+    else:
+        encode = lambda text: np.asarray(tok.encode(text), dtype=np.int64)  # noqa: E731
     # a tokenizer that starts texts with a token of its own (BERT's [CLS], Llama's <s>) starts
     # each document with it, as data/text/prepare.py does
-    before = [] if tok.bos_token is None else [tok.bos_token]
-    return encode, before, [tok.eot_token], np.dtype(dtype)
+    before = np.array([] if tok.bos_token is None else [tok.bos_token], dtype=np.int64)
+    return encode, before, np.array([tok.eot_token], dtype=np.int64), np.dtype(dtype)
 
 
 def encode_batch(texts, encoder=None):
     """(ids of the documents one after another, each one's length) in the encoder's dtype."""
     encode, before, after, dtype = encoder or _encoder
-    encoded = [before + encode(text) + after for text in texts]
-    lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
-    return np.fromiter((i for ids in encoded for i in ids), dtype=dtype, count=int(lengths.sum())), lengths
+    pieces = [piece for text in texts for piece in (before, encode(text), after)]
+    lengths = np.array([len(ids) + len(before) + len(after) for ids in pieces[1::3]], dtype=np.int64)
+    return np.concatenate(pieces).astype(dtype, copy=False), lengths
 
 
 def batches(docs, chars=BATCH_CHARS):
