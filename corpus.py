@@ -8,8 +8,8 @@ data/fineweb/prepare.py and data/openwebtext/prepare.py are this module with the
 The documents are read one file at a time (parquet, jsonl or txt), a batch of rows at a time,
 and tokenized by a pool of processes that is never more than a few batches ahead of the
 writer, so memory holds a shard and those batches, never the corpus. Each document becomes its
-ids followed by the end-of-text token. The first documents, until they reach val_tokens, are
-the val split; the rest is train. A split is cut into shards of shard_tokens ids (the last one
+ids followed by the end-of-text token. The first val_tokens ids are the val split (as llm.c's
+first shard is), the rest is train. A split is cut into shards of shard_tokens ids (the last one
 shorter), written atomically as
 
     val_000000.bin, train_000000.bin, train_000001.bin, ...   uint16 ids (uint32 for vocabularies over 65,536)
@@ -368,13 +368,10 @@ def prepare(files, column, folder, tokenizer, shard_tokens=10**8, val_tokens=10*
             start = written if positions[0] == (file_index, row) else 0  # a resume's first document
             written = 0
             split_at = start
-            if state["split"] == "val":
-                # whole documents go to val until it has val_tokens: the rest of the batch is train's
-                need = val_tokens - state["tokens"]["val"] - writer.filled
-                val_docs = int(np.searchsorted(ends - lengths, need + start, side="left"))
-                split_at = max(start, int(ends[val_docs - 1]) if val_docs else 0)
+            if state["split"] == "val":  # the first val_tokens ids are val's, as llm.c's first shard
+                split_at = min(len(ids), start + val_tokens - state["tokens"]["val"] - writer.filled)
                 writer.add("val", positions, ids, ends, start, split_at)
-                if val_docs < len(lengths):
+                if state["tokens"]["val"] + writer.filled == val_tokens:
                     state["split"] = "train"
                     writer.write_shard("val", next_position(positions, ends, split_at))
             if state["split"] == "train":
@@ -382,8 +379,8 @@ def prepare(files, column, folder, tokenizer, shard_tokens=10**8, val_tokens=10*
             bar.update(len(ids) - start)
             bar.total = int(bar.n / max(fraction, 1e-9))
         if state["split"] == "val" and writer.filled:
-            raise UserError(f"the corpus has {state['tokens']['val'] + writer.filled:,} tokens, all of "
-                            f"them val (val_tokens={val_tokens:,}): lower --val_tokens")
+            raise UserError(f"the corpus has {state['tokens']['val'] + writer.filled:,} tokens, not more "
+                            f"than val_tokens={val_tokens:,}: lower --val_tokens")
         writer.write_shard("train", state["next"])
     if state["tokens"]["train"] == 0:
         raise UserError(f"{source or 'the corpus'} has no documents to prepare")

@@ -56,13 +56,9 @@ def write_owt_jsonl(path, docs):
 
 def reference(docs, enc, val_tokens):
     """(val ids, train ids) as the preparers should write them, computed one document at a
-    time: each document's ids, then end-of-text; whole documents go to val until it has
-    val_tokens."""
-    val, train = [], []
-    for d in docs:
-        if d:
-            (val if len(val) < val_tokens else train).extend(enc.encode_ordinary(d) + [enc.eot_token])
-    return val, train
+    time: each document's ids, then end-of-text; the first val_tokens ids are val."""
+    ids = [i for d in docs if d for i in enc.encode_ordinary(d) + [enc.eot_token]]
+    return ids[:val_tokens], ids[val_tokens:]
 
 
 def read_shards(folder):
@@ -322,3 +318,18 @@ def test_hellaswag_offline_or_damaged_cache_is_refused(tmp_path, monkeypatch):
     (tmp_path / "hellaswag_val.jsonl").write_text(json.dumps(hellaswag_examples(1, 0)[0]) + "\n")
     with pytest.raises(UserError, match="holds 1 examples, not 10,042: it is damaged; delete it"):
         hellaswag.load_examples(cache_dir=str(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# The recipes
+
+@pytest.mark.parametrize("name, dataset, tokens", [("train_gpt2", "openwebtext", 491_520),
+                                                    ("train_gpt2_fineweb", "fineweb", 524_288)])
+def test_the_gpt2_recipes_apply_to_train(name, dataset, tokens):
+    import train
+    from configurator import configure
+    cfg = configure(dict(vars(train)), [os.path.join("config", f"{name}.py")])
+    train.check_config(cfg)
+    assert cfg["dataset"] == dataset
+    assert cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"] == tokens  # on 8 GPUs
+    assert cfg["gradient_accumulation_steps"] % 8 == 0

@@ -12,7 +12,7 @@ The parquet files are downloaded one at a time through huggingface_hub (its cach
 HF_HUB_OFFLINE apply); --input takes local parquet, jsonl (a JSON object a line) or txt files (a
 document a file), globs and folders, comma-separated, for offline and private corpora.
 Tokenized on every core (--num_proc), written in shards of --shard_tokens ids, the first
---val_tokens (whole documents) as val; stopped, the same command goes on from the last whole
+--val_tokens ids as val; stopped, the same command goes on from the last whole
 shard. How it works: corpus.py.
 """
 
@@ -34,7 +34,7 @@ input = ""  # local parquet / jsonl / txt files, globs or folders, comma-separat
 out = ""  # the dataset folder; empty means this folder (then train with --dataset=fineweb)
 tokenizer = "gpt2"  # 'gpt2' (tiktoken), or a model whose tokenizer to use: a folder, hub id, run's out_dir
 shard_tokens = 100_000_000  # token ids a shard
-val_tokens = 10_000_000  # the val split: the first documents, until they hold this many ids
+val_tokens = 10_000_000  # the val split: the corpus's first this many ids
 num_proc = 0  # processes that tokenize; 0 means one per CPU core
 # -----------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ input = ""  # local parquet / jsonl / txt files, globs or folders, comma-separat
 out = ""  # the dataset folder; empty means this folder (then train with --dataset=openwebtext)
 tokenizer = "gpt2"  # 'gpt2' (tiktoken), or a model whose tokenizer to use: a folder, hub id, run's out_dir
 shard_tokens = 100_000_000  # token ids a shard
-val_tokens = 10_000_000  # the val split: the first documents, until they hold this many ids
+val_tokens = 10_000_000  # the val split: the corpus's first this many ids
 num_proc = 0  # processes that tokenize; 0 means one per CPU core
 # -----------------------------------------------------------------------------
 
