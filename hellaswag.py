@@ -158,8 +158,8 @@ def evaluate(model, tokenizer, examples, device, batch_size=16, autocast=nullcon
     model.train(was_training)
     if world > 1:
         import torch.distributed as torch_dist
-        from distributed import flag_device
-        summed = counts.to(flag_device(dist))
+        from distributed import collective_device
+        summed = counts.to(collective_device(dist))
         torch_dist.all_reduce(summed)
         counts = summed.cpu()
     right, right_norm, n = counts.tolist()
