@@ -176,7 +176,7 @@ def main():
     examples = load_examples(input, cache_dir)[:limit or None]
     dev, device_type, precision, _ = hardware.setup(device, dtype, training=False)
     dist = distributed.setup(device_type)
-    if dist.kind is not None and device_type == "cuda":
+    if dist.parallel is not None and device_type == "cuda":
         dev = f"cuda:{dist.local_rank}"
         torch.cuda.set_device(dev)
     scored, tokenizer = load_model(model, dev, precision)
@@ -184,8 +184,8 @@ def main():
     if dist.rank == 0:
         print(f"hellaswag {model}: acc {scores['acc']:.4f}, acc_norm {scores['acc_norm']:.4f} "
               f"({scores['examples']:,} examples, completion style)")
-    if dist.kind is not None:
-        distributed.leave()
+    if dist.parallel is not None:
+        distributed.finish_processes()
 
 
 if __name__ == "__main__":
