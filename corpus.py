@@ -34,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from atomic import atomic_write
+from dataset import shard_name, token_dtype, write_meta, write_shard
 from errors import UserError
 
 BATCH_CHARS = 1 << 20  # characters of text a worker encodes at once: worth a trip to another process
@@ -266,14 +267,6 @@ def tokenized(docs, spec, dtype, processes):
 # -----------------------------------------------------------------------------
 # Writing shards, resumably
 
-def token_dtype(vocab_size):
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-
-def shard_name(split, index):
-    return f"{split}_{index:06d}.bin"
-
-
 def write_json(path, obj):
     data = (json.dumps(obj, indent=2) + "\n").encode("utf-8")
     atomic_write(path, lambda f: f.write(data))
@@ -309,13 +302,12 @@ class ShardWriter:
     def write_shard(self, split, next_start):
         """Write the shard filled so far (if any), then the progress that follows it."""
         if self.filled:
-            os.makedirs(self.folder, exist_ok=True)
-            index = self.state["shards"][split]
-            atomic_write(os.path.join(self.folder, shard_name(split, index)), self.buffer[:self.filled].tofile)
+            write_shard(self.folder, split, self.state["shards"][split], self.buffer[:self.filled])
             self.state["shards"][split] += 1
             self.state["tokens"][split] += self.filled
             self.filled = 0
         self.state["next"] = next_start
+        os.makedirs(self.folder, exist_ok=True)
         write_json(os.path.join(self.folder, "progress.json"), {"settings": self.settings, **self.state})
 
 
@@ -390,7 +382,7 @@ def prepare(files, column, folder, tokenizer, shard_tokens=10**8, val_tokens=10*
             "shards": {split: [shard_name(split, i) for i in range(state["shards"][split])]
                        for split in ("train", "val")},
             "settings": settings}
-    write_json(os.path.join(folder, "meta.json"), meta)
+    write_meta(folder, meta)
     os.remove(os.path.join(folder, "progress.json"))
     return meta
 

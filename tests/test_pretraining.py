@@ -333,3 +333,107 @@ def test_the_gpt2_recipes_apply_to_train(name, dataset, tokens):
     assert cfg["dataset"] == dataset
     assert cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"] == tokens  # on 8 GPUs
     assert cfg["gradient_accumulation_steps"] % 8 == 0
+
+
+# -----------------------------------------------------------------------------
+# Sharded datasets in training
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory, gpt2_tokenizer):
+    """(sharded dataset folder, the same ids as a one-file dataset's folder): shards of 3,000
+    ids, so that windows span shard boundaries."""
+    from dataset import write_dataset
+    root = tmp_path_factory.mktemp("shards")
+    write_owt_jsonl(root / "docs.jsonl", web_documents(40, 3))
+    result = run_script(OWT, f"--input={root / 'docs.jsonl'}", f"--out={root / 'sharded'}",
+                        "--shard_tokens=3000", "--val_tokens=7000", "--num_proc=1")
+    assert result.returncode == 0, result.stderr
+    meta, shards = read_shards(root / "sharded")
+    assert len(shards["train"]) > 3 and len(shards["val"]) == 3
+    write_dataset(str(root / "whole"), gpt2_tokenizer, np.concatenate(shards["train"]),
+                  np.concatenate(shards["val"]), "the shards end to end")
+    return str(root / "sharded"), str(root / "whole")
+
+
+def test_sharded_batches_are_those_of_the_one_file(small_shards):
+    import torch
+    from dataset import get_batch, open_dataset
+    sharded, _ = open_dataset(small_shards[0], 64, 50257)
+    whole, _ = open_dataset(small_shards[1], 64, 50257)
+    for split in ("train", "val"):
+        assert len(sharded[split]) == len(whole[split])
+        a, b = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+        for _ in range(20):
+            x, y = get_batch(sharded[split], 64, 16, a, slice(4, 12))
+            x1, y1 = get_batch(whole[split], 64, 16, b, slice(4, 12))
+            assert torch.equal(x, x1) and torch.equal(y, y1)
+        assert np.array_equal(np.asarray(sharded[split]), whole[split])  # to_device's copy
+
+
+def test_training_on_shards_equals_training_on_the_one_file(small_shards, tmp_path):
+    from conftest import TINY, eval_losses, train_losses
+    runs = [run_script("train.py", *TINY, f"--dataset={folder}", f"--out_dir={tmp_path / str(i)}",
+                       "--max_iters=4", "--eval_interval=4", "--log_interval=1")
+            for i, folder in enumerate(small_shards)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
+    assert len(train_losses(runs[0].stdout)) == 4 and len(eval_losses(runs[0].stdout)) == 2
+    assert train_losses(runs[0].stdout) == train_losses(runs[1].stdout)
+    assert eval_losses(runs[0].stdout) == eval_losses(runs[1].stdout)
+
+
+# each process of a torchrun draws its rows of the global batches from the sharded dataset, as
+# train.py does; rank 0 checks that they are distinct and together the one-process batches.
+# Then they score HellaSwag, each its share
+DRAW_UNDER_TORCHRUN = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[2])
+from dataset import get_batch, open_dataset
+import distributed, hellaswag
+from checkpoint import load_model
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+splits, _ = open_dataset(sys.argv[1], 32)
+mine, alone = torch.Generator().manual_seed(1337), torch.Generator().manual_seed(1337)
+for _ in range(5):
+    x, _ = get_batch(splits["train"], 32, 4 * world, mine, slice(rank * 4, (rank + 1) * 4))
+    every = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(every, x)
+    whole, _ = get_batch(splits["train"], 32, 4 * world, alone)
+    assert torch.equal(torch.cat(every), whole)
+    assert not any(torch.equal(every[0][i], every[1][j]) for i in range(4) for j in range(4))
+model, tokenizer = load_model(sys.argv[3])
+scores = hellaswag.evaluate(model, tokenizer, hellaswag.load_examples(sys.argv[4]), "cpu", 2,
+                            dist=distributed.Distributed("ddp", rank, rank, world))
+dist.barrier()
+if rank == 0:
+    print("distinct", scores)
+dist.destroy_process_group()
+"""
+
+
+def test_each_process_draws_its_own_rows_and_scores_its_share(small_shards, tiny_gpt2, tmp_path):
+    import hellaswag
+    from checkpoint import load_model
+    from conftest import REPO, torchrun
+    script, examples = tmp_path / "draw.py", tmp_path / "hellaswag.jsonl"
+    script.write_text(DRAW_UNDER_TORCHRUN)
+    examples.write_text("".join(json.dumps(e) + "\n" for e in hellaswag_examples(7, 2)))
+    result = torchrun(str(script), small_shards[0], REPO, tiny_gpt2[0], str(examples), processes=2, timeout=300)
+    assert result.returncode == 0 and "distinct" in result.stdout, result.stderr[-2000:]
+    model, tokenizer = load_model(tiny_gpt2[0])
+    alone = hellaswag.evaluate(model, tokenizer, hellaswag.load_examples(str(examples)), "cpu", 2)
+    assert alone["examples"] == 7 and f"distinct {alone}" in result.stdout  # 4 and 3 examples: 2 passes each
+
+
+def test_a_sharded_dataset_missing_a_shard_or_unfinished_is_refused(small_shards, tmp_path):
+    import shutil
+    from dataset import open_dataset
+    from errors import UserError
+    folder = tmp_path / "copy"
+    shutil.copytree(small_shards[0], folder)
+    (folder / "train_000002.bin").unlink()
+    with pytest.raises(UserError, match="lacks .*train_000002.bin, which its meta.json lists"):
+        open_dataset(str(folder), 32)
+    (folder / "meta.json").rename(folder / "progress.json")
+    with pytest.raises(UserError, match="still being prepared .* run its prepare command again"):
+        open_dataset(str(folder), 32)
