@@ -123,20 +123,25 @@ def matches(path, pattern):
 # Reading documents
 
 def read_documents(path, column, skip=0):
-    """(row, text, fraction of the file read) for each document of a local file from row `skip`
-    on: a parquet file's or a jsonl file's rows (the column's text; rows without text are
-    passed over), or a whole txt file, which is one document."""
+    """The documents of a local file from row `skip` on, a chunk of rows at a time:
+    (their row numbers, their texts, the fraction of the file read). A parquet file's or a
+    jsonl file's rows (the column's text; rows without text are passed over), or a whole txt
+    file, which is one document. A parquet file's texts stay an Arrow array, which the workers
+    turn into strings: the main process never decodes the corpus."""
     if path.endswith(".parquet"):
         yield from read_parquet(path, column, skip)
     elif path.endswith(".txt"):
-        if skip == 0:
-            with open(path, encoding="utf-8", errors="replace", newline="") as f:
-                yield 0, f.read(), 1.0
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            text = f.read() if skip == 0 else ""
+        if text:
+            yield np.zeros(1, dtype=np.int64), [text], 1.0
     else:
         yield from read_jsonl(path, column, skip)
 
 
 def read_parquet(path, column, skip):
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
     try:
         pf = pq.ParquetFile(path)
@@ -146,25 +151,26 @@ def read_parquet(path, column, skip):
     if column not in names:
         raise UserError(f"{path} has no column {column!r} (its columns: {', '.join(names)}): "
                         "give the text's with --column=")
-    rows = pf.metadata.num_rows
-    row = 0
+    kind = pf.schema_arrow.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise UserError(f"{path}: column {column!r} holds {kind}, not text: give the text's with --column=")
+    rows, row = pf.metadata.num_rows, 0
     for group in range(pf.num_row_groups):
         in_group = pf.metadata.row_group(group).num_rows
         if row + in_group <= skip:  # a resume passes over whole row groups unread
             row += in_group
             continue
         for batch in pf.iter_batches(ROWS, row_groups=[group], columns=[column]):
-            for text in batch.column(0).to_pylist():
-                if row >= skip and text:
-                    if not isinstance(text, str):
-                        raise UserError(f"{path}: column {column!r} holds {type(text).__name__}s, "
-                                        "not text: give the text's with --column=")
-                    yield row, text, (row + 1) / rows
-                row += 1
+            texts, numbers = batch.column(0), np.arange(row, row + batch.num_rows)
+            keep = (numbers >= skip) & (pc.fill_null(pc.binary_length(texts), 0).to_numpy() > 0)
+            if keep.any():
+                yield numbers[keep], texts.filter(pa.array(keep)), (row + batch.num_rows) / rows
+            row += batch.num_rows
 
 
 def read_jsonl(path, column, skip):
     size = max(os.path.getsize(path), 1)
+    numbers, texts = [], []
     with open(path, "rb") as f:
         for row, line in enumerate(f):
             if row < skip or not line.strip():
@@ -178,18 +184,24 @@ def read_jsonl(path, column, skip):
                 raise UserError(f"{path}, line {row + 1} has no field {column!r} (it has: {keys}): "
                                 "give the text's with --column=")
             if record[column]:
-                yield row, str(record[column]), f.tell() / size
+                numbers.append(row)
+                texts.append(str(record[column]))
+            if len(texts) == ROWS:
+                yield np.array(numbers), texts, f.tell() / size
+                numbers, texts = [], []
+    if texts:
+        yield np.array(numbers), texts, 1.0
 
 
 def documents(files, column, start):
-    """((file index, row), text, fraction of the corpus read) of every document from
-    start = (file index, row) on; the fraction is measured in the files' bytes."""
+    """(file index, row numbers, texts, fraction of the corpus read) of every chunk of
+    documents from start = (file index, row) on; the fraction is measured in the files' bytes."""
     total = sum(f.size for f in files) or 1
     done = sum(f.size for f in files[:start[0]])
     for index in range(start[0], len(files)):
         skip = start[1] if index == start[0] else 0
-        for row, text, fraction in read_documents(files[index].fetch(), column, skip):
-            yield (index, row), text, (done + fraction * files[index].size) / total
+        for numbers, texts, fraction in read_documents(files[index].fetch(), column, skip):
+            yield index, numbers, texts, (done + fraction * files[index].size) / total
         done += files[index].size
 
 
@@ -222,21 +234,25 @@ def document_encoder(spec, dtype):
     return encode, before, np.array([tok.eot_token], dtype=np.int64), np.dtype(dtype)
 
 
-def encode_batch(texts, encoder=None):
-    """(ids of the documents one after another, each one's length) in the encoder's dtype."""
+def encode_batch(chunks, encoder=None):
+    """(ids of the documents one after another, each one's length) in the encoder's dtype;
+    chunks: lists of texts, or Arrow arrays of them."""
     encode, before, after, dtype = encoder or _encoder
+    texts = (text for chunk in chunks for text in (chunk.to_pylist() if hasattr(chunk, "to_pylist") else chunk))
     pieces = [piece for text in texts for piece in (before, encode(text), after)]
     lengths = np.array([len(ids) + len(before) + len(after) for ids in pieces[1::3]], dtype=np.int64)
     return np.concatenate(pieces).astype(dtype, copy=False), lengths
 
 
-def batches(docs, chars=BATCH_CHARS):
-    """The documents in batches of about `chars` characters: (positions, texts, fraction read)."""
+def batches(chunks, chars=BATCH_CHARS):
+    """The chunks of documents in batches of about `chars` characters (UTF-8 bytes of an Arrow
+    array): (each document's (file index, row), the chunks' texts, fraction read)."""
+    import pyarrow.compute as pc
     positions, texts, size = [], [], 0
-    for position, text, fraction in docs:
-        positions.append(position)
-        texts.append(text)
-        size += len(text)
+    for index, numbers, chunk, fraction in chunks:
+        positions += [(index, int(n)) for n in numbers]
+        texts.append(chunk)
+        size += pc.sum(pc.binary_length(chunk)).as_py() if hasattr(chunk, "to_pylist") else sum(map(len, chunk))
         if size >= chars:
             yield positions, texts, fraction
             positions, texts, size = [], [], 0
@@ -244,17 +260,18 @@ def batches(docs, chars=BATCH_CHARS):
         yield positions, texts, fraction
 
 
-def tokenized(docs, spec, dtype, processes):
-    """(positions, ids, lengths, fraction read) of each batch of documents, in order, encoded
-    in `processes` processes, which are never more than two batches each ahead of the caller."""
+def tokenized(chunks, spec, dtype, processes):
+    """(positions, ids, lengths, fraction read) of each batch of the chunks of documents, in
+    order, encoded in `processes` processes, which are never more than two batches each ahead
+    of the caller."""
     if processes <= 1:
         encoder = document_encoder(spec, dtype)
-        for positions, texts, fraction in batches(docs):
+        for positions, texts, fraction in batches(chunks):
             yield (positions, *encode_batch(texts, encoder), fraction)
         return
     with Pool(processes, start_worker, (spec, dtype)) as pool:
         pending = collections.deque()
-        for positions, texts, fraction in batches(docs):
+        for positions, texts, fraction in batches(chunks):
             pending.append((positions, pool.apply_async(encode_batch, (texts,)), fraction))
             if len(pending) >= 2 * processes:
                 positions, result, fraction = pending.popleft()
@@ -352,8 +369,8 @@ def prepare(files, column, folder, tokenizer, shard_tokens=10**8, val_tokens=10*
     writer = ShardWriter(folder, dtype, shard_tokens, settings, state)
     file_index, row, written = state["next"]
     done = state["tokens"]["val"] + state["tokens"]["train"]
-    docs = documents(files, column, (file_index, row))
-    work = tokenized(docs, spec, dtype, processes or os.cpu_count() or 1)
+    chunks = documents(files, column, (file_index, row))
+    work = tokenized(chunks, spec, dtype, processes or os.cpu_count() or 1)
     with closing(work), tqdm(initial=done, unit="tok", unit_scale=True, desc=os.path.basename(folder)) as bar:
         for positions, ids, lengths, fraction in work:
             ends = np.cumsum(lengths)

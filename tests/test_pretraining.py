@@ -135,7 +135,7 @@ def test_a_killed_preparation_resumes_to_the_same_bytes(corpus_files, prepared, 
 def test_the_reader_stays_a_few_batches_ahead(gpt2_tokenizer):
     import corpus
     read = itertools.count()
-    endless = (((0, next(read)), "word " * 1000, 0.0) for _ in itertools.repeat(None))
+    endless = ((0, [next(read)], ["word " * 1000], 0.0) for _ in itertools.repeat(None))
     work = corpus.tokenized(endless, gpt2_tokenizer.spec(), np.uint16, processes=2)
     per_batch = corpus.BATCH_CHARS // 5000 + 1
     for _ in zip(range(6), work):
