@@ -39,7 +39,7 @@ from errors import UserError
 
 BATCH_CHARS = 1 << 20  # characters of text a worker encodes at once: worth a trip to another process
 ROWS = 1024  # parquet rows read at once
-KINDS = (".parquet", ".jsonl", ".json", ".txt")
+KINDS = (".parquet", ".jsonl", ".txt")
 
 # a file of the corpus: its name (shown, and part of the settings a resume checks), its size in
 # bytes (the progress bar's measure), and fetch() -> the path of a local copy

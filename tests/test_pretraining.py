@@ -437,3 +437,19 @@ def test_a_sharded_dataset_missing_a_shard_or_unfinished_is_refused(small_shards
     (folder / "meta.json").rename(folder / "progress.json")
     with pytest.raises(UserError, match="still being prepared .* run its prepare command again"):
         open_dataset(str(folder), 32)
+
+
+def test_a_hub_config_names_its_files():
+    import corpus
+    # FineWeb-Edu's dataset card, as far as its configs go, and a few of its files
+    card = {"configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/*/*"}]},
+                        {"config_name": "sample-10BT", "data_files": [{"split": "train", "path": "sample/10BT/*"}]},
+                        {"config_name": "CC-MAIN-2024-10", "data_files": [{"split": "train", "path": "data/CC-MAIN-2024-10/*"}]}]}
+    files = ["sample/10BT/000_00000.parquet", "sample/10BT/013_00000.parquet", "sample/100BT/000_00000.parquet",
+             "data/CC-MAIN-2024-10/000_00000.parquet"]
+    wanted = corpus.data_files(card, "sample-10BT", "train")
+    assert [f for f in files if any(corpus.matches(f, w) for w in wanted)] == files[:2]
+    # a dataset without configs in its card (OpenWebText's parquet conversion): files named by split
+    owt = ["plain_text/train-00000-of-00080.parquet", "plain_text/train-00079-of-00080.parquet"]
+    assert all(corpus.matches(f, w) for f in owt for w in corpus.data_files(None, "", "train"))
+    assert not any(corpus.matches(f, w) for f in owt for w in corpus.data_files(None, "", "test"))
