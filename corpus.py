@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from atomic import atomic_write
-from dataset import shard_name, token_dtype, write_meta, write_shard
+from dataset import check_dataset_folder, json_bytes, shard_name, token_dtype, write_meta, write_shard
 from errors import UserError
 
 BATCH_CHARS = 1 << 20  # characters of text a worker encodes at once: worth a trip to another process
@@ -284,11 +284,6 @@ def tokenized(chunks, spec, dtype, processes):
 # -----------------------------------------------------------------------------
 # Writing shards, resumably
 
-def write_json(path, obj):
-    data = (json.dumps(obj, indent=2) + "\n").encode("utf-8")
-    atomic_write(path, lambda f: f.write(data))
-
-
 def read_json(path):
     try:
         with open(path, encoding="utf-8") as f:
@@ -325,7 +320,8 @@ class ShardWriter:
             self.filled = 0
         self.state["next"] = next_start
         os.makedirs(self.folder, exist_ok=True)
-        write_json(os.path.join(self.folder, "progress.json"), {"settings": self.settings, **self.state})
+        progress = json_bytes({"settings": self.settings, **self.state})
+        atomic_write(os.path.join(self.folder, "progress.json"), lambda f: f.write(progress))
 
 
 def next_position(positions, ends, j):
@@ -426,6 +422,7 @@ def main(settings, default_out):
     out = settings["out"] or default_out
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out={out} is a file: give a folder for the dataset")
+    check_dataset_folder(out, settings["overwrite"])  # a model, another program's dataset: refused
     if settings["input"]:
         files = local_files(p for p in settings["input"].split(",") if p)
         source = settings["input"]

@@ -453,3 +453,15 @@ def test_a_hub_config_names_its_files():
     owt = ["plain_text/train-00000-of-00080.parquet", "plain_text/train-00079-of-00080.parquet"]
     assert all(corpus.matches(f, w) for f in owt for w in corpus.data_files(None, "", "train"))
     assert not any(corpus.matches(f, w) for f in owt for w in corpus.data_files(None, "", "test"))
+
+
+def test_a_folder_holding_a_model_is_not_written_into(corpus_files, tmp_path):
+    folder, _ = corpus_files
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
+    [(result, changed)] = run_cases([{"script": FINEWEB, "args": [f"--input={folder}", f"--out={model}", *SMALL],
+                                      "watch": [model]}])
+    assert_user_error(result, "holds a model or dataset", "--overwrite=True")
+    assert not changed

@@ -36,6 +36,7 @@ tokenizer = "gpt2"  # 'gpt2' (tiktoken), or a model whose tokenizer to use: a fo
 shard_tokens = 100_000_000  # token ids a shard
 val_tokens = 10_000_000  # the val split: the corpus's first this many ids
 num_proc = 0  # processes that tokenize; 0 means one per CPU core
+overwrite = False  # write into an --out that holds a model, or a dataset not of this repo's preparers
 # -----------------------------------------------------------------------------
 
 
