@@ -167,22 +167,23 @@ def evaluate(model, tokenizer, examples, device, batch_size=16, autocast=nullcon
 
 
 def main():
-    configure(globals(), nullable=())
+    cfg = configure(globals(), nullable=())
     import distributed
     import hardware
     from checkpoint import load_model
-    if batch_size < 1 or limit < 0:
-        raise UserError(f"batch_size must be at least 1 and limit 0 or more, got {batch_size} and {limit}")
-    examples = load_examples(input, cache_dir)[:limit or None]
-    dev, device_type, precision, _ = hardware.setup(device, dtype, training=False)
+    if cfg["batch_size"] < 1 or cfg["limit"] < 0:
+        raise UserError(f"batch_size must be at least 1 and limit 0 or more, got {cfg['batch_size']} "
+                        f"and {cfg['limit']}")
+    examples = load_examples(cfg["input"], cfg["cache_dir"])[:cfg["limit"] or None]
+    dev, device_type, precision, _ = hardware.setup(cfg["device"], cfg["dtype"], training=False)
     dist = distributed.setup(device_type)
     if dist.parallel is not None and device_type == "cuda":
         dev = f"cuda:{dist.local_rank}"
         torch.cuda.set_device(dev)
-    scored, tokenizer = load_model(model, dev, precision)
-    scores = evaluate(scored, tokenizer, examples, dev, batch_size, dist=dist)
+    scored, tokenizer = load_model(cfg["model"], dev, precision)
+    scores = evaluate(scored, tokenizer, examples, dev, cfg["batch_size"], dist=dist)
     if dist.rank == 0:
-        print(f"hellaswag {model}: acc {scores['acc']:.4f}, acc_norm {scores['acc_norm']:.4f} "
+        print(f"hellaswag {cfg['model']}: acc {scores['acc']:.4f}, acc_norm {scores['acc_norm']:.4f} "
               f"({scores['examples']:,} examples, completion style)")
     if dist.parallel is not None:
         distributed.finish_processes()

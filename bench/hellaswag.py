@@ -71,7 +71,7 @@ def transformers_loop(hf, tokenizer, chosen, dev):
     return right, right_norm
 
 
-def best_time(fn, repeats):
+def best_time(fn, repeats, device):
     """(the result of fn(), its fastest wall time in seconds)."""
     fastest = float("inf")
     for _ in range(repeats):
@@ -83,23 +83,24 @@ def best_time(fn, repeats):
 
 
 def main():
-    configure(globals(), nullable=())
+    cfg = configure(globals(), nullable=())
     from transformers import GPT2Config, GPT2LMHeadModel
-    n_layer, n_head, n_embd = shapes.GPT2[model]
+    n_layer, n_head, n_embd = shapes.GPT2[cfg["model"]]
+    dev, n, rows = cfg["device"], cfg["examples"], cfg["batch_size"]
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).eval()
-    chosen = made_examples(examples)
+    chosen = made_examples(n)
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
-        ours, tokenizer = load_model(folder, device)
-    hf.to(device)
-    scores, ours_s = best_time(lambda: hellaswag.evaluate(ours, tokenizer, chosen, device, batch_size), repeats)
-    (right, right_norm), peer_s = best_time(lambda: transformers_loop(hf, tokenizer, chosen, device), repeats)
-    assert (round(scores["acc"] * examples), round(scores["acc_norm"] * examples)) == (right, right_norm), \
+        ours, tokenizer = load_model(folder, dev)
+    hf.to(dev)
+    scores, ours_s = best_time(lambda: hellaswag.evaluate(ours, tokenizer, chosen, dev, rows), cfg["repeats"], dev)
+    (right, right_norm), peer_s = best_time(lambda: transformers_loop(hf, tokenizer, chosen, dev), cfg["repeats"], dev)
+    assert (round(scores["acc"] * n), round(scores["acc_norm"] * n)) == (right, right_norm), \
         "the two ways picked different endings"
-    print(f"ours ({batch_size} examples a pass): {examples / ours_s:.1f} examples/s")
-    print(f"transformers loop (one example a pass): {examples / peer_s:.1f} examples/s")
-    print(f"ours / transformers: {peer_s / ours_s:.2f}x  ({model}, {examples} examples, {device}, torch {torch.__version__})")
+    print(f"ours ({rows} examples a pass): {n / ours_s:.1f} examples/s")
+    print(f"transformers loop (one example a pass): {n / peer_s:.1f} examples/s")
+    print(f"ours / transformers: {peer_s / ours_s:.2f}x  ({cfg['model']}, {n} examples, {dev}, torch {torch.__version__})")
 
 
 if __name__ == "__main__":

@@ -126,14 +126,14 @@ def measure(cmd):
 
 
 def main():
-    configure(globals(), nullable=())
-    cores = num_proc or os.cpu_count()
-    corpus = os.path.join(folder, f"corpus-{size_mb}mb")
+    cfg = configure(globals(), nullable=())
+    cores = cfg["num_proc"] or os.cpu_count()
+    corpus = os.path.join(cfg["folder"], f"corpus-{cfg['size_mb']}mb")
     if not os.path.isdir(corpus):
-        make_corpus(corpus, size_mb * 1e6)
+        make_corpus(corpus, cfg["size_mb"] * 1e6)
     results = {}
-    for method in methods.split(","):
-        out = os.path.join(folder, f"out-{method}")
+    for method in cfg["methods"].split(","):
+        out = os.path.join(cfg["folder"], f"out-{method}")
         shutil.rmtree(out, ignore_errors=True)
         os.makedirs(out)
         if method == "ours":
