@@ -130,8 +130,11 @@ def ending_losses(model, rows, device, autocast=nullcontext()):
     idx, targets = idx.to(device), targets.to(device)
     with autocast:
         logits, _ = model(idx, targets)
-    losses = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-1, reduction="none")
-    return losses.sum(1).cpu(), (targets != -1).sum(1).cpu()
+    scored = targets != -1  # the endings' positions: their logits alone go through the softmax
+    losses = F.cross_entropy(logits[scored].float(), targets[scored], reduction="none")
+    row = torch.arange(len(rows), device=device).unsqueeze(1).expand_as(targets)[scored]
+    total = torch.zeros(len(rows), device=device).index_add_(0, row, losses)
+    return total.cpu(), scored.sum(1).cpu()
 
 
 def evaluate(model, tokenizer, examples, device, batch_size=16, autocast=nullcontext(), dist=None):
@@ -140,7 +143,8 @@ def evaluate(model, tokenizer, examples, device, batch_size=16, autocast=nullcon
     are summed; every process runs as many forward passes (an FSDP model gathers its weights
     in each, all processes together)."""
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    mine = examples[rank::world]
+    # by length, so that a batch's rows are padded little (the counts do not depend on the order)
+    mine = sorted(examples[rank::world], key=lambda e: len(e["ctx"]) + max(map(len, e["endings"])))
     passes = math.ceil(math.ceil(len(examples) / world) / batch_size)
     was_training = model.training
     model.eval()
