@@ -33,5 +33,6 @@ max_iters = 9537
 lr_decay_iters = 9537
 
 eval_interval = 250
+hellaswag_interval = 250  # HellaSwag's acc and acc_norm in the log, as llm.c's run tracks them
 eval_iters = 20  # 20 x 16 x 1024 x 8 GPUs: 2.6M val tokens an evaluation
 log_interval = 10

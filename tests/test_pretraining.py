@@ -465,3 +465,23 @@ def test_a_folder_holding_a_model_is_not_written_into(corpus_files, tmp_path):
                                       "watch": [model]}])
     assert_user_error(result, "holds a model or dataset", "--overwrite=True")
     assert not changed
+
+
+def test_training_scores_hellaswag_every_n_steps(small_shards, tmp_path):
+    import hellaswag
+    from checkpoint import load_model
+    from conftest import TINY
+    examples = tmp_path / "hellaswag.jsonl"
+    examples.write_text("".join(json.dumps(e) + "\n" for e in hellaswag_examples(6, 3)))
+    out = tmp_path / "out"
+    result = run_script("train.py", *TINY, f"--dataset={small_shards[0]}", f"--out_dir={out}",
+                        "--max_iters=6", "--eval_interval=3", "--hellaswag_interval=3",
+                        f"--hellaswag_input={examples}")
+    assert result.returncode == 0, result.stderr
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in logged if "hellaswag_acc" in r]
+    assert [r["iter"] for r in scored] == [0, 3, 6]
+    model, tokenizer = load_model(str(out))  # the checkpoint of iteration 6
+    again = hellaswag.evaluate(model, tokenizer, hellaswag.load_examples(str(examples)), "cpu")
+    assert (scored[-1]["hellaswag_acc"], scored[-1]["hellaswag_acc_norm"]) == (again["acc"], again["acc_norm"])
+    assert f"step 6: hellaswag acc {again['acc']:.4f}, acc_norm {again['acc_norm']:.4f}" in result.stdout
