@@ -329,7 +329,7 @@ def test_the_gpt2_recipes_apply_to_train(name, dataset, tokens):
     import train
     from configurator import configure
     cfg = configure(dict(vars(train)), [os.path.join("config", f"{name}.py")])
-    train.check_config(cfg)
+    train.check_config(train.Config(**cfg))
     assert cfg["dataset"] == dataset
     assert cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"] == tokens  # on 8 GPUs
     assert cfg["gradient_accumulation_steps"] % 8 == 0
