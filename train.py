@@ -663,7 +663,7 @@ def score_hellaswag(config, runtime, training, examples, runlog):
                                 runtime.device, config.eval_batch_size or config.batch_size,
                                 runtime.autocast, runtime.world)
     if runtime.master:
-        print(f"step {training.iter_num}: hellaswag acc {scores['acc']:.4f}, "
+        print(f"hellaswag at step {training.iter_num}: acc {scores['acc']:.4f}, "
               f"acc_norm {scores['acc_norm']:.4f}")
         runlog.log({"iter": training.iter_num, "hellaswag_acc": scores["acc"],
                     "hellaswag_acc_norm": scores["acc_norm"]})

@@ -370,17 +370,6 @@ def test_sharded_batches_are_those_of_the_one_file(small_shards):
         assert np.array_equal(np.asarray(sharded[split]), whole[split])  # to_device's copy
 
 
-def test_training_on_shards_equals_training_on_the_one_file(small_shards, tmp_path):
-    from conftest import TINY, eval_losses, train_losses
-    runs = [run_script("train.py", *TINY, f"--dataset={folder}", f"--out_dir={tmp_path / str(i)}",
-                       "--max_iters=4", "--eval_interval=4", "--log_interval=1")
-            for i, folder in enumerate(small_shards)]
-    assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
-    assert len(train_losses(runs[0].stdout)) == 4 and len(eval_losses(runs[0].stdout)) == 2
-    assert train_losses(runs[0].stdout) == train_losses(runs[1].stdout)
-    assert eval_losses(runs[0].stdout) == eval_losses(runs[1].stdout)
-
-
 # each process of a torchrun draws its rows of the global batches from the sharded dataset, as
 # train.py does; rank 0 checks that they are distinct and together the one-process batches.
 # Then they score HellaSwag, each its share
@@ -467,21 +456,23 @@ def test_a_folder_holding_a_model_is_not_written_into(corpus_files, tmp_path):
     assert not changed
 
 
-def test_training_scores_hellaswag_every_n_steps(small_shards, tmp_path):
+def test_training_on_shards_equals_training_on_the_one_file_and_scores_hellaswag(small_shards, tmp_path):
     import hellaswag
     from checkpoint import load_model
-    from conftest import TINY
+    from conftest import TINY, eval_losses, train_losses
     examples = tmp_path / "hellaswag.jsonl"
     examples.write_text("".join(json.dumps(e) + "\n" for e in hellaswag_examples(6, 3)))
-    out = tmp_path / "out"
-    result = run_script("train.py", *TINY, f"--dataset={small_shards[0]}", f"--out_dir={out}",
-                        "--max_iters=6", "--eval_interval=3", "--hellaswag_interval=3",
-                        f"--hellaswag_input={examples}")
-    assert result.returncode == 0, result.stderr
-    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    scored = [r for r in logged if "hellaswag_acc" in r]
-    assert [r["iter"] for r in scored] == [0, 3, 6]
-    model, tokenizer = load_model(str(out))  # the checkpoint of iteration 6
+    runs = [run_script("train.py", *TINY, f"--dataset={folder}", f"--out_dir={tmp_path / str(i)}",
+                       "--max_iters=6", "--eval_interval=3", "--log_interval=1", "--hellaswag_interval=3",
+                       f"--hellaswag_input={examples}") for i, folder in enumerate(small_shards)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
+    assert len(train_losses(runs[0].stdout)) == 6 and len(eval_losses(runs[0].stdout)) == 3
+    assert train_losses(runs[0].stdout) == train_losses(runs[1].stdout)
+    assert eval_losses(runs[0].stdout) == eval_losses(runs[1].stdout)
+    logged = [[r for r in map(json.loads, (tmp_path / str(i) / "metrics.jsonl").read_text().splitlines())
+               if "hellaswag_acc" in r] for i in range(2)]
+    assert [r["iter"] for r in logged[0]] == [0, 3, 6] and logged[0] == logged[1]
+    model, tokenizer = load_model(str(tmp_path / "0"))  # the checkpoint of iteration 6
     again = hellaswag.evaluate(model, tokenizer, hellaswag.load_examples(str(examples)), "cpu")
-    assert (scored[-1]["hellaswag_acc"], scored[-1]["hellaswag_acc_norm"]) == (again["acc"], again["acc_norm"])
-    assert f"step 6: hellaswag acc {again['acc']:.4f}, acc_norm {again['acc_norm']:.4f}" in result.stdout
+    assert (logged[0][-1]["hellaswag_acc"], logged[0][-1]["hellaswag_acc_norm"]) == (again["acc"], again["acc_norm"])
+    assert f"hellaswag at step 6: acc {again['acc']:.4f}, acc_norm {again['acc_norm']:.4f}" in runs[0].stdout
