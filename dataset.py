@@ -9,9 +9,13 @@ JSON instead of nanoGPT's meta.pkl, so reading a dataset never unpickles anythin
 is replaced whole (swap_in): a preparation stopped part way leaves the old one, or a meta.json
 that says so; never train.bin of one dataset beside val.bin of another. No preparer writes
 into a folder holding a model or another program's dataset unless told to (--overwrite=True).
+A web corpus (corpus.py) is split into shards instead, train_000000.bin, ..., val_000000.bin,
+..., written one by one as it is tokenized and listed in meta.json ("shards"), which comes
+last; each is memory-mapped and a split reads as its shards' ids end to end.
 
     read_text(path)                                  # a preparer's UTF-8 input
     write_dataset(folder, tokenizer, train_ids, val_ids, source)
+    write_shard(folder, "train", 0, ids) ... write_meta(folder, meta)   # a sharded one, shard by shard
     splits, meta = open_dataset("shakespeare_char", block_size, vocab_size)   # memory-mapped, checked
     check_fits(meta, model_tokenizer_spec, "shakespeare_char", "out")   # the model reads its ids
     splits = to_device(splits, "cuda")               # a small corpus: held on the GPU whole
@@ -53,7 +57,7 @@ def write_dataset(folder, tokenizer, train_ids, val_ids, source="", masks=None, 
     program's dataset (check_dataset_folder) unless overwrite. masks: (train, val) arrays of one
     0/1 byte per token, written as train.mask.bin / val.mask.bin: 1 where the token is a target
     to learn (data/chat/prepare.py's assistant tokens), 0 where it is context only."""
-    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+    dtype = token_dtype(tokenizer.vocab_size)
     train_ids, val_ids = np.asarray(train_ids, dtype=dtype), np.asarray(val_ids, dtype=dtype)
     for split, ids in (("train", train_ids), ("val", val_ids)):
         if len(ids) == 0:
@@ -99,6 +103,27 @@ def swap_in(folder, arrays, meta):
     atomic_write(meta_path, lambda f: f.write(json_bytes(meta)))
 
 
+def token_dtype(vocab_size):
+    """How a vocabulary's ids are stored: uint16, or uint32 past 65,536 tokens."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def shard_name(split, index):
+    return f"{split}_{index:06d}.bin"
+
+
+def write_shard(folder, split, index, ids):
+    """Write one shard of a sharded dataset (corpus.py writes them as a corpus is tokenized),
+    atomically: a stop while writing leaves the shard whole or absent."""
+    os.makedirs(folder, exist_ok=True)
+    atomic_write(os.path.join(folder, shard_name(split, index)), ids.tofile)
+
+
+def write_meta(folder, meta):
+    """Write meta.json: for a sharded dataset, last, once every shard it lists is written."""
+    atomic_write(os.path.join(folder, "meta.json"), lambda f: f.write(json_bytes(meta)))
+
+
 def json_bytes(obj):
     """meta.json's bytes: obj as indented JSON."""
     return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
@@ -127,7 +152,8 @@ def dataset_dir(name):
 
 
 def open_dataset(name, block_size=None, vocab_size=None):
-    """({"train": ids, "val": ids}, meta) of a prepared dataset, the ids memory-mapped, checked;
+    """({"train": ids, "val": ids}, meta) of a prepared dataset, the ids memory-mapped (a sharded
+    one's as ShardedIds), checked;
     with "train.mask" / "val.mask" too where the dataset has loss masks (write_dataset):
     meta.json a JSON object naming uint16 or uint32 ids, each split a whole number of ids and
     more than block_size of them (if given), and every id below vocab_size (if given: the
@@ -148,6 +174,9 @@ def open_dataset(name, block_size=None, vocab_size=None):
     if meta == INCOMPLETE:
         raise UserError(f"{meta_path}: the dataset's files were being replaced when its "
                         "preparation stopped, so they may be of two datasets: prepare it again")
+    if not meta and os.path.exists(os.path.join(folder, "progress.json")):
+        raise UserError(f"dataset {name!r} is still being prepared ({folder} has its progress.json "
+                        "but no meta.json yet): run its prepare command again to finish it")
     dtype = meta.get("dtype", "uint16")
     if dtype not in ("uint16", "uint32"):
         raise UserError(f"{meta_path} names dtype {dtype!r}: token ids are stored as 'uint16' or "
@@ -161,37 +190,90 @@ def open_dataset(name, block_size=None, vocab_size=None):
         check_meta_tokenizer(meta, meta_path)
     splits = {}
     for split in ("train", "val"):
-        path = os.path.join(folder, f"{split}.bin")
-        if not os.path.exists(path):
-            prepare = os.path.join("data", name, "prepare.py")
-            raise UserError(f"dataset {name!r} has no {split}.bin in {folder}: "
-                            f"run `python {prepare}` first")
-        size = os.path.getsize(path)
-        if size == 0:
-            raise UserError(f"{split}.bin of {name!r} is empty ({path}): prepare the dataset "
-                            "again, from more text")
-        if size % dtype.itemsize:
-            raise UserError(f"{path} has {size:,} bytes, not a whole number of {dtype.name} token "
-                            f"ids ({dtype.itemsize} bytes each): it is cut short or of another "
-                            "dtype; prepare the dataset again")
-        splits[split] = np.memmap(path, dtype=dtype, mode="r")
+        if "shards" in meta:  # a web corpus (corpus.py): the split's shards, read as one
+            splits[split] = ShardedIds([open_ids(os.path.join(folder, shard), name, split, dtype)
+                                        for shard in shard_names(meta, split, meta_path)])
+        else:
+            path = os.path.join(folder, f"{split}.bin")
+            if not os.path.exists(path):
+                prepare = os.path.join("data", name, "prepare.py")
+                raise UserError(f"dataset {name!r} has no {split}.bin in {folder}: "
+                                f"run `python {prepare}` first")
+            splits[split] = open_ids(path, name, split, dtype)
         if block_size is not None and len(splits[split]) <= block_size:
             raise UserError(f"{split}.bin of {name!r} has {len(splits[split])} tokens, "
                             f"not more than block_size={block_size} (a batch needs block_size + 1): "
                             "lower --block_size")
         mask_path = os.path.join(folder, f"{split}.mask.bin")
-        if os.path.exists(mask_path):
+        if "shards" not in meta and os.path.exists(mask_path):  # shards have no loss masks
             if os.path.getsize(mask_path) != len(splits[split]):
                 raise UserError(f"{mask_path} has {os.path.getsize(mask_path):,} bytes for "
                                 f"{len(splits[split]):,} tokens (one each): prepare the dataset again")
             splits[f"{split}.mask"] = np.memmap(mask_path, dtype=np.uint8, mode="r")
         if vocab_size is not None:
-            top = int(np.max(splits[split]))
+            top = max(int(np.max(ids)) for ids in getattr(splits[split], "shards", [splits[split]]))
             if top >= vocab_size:
                 raise UserError(f"{split}.bin of {name!r} has token id {top}, but the model's "
                                 f"vocabulary has {vocab_size} ids (0 ... {vocab_size - 1}): "
                                 "prepare the dataset with the model's tokenizer")
     return splits, meta
+
+
+def open_ids(path, name, split, dtype):
+    """The ids of a .bin file (a split, or one of its shards), memory-mapped, once its size is
+    checked."""
+    if not os.path.exists(path):
+        raise UserError(f"dataset {name!r} lacks {path}, which its meta.json lists: prepare "
+                        "the dataset again (a sharded one goes on where it stopped)")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise UserError(f"{split}.bin of {name!r} is empty ({path}): prepare the dataset "
+                        "again, from more text")
+    if size % dtype.itemsize:
+        raise UserError(f"{path} has {size:,} bytes, not a whole number of {dtype.name} token "
+                        f"ids ({dtype.itemsize} bytes each): it is cut short or of another "
+                        "dtype; prepare the dataset again")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def shard_names(meta, split, meta_path):
+    """The file names of a split's shards as meta.json lists them, checked: plain names of
+    files in the dataset's folder, at least one."""
+    names = meta["shards"].get(split) if isinstance(meta["shards"], dict) else None
+    if (not isinstance(names, list) or not names
+            or not all(isinstance(n, str) and n and os.path.basename(n) == n for n in names)):
+        raise UserError(f"{meta_path}: shards.{split} must list the split's shard files (plain "
+                        f"names in its folder), got {repr(names)[:80]}: prepare the dataset again")
+    return names
+
+
+class ShardedIds:
+    """A split's shards as one sequence of ids, each shard memory-mapped: len() counts the ids
+    of all, and an array of positions indexes them as if they were one file. So get_batch draws
+    its windows uniformly over every id of the split (a window may span two shards), exactly as
+    from the one file that the shards make end to end, and a resumed generator gives the same
+    batches."""
+
+    def __init__(self, shards):
+        self.shards = shards
+        self.starts = np.cumsum([0] + [len(s) for s in shards])  # each shard's first position
+        self.dtype = shards[0].dtype
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, positions):
+        positions = np.asarray(positions)
+        shard = np.searchsorted(self.starts, positions, side="right") - 1
+        out = np.empty(positions.shape, dtype=self.dtype)
+        for k in np.unique(shard):  # one gather from each shard that holds some of them
+            here = shard == k
+            out[here] = self.shards[k][positions[here] - self.starts[k]]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        """All the ids in memory, end to end: to_device holds a small corpus on the GPU whole."""
+        return np.concatenate(self.shards).astype(dtype or self.dtype, copy=False)
 
 
 def check_meta_tokenizer(meta, meta_path):

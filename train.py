@@ -31,6 +31,7 @@ import atomic
 import checkpoint
 import distributed
 import hardware
+import hellaswag
 import lora
 import sharded_ckpt
 from dataset import check_fits, get_batch, open_dataset, to_device
@@ -48,6 +49,8 @@ log_interval = 1
 eval_iters = 200
 eval_batch_size = None  # rows of each evaluation batch; None: batch_size, as nanoGPT
 eval_only = False  # evaluate once and exit
+hellaswag_interval = 0  # score HellaSwag (hellaswag.py: acc, acc_norm) every this many iterations; 0: never
+hellaswag_input = ""  # a local file of HellaSwag examples; empty: the validation file, downloaded once
 always_save_checkpoint = True  # save at every eval, not only when val loss improves
 init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or pretrained: gpt2 ... gpt2-xl, a hub id, a folder
 # wandb logging
@@ -143,7 +146,9 @@ def train(config, passed, runtime):
         # in the precision the matmuls run in
         peak = config.peak_flops or hardware.peak_flops(runtime.device, runtime.precision)
 
-    train_loop(config, runtime, training, stop, peak, runlog)
+    # HellaSwag's examples before the first step (downloaded once): offline fails now, not hours in
+    examples = hellaswag_examples(config, training)
+    train_loop(config, runtime, training, stop, peak, runlog, examples)
     if runlog is not None:
         runlog.finish()
 
@@ -171,6 +176,8 @@ def check_config(config):
                 "gradient_accumulation_steps", "eval_iters", "eval_interval", "log_interval"):
         if getattr(config, key) < 1:
             raise UserError(f"{key} must be at least 1, got {getattr(config, key)}")
+    if config.hellaswag_interval < 0:
+        raise UserError(f"hellaswag_interval must be 0 (never) or more, got {config.hellaswag_interval}")
     size = config.eval_batch_size
     if size is not None and (type(size) is not int or size < 1):
         raise UserError(f"eval_batch_size must be a whole number of at least 1 (or None: "
@@ -516,10 +523,11 @@ def draw_batch(splits, block_size, runtime, split, generator, rows):
 # -----------------------------------------------------------------------------
 # the loop: evaluate and save, take a step, log
 
-def train_loop(config, runtime, training, stop, peak, runlog):
+def train_loop(config, runtime, training, stop, peak, runlog, examples=None):
     """Train until max_iters (or, eval_only, evaluate once), evaluating and saving every
-    eval_interval iterations and logging every log_interval; or until stop (a StopFlag) is
-    requested, saving first. peak: the device's FLOP/s, for MFU; runlog: rank 0's RunLog."""
+    eval_interval iterations, scoring HellaSwag's examples (if any) every hellaswag_interval,
+    and logging every log_interval; or until stop (a StopFlag) is requested, saving first.
+    peak: the device's FLOP/s, for MFU; runlog: rank 0's RunLog."""
     start_iter, train_time, run_start = training.iter_num, 0.0, time.time()
     last_loss = None  # the last step's loss, a tensor (reading it would wait for the device)
     while True:
@@ -532,6 +540,9 @@ def train_loop(config, runtime, training, stop, peak, runlog):
         at_eval = iter_num % config.eval_interval == 0 or iter_num == config.max_iters
         if at_eval and (iter_num != start_iter or iter_num == 0 or config.eval_only):
             evaluate_and_save(config, runtime, training, lr, runlog, run_start)
+        if examples and iter_num % config.hellaswag_interval == 0 and \
+                (iter_num != start_iter or iter_num == 0 or config.eval_only):
+            score_hellaswag(config, runtime, training, examples, runlog)
         if config.eval_only or iter_num >= config.max_iters:
             return
         if stop.requested():
@@ -632,6 +643,30 @@ def evaluate_and_save(config, runtime, training, lr, runlog, run_start):
         if runtime.master:
             print(f"saving checkpoint to {config.out_dir}")
         save(config, runtime, training, losses["val"])
+
+
+def hellaswag_examples(config, training):
+    """HellaSwag's validation examples when hellaswag_interval asks for them, else None."""
+    if not config.hellaswag_interval:
+        return None
+    if training.tokenizer_spec is None:
+        raise UserError("hellaswag_interval needs the model's tokenizer, which the dataset's "
+                        "meta.json does not name (a nanoGPT dataset): prepare it with this repo")
+    return hellaswag.load_examples(config.hellaswag_input)
+
+
+def score_hellaswag(config, runtime, training, examples, runlog):
+    """HellaSwag's acc and acc_norm of the model, each process scoring its share (hellaswag.py);
+    rank 0 prints and logs them (metrics.jsonl, wandb)."""
+    from tokenizer import from_spec
+    scores = hellaswag.evaluate(training.raw_model, from_spec(training.tokenizer_spec), examples,
+                                runtime.device, config.eval_batch_size or config.batch_size,
+                                runtime.autocast, runtime.world)
+    if runtime.master:
+        print(f"hellaswag at step {training.iter_num}: acc {scores['acc']:.4f}, "
+              f"acc_norm {scores['acc_norm']:.4f}")
+        runlog.log({"iter": training.iter_num, "hellaswag_acc": scores["acc"],
+                    "hellaswag_acc_norm": scores["acc_norm"]})
 
 
 @torch.no_grad()

@@ -1,10 +1,10 @@
 # Evaluate OpenAI's gpt2-large (774M: n_layer=36, n_head=20, n_embd=1280): its loss on a dataset, no training.
-# $ python data/shakespeare/prepare.py
+# $ python data/openwebtext/prepare.py
 # $ python train.py config/eval_gpt2_large.py       # or --dataset=<any dataset in GPT-2 tokens>
-# nanoGPT reports these losses on OpenWebText.
+# nanoGPT reports its loss on OpenWebText in docs/pretraining.md; HellaSwag: python hellaswag.py --model=gpt2-large
 
 init_from = "gpt2-large"
-dataset = "shakespeare"
+dataset = "openwebtext"
 eval_only = True
 batch_size = 8
 eval_iters = 500  # 500 batches of 8 x 1024 tokens: a steady estimate

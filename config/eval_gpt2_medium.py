@@ -1,10 +1,10 @@
 # Evaluate OpenAI's gpt2-medium (350M: n_layer=24, n_head=16, n_embd=1024): its loss on a dataset, no training.
-# $ python data/shakespeare/prepare.py
+# $ python data/openwebtext/prepare.py
 # $ python train.py config/eval_gpt2_medium.py       # or --dataset=<any dataset in GPT-2 tokens>
-# nanoGPT reports these losses on OpenWebText.
+# nanoGPT reports its loss on OpenWebText in docs/pretraining.md; HellaSwag: python hellaswag.py --model=gpt2-medium
 
 init_from = "gpt2-medium"
-dataset = "shakespeare"
+dataset = "openwebtext"
 eval_only = True
 batch_size = 8
 eval_iters = 500  # 500 batches of 8 x 1024 tokens: a steady estimate
