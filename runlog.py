@@ -42,7 +42,7 @@ class RunLog:
             self.wandb = wandb.init(project=project, name=name, config=config, dir=self.out_dir)
         if self.wandb is not None:
             self.wandb.log(record, step=record["iter"])
-        if "val_loss" in record:
+        if "val_loss" in record or "hellaswag_acc_norm" in record:
             self.plot()
 
     def append(self, line):
@@ -79,7 +79,14 @@ class RunLog:
         ax.set_xlabel("iteration")
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper left")
+        scored = [r for r in records if "hellaswag_acc_norm" in r]
+        if scored:  # a score on its own axis, on the right
+            ax2 = ax.twinx()
+            ax2.plot([r["iter"] for r in scored], [r["hellaswag_acc_norm"] for r in scored],
+                     color="tab:green", marker="s", markersize=3, label="HellaSwag acc_norm")
+            ax2.set_ylabel("HellaSwag acc_norm")
+            ax2.legend(loc="upper right")
         fig.tight_layout()
         atomic_write(self.plot_path, lambda f: fig.savefig(f, format="png"))
 
