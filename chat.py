@@ -14,18 +14,16 @@ stdout, the token count and tok/s on stderr. A model without a chat template (a 
 continues the text as it is, with a note. The decoding flags are sample.py's (engine.py's).
 """
 
-import os
 import sys
 import time
 
 from configurator import configure, run  # first: Ctrl-C while the rest loads exits quietly
 
-import checkpoint
-import engine
-import hardware
-from errors import UserError
-from quantize import fast_cpu_linears
-from tokenizer import conversation_ids
+from nanogpt import checkpoint
+from nanogpt import engine
+from nanogpt.errors import UserError
+from nanogpt.quantize import fast_cpu_linears
+from nanogpt.tokenizer import conversation_ids
 
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' loads out_dir/ckpt.pt; or a hub id, a folder, a run's out_dir
@@ -120,10 +118,7 @@ def repl(chat):
 def main():
     cfg = configure(globals(), nullable=engine.NULLABLE_FLAGS)
     passed = set(cfg.passed)  # what the user set (a config file or a flag)
-    dev, _, precision, _ = hardware.setup(cfg["device"], cfg["dtype"], training=False)
-    source = os.path.join(cfg["out_dir"], "ckpt.pt") if cfg["init_from"] == "resume" else cfg["init_from"]
-    model, tokenizer = checkpoint.load_model(source, dev, precision)
-    model.eval()
+    model, tokenizer = checkpoint.load_for_decoding(cfg)
     fast_cpu_linears(model)  # this script owns the model: on a CPU, the layout that decodes fastest
     # a reply is one sequence: no num_samples, and the defaults (the model's generation_config.json
     # for what the user leaves unset, as in sample.py) decide greedy or sampling
@@ -134,7 +129,8 @@ def main():
     if options.num_beams > 1:
         raise UserError("chat.py streams one reply at a time: beam search (num_beams > 1) is for sample.py")
     if tokenizer.chat_template is None:
-        print(f"note: {source} has no chat template (a base model?): each message is continued "
+        model_name = cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_from"]
+        print(f"note: {model_name} has no chat template (a base model?): each message is continued "
               "as plain text", file=sys.stderr)
     chat = Chat(model, tokenizer, options, engine.stop_token_ids(model, tokenizer),
                 engine.check_stop_strings(cfg["stop"]), cfg["system"])

@@ -26,7 +26,7 @@ import os
 import signal
 import sys
 
-from errors import UserError
+from nanogpt.errors import UserError
 
 
 def _interrupted_while_starting(signum, frame):

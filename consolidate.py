@@ -11,8 +11,8 @@ import os
 
 from configurator import configure, run  # first: Ctrl-C while the rest loads exits quietly
 
-import sharded_ckpt
-from errors import UserError
+from nanogpt import sharded_ckpt
+from nanogpt.errors import UserError
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the run whose ckpt.dcp/ becomes its ckpt.pt

@@ -27,10 +27,10 @@ import os
 
 from configurator import configure, run  # first: Ctrl-C while the rest loads exits quietly
 
-import checkpoint
-import hf
-from atomic import MODEL_FILES, check_not_foreign
-from errors import UserError
+from nanogpt import checkpoint
+from nanogpt import hf
+from nanogpt.atomic import MODEL_FILES, check_not_foreign
+from nanogpt.errors import UserError
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the run whose out_dir/ckpt.pt to export

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from atomic import atomic_write
+from nanogpt.atomic import atomic_write
 from configurator import configure, run
-from errors import UserError
+from nanogpt.errors import UserError
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 EXAMPLES = 10042  # in the validation file: the published scores are over all of them
@@ -162,7 +162,7 @@ def evaluate(model, tokenizer, examples, device, batch_size=16, autocast=nullcon
     model.train(was_training)
     if world > 1:
         import torch.distributed as torch_dist
-        from distributed import collective_device
+        from nanogpt.distributed import collective_device
         summed = counts.to(collective_device(dist))
         torch_dist.all_reduce(summed)
         counts = summed.cpu()
@@ -172,9 +172,9 @@ def evaluate(model, tokenizer, examples, device, batch_size=16, autocast=nullcon
 
 def main():
     cfg = configure(globals(), nullable=())
-    import distributed
-    import hardware
-    from checkpoint import load_model
+    from nanogpt import distributed
+    from nanogpt import hardware
+    from nanogpt.checkpoint import load_model
     if cfg["batch_size"] < 1 or cfg["limit"] < 0:
         raise UserError(f"batch_size must be at least 1 and limit 0 or more, got {cfg['batch_size']} "
                         f"and {cfg['limit']}")

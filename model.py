@@ -220,7 +220,7 @@ class GPT(nn.Module):
         Any other option (top_p, min_p, penalties, num_beams, stop_tokens, seed, ...: see
         engine.generate), or prompts of several lengths (lists of token ids), hands the whole
         call to engine.generate."""
-        import engine  # decoding with every option lives in engine.py, which builds on this file
+        from nanogpt import engine  # decoding with every option lives in engine.py, which builds on this file
         if options or not torch.is_tensor(idx):
             if options.get("num_beams", 1) > 1 and temperature == 1.0 and "do_sample" not in options:
                 # nanoGPT's default temperature means "sample"; beams without do_sample are
@@ -229,7 +229,7 @@ class GPT(nn.Module):
             return engine.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                    **options)
         engine.DecodingOptions(max_new_tokens, temperature=temperature, top_k=top_k)  # refuses bad ones
-        from kvcache import KVCache  # the generation engine's cache: buffers allocated once
+        from nanogpt.kvcache import KVCache  # the generation engine's cache: buffers allocated once
         block_size = self.config.block_size
         cache = KVCache(self, idx.size(0), min(block_size, idx.size(1) + max_new_tokens))
         no_padding = torch.zeros(idx.size(0), dtype=torch.long, device=idx.device)
@@ -285,7 +285,7 @@ def config_class(family):
     if family == "gpt2":
         return GPTConfig
     if family == "llama":
-        from llama import LlamaConfig  # llama.py builds on this file
+        from nanogpt.llama import LlamaConfig  # llama.py builds on this file
         return LlamaConfig
     raise ValueError(f"family must be 'gpt2' or 'llama', got {family!r}")
 
@@ -293,6 +293,6 @@ def config_class(family):
 def build(config):
     """The model of a config of either family: a GPT, or a llama.Llama."""
     if config.family == "llama":
-        from llama import Llama
+        from nanogpt.llama import Llama
         return Llama(config)
     return GPT(config)

@@ -19,11 +19,10 @@ import time
 
 from configurator import configure, run  # first: Ctrl-C while the rest loads exits quietly
 
-import checkpoint
-import engine
-import hardware
-from errors import UserError
-from quantize import fast_cpu_linears, quantize_int8
+from nanogpt import checkpoint
+from nanogpt import engine
+from nanogpt.errors import UserError
+from nanogpt.quantize import fast_cpu_linears, quantize_int8
 
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' loads out_dir/ckpt.pt; or gpt2 ... gpt2-xl, a hub id, a folder, a nanoGPT ckpt.pt
@@ -130,17 +129,14 @@ def load(cfg):
     if cfg["quantize"] not in (None, "int8"):
         raise UserError(f"quantize must be None or 'int8', got {cfg['quantize']!r}")
     texts = read_prompts(cfg["start"])
-    dev, _, precision, _ = hardware.setup(cfg["device"], cfg["dtype"], training=False)
-
     # the parameters are loaded in the run's precision (bfloat16 / float16 halve memory)
-    source = os.path.join(cfg["out_dir"], "ckpt.pt") if cfg["init_from"] == "resume" else cfg["init_from"]
-    model, tokenizer = checkpoint.load_model(source, dev, precision, merge_lora=cfg["merge_lora"])
+    model, tokenizer = checkpoint.load_for_decoding(cfg, merge_lora=cfg["merge_lora"])
+    dev = next(model.parameters()).device
     prompts = [encode_prompt(tokenizer, text) for text in texts]
     # the model folder's generation_config.json decides what the user leaves unset
     flags, note = engine.with_generation_config(cfg, cfg.passed, tokenizer)
     options = engine.options_from_flags(flags, cfg.passed, tokenizer, max(map(len, prompts)))
     check_generation_memory(model, len(prompts), max(map(len, prompts)), options, dev)
-    model.eval().to(dev)
     # this script owns the model: on a CPU its Linear layers get the layout that decodes fastest
     if cfg["quantize"] == "int8":
         quantize_int8(model)

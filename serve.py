@@ -29,14 +29,13 @@ from typing import Literal, Optional, Union
 
 from configurator import configure, run  # first: Ctrl-C while the rest loads exits quietly
 
-import checkpoint
-import engine
-import hardware
+from nanogpt import checkpoint
+from nanogpt import engine
 import sample
-from batcher import Batcher, Sequence
-from errors import UserError
-from quantize import fast_cpu_linears
-from tokenizer import conversation_ids
+from nanogpt.batcher import Batcher, Sequence
+from nanogpt.errors import UserError
+from nanogpt.quantize import fast_cpu_linears
+from nanogpt.tokenizer import conversation_ids
 
 # OpenAI's defaults for the decoding flags: one sample, temperature 1, all tokens, unseeded;
 # max_new_tokens None: what the context leaves after the prompt
@@ -448,10 +447,7 @@ def main():
         if cfg[name] < 1:
             raise UserError(f"{name} must be >= 1, got {cfg[name]}")
     import uvicorn
-    dev, _, precision, _ = hardware.setup(cfg["device"], cfg["dtype"], training=False)
-    source = os.path.join(cfg["out_dir"], "ckpt.pt") if cfg["init_from"] == "resume" else cfg["init_from"]
-    model, tokenizer = checkpoint.load_model(source, dev, precision)
-    model.eval()
+    model, tokenizer = checkpoint.load_for_decoding(cfg)
     fast_cpu_linears(model)  # this script owns the model: on a CPU, the layout that decodes fastest
     flags, note = engine.with_generation_config(cfg, passed, tokenizer)
     if note:

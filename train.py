@@ -27,18 +27,18 @@ from configurator import configure, knobs, run  # first: Ctrl-C while the rest l
 import torch
 from torch.distributed import ReduceOp, all_reduce
 
-import atomic
-import checkpoint
-import distributed
-import hardware
+from nanogpt import atomic
+from nanogpt import checkpoint
+from nanogpt import distributed
+from nanogpt import hardware
 import hellaswag
-import lora
-import sharded_ckpt
-from dataset import check_fits, get_batch, open_dataset, to_device
-from errors import UserError
+from nanogpt import lora
+from nanogpt import sharded_ckpt
+from nanogpt.dataset import check_fits, get_batch, open_dataset, to_device
+from nanogpt.errors import UserError
 from model import build
-from optim import configure_optimizers
-from runlog import RunLog
+from nanogpt.optim import configure_optimizers
+from nanogpt.runlog import RunLog
 
 # -----------------------------------------------------------------------------
 # default config values: a GPT-2 (124M) sized model, as nanoGPT's
@@ -658,7 +658,7 @@ def hellaswag_examples(config, training):
 def score_hellaswag(config, runtime, training, examples, runlog):
     """HellaSwag's acc and acc_norm of the model, each process scoring its share (hellaswag.py);
     rank 0 prints and logs them (metrics.jsonl, wandb)."""
-    from tokenizer import from_spec
+    from nanogpt.tokenizer import from_spec
     scores = hellaswag.evaluate(training.raw_model, from_spec(training.tokenizer_spec), examples,
                                 runtime.device, config.eval_batch_size or config.batch_size,
                                 runtime.autocast, runtime.world)

@@ -24,12 +24,12 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
-import distributed  # noqa: E402
-from checkpoint import model_config  # noqa: E402
+from nanogpt import distributed  # noqa: E402
+from nanogpt.checkpoint import model_config  # noqa: E402
 from configurator import configure, run  # noqa: E402
-from errors import UserError  # noqa: E402
+from nanogpt.errors import UserError  # noqa: E402
 from model import GPT  # noqa: E402
-from optim import configure_optimizers  # noqa: E402
+from nanogpt.optim import configure_optimizers  # noqa: E402
 
 # -----------------------------------------------------------------------------
 processes = 2

@@ -39,14 +39,14 @@ from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
-import checkpoint  # noqa: E402
-import engine  # noqa: E402
-import hf as hf_format  # noqa: E402
-import hardware  # noqa: E402
-import quantize  # noqa: E402
+from nanogpt import checkpoint  # noqa: E402
+from nanogpt import engine  # noqa: E402
+from nanogpt import hf as hf_format  # noqa: E402
+from nanogpt import hardware  # noqa: E402
+from nanogpt import quantize  # noqa: E402
 from configurator import configure, run  # noqa: E402
-from dataset import open_dataset  # noqa: E402
-from errors import UserError  # noqa: E402
+from nanogpt.dataset import open_dataset  # noqa: E402
+from nanogpt.errors import UserError  # noqa: E402
 from bench import shapes  # noqa: E402
 from model import GPT, GPTConfig, build  # noqa: E402
 
@@ -173,7 +173,7 @@ def gpt2_part(dev, precision):
 def qwen_part(dev):
     """Part 4: batch-1 greedy decoding of the Qwen2.5-0.5B shape, ours and transformers', on
     the same random weights (ours are transformers' tensors, not copies)."""
-    import hf
+    from nanogpt import hf
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_DIR)
 
-import hardware  # noqa: E402
+from nanogpt import hardware  # noqa: E402
 import hellaswag  # noqa: E402
 from bench import shapes  # noqa: E402
-from checkpoint import load_model  # noqa: E402
+from nanogpt.checkpoint import load_model  # noqa: E402
 from configurator import configure, run  # noqa: E402
 
 # -----------------------------------------------------------------------------

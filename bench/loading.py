@@ -33,7 +33,7 @@ sys.path.insert(0, REPO_DIR)
 
 from bench import shapes  # noqa: E402
 from configurator import configure, run  # noqa: E402
-from errors import UserError  # noqa: E402
+from nanogpt.errors import UserError  # noqa: E402
 
 # -----------------------------------------------------------------------------
 model = "gpt2-xl"  # the shape to write: gpt2, gpt2-medium, gpt2-large, gpt2-xl, qwen2.5-0.5b
@@ -63,7 +63,7 @@ def resident():
 """
 OURS = PEAK + """
 import json, time
-from checkpoint import load_model
+from nanogpt.checkpoint import load_model
 before = resident()
 t0 = time.perf_counter()
 model, tokenizer = load_model(sys.argv[1], dtype=sys.argv[2])
@@ -91,7 +91,7 @@ import json, time
 import torch
 from transformers import GPT2LMHeadModel
 from model import GPT, GPTConfig
-from hf import CONV1D
+from nanogpt.hf import CONV1D
 before = resident()
 t0 = time.perf_counter()
 with open(sys.argv[1] + "/config.json") as f:

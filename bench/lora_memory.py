@@ -19,11 +19,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
-from checkpoint import model_config  # noqa: E402
+from nanogpt.checkpoint import model_config  # noqa: E402
 from configurator import configure, run  # noqa: E402
 from model import GPT  # noqa: E402
-from optim import configure_optimizers  # noqa: E402
-from errors import UserError  # noqa: E402
+from nanogpt.optim import configure_optimizers  # noqa: E402
+from nanogpt.errors import UserError  # noqa: E402
 from train import check_memory, setup_finetune  # noqa: E402
 
 # -----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_DIR)
 
 from configurator import configure, run  # noqa: E402
-from errors import UserError  # noqa: E402
+from nanogpt.errors import UserError  # noqa: E402
 
 # -----------------------------------------------------------------------------
 size_mb = 200  # megabytes of text in the corpus

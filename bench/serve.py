@@ -31,14 +31,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
-import checkpoint  # noqa: E402
-import engine  # noqa: E402
-import hardware  # noqa: E402
+from nanogpt import checkpoint  # noqa: E402
+from nanogpt import engine  # noqa: E402
+from nanogpt import hardware  # noqa: E402
 import serve  # noqa: E402
 from bench import shapes  # noqa: E402
 from configurator import configure, run  # noqa: E402
-from errors import UserError  # noqa: E402
-from quantize import fast_cpu_linears  # noqa: E402
+from nanogpt.errors import UserError  # noqa: E402
+from nanogpt.quantize import fast_cpu_linears  # noqa: E402
 
 # -----------------------------------------------------------------------------
 n_requests = 16  # requests per run

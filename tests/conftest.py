@@ -343,8 +343,8 @@ def save_tiny_bpe(folder):
 
 @functools.cache
 def _gpt2_tokenizer():
-    from errors import UserError
-    from tokenizer import TiktokenTokenizer
+    from nanogpt.errors import UserError
+    from nanogpt.tokenizer import TiktokenTokenizer
     try:
         return TiktokenTokenizer("gpt2")
     except UserError:

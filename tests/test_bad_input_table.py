@@ -240,9 +240,9 @@ def nanogpt_runs(root, good):
 def lora_runs(root, hf_folder):
     """root/lora, a LoRA run (adapters only) on the export hf_folder, and damaged variants:
     its base gone, its base changed, two runs naming each other as base, ..."""
-    import lora
-    from checkpoint import load_model, save_run
-    from optim import configure_optimizers
+    from nanogpt import lora
+    from nanogpt.checkpoint import load_model, save_run
+    from nanogpt.optim import configure_optimizers
 
     def lora_run(path, base):
         model, tokenizer = load_model(str(base))
@@ -292,8 +292,8 @@ def world(trained, char_dataset, tmp_path_factory):
     """The folder every case runs in (all of it watched): run/ (a trained char run), data/ (its
     dataset), hf/ (its export), lora/ (a LoRA run on hf/), ckpt/<how>, hf_bad/<how>, nano/<how>
     and lora runs (damaged copies), prompts, and a read-only disk where one can be mounted."""
-    import hf
-    from checkpoint import load_model
+    from nanogpt import hf
+    from nanogpt.checkpoint import load_model
     root = tmp_path_factory.mktemp("world")
     shutil.copytree(trained[0], root / "run")
     shutil.copytree(char_dataset, root / "data")
@@ -750,8 +750,8 @@ def test_prepare_char_tokenizer_error_is_the_first_line(world, tmp_path):
 def test_check_out_dir_refuses_what_no_run_can_write_into(where, words, world):
     """checkpoint.check_out_dir itself (train.py's out_dir cases above run once train.py calls
     it): one line, and nothing made, not even the probe file."""
-    from checkpoint import check_out_dir
-    from errors import UserError
+    from nanogpt.checkpoint import check_out_dir
+    from nanogpt.errors import UserError
     root, mounted = world
     if where.startswith("readonly") and not mounted:
         pytest.skip("a read-only folder needs a read-only mount (root ignores permissions)")

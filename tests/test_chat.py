@@ -5,8 +5,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from conftest import assert_user_error, run_script, sample_text
-from errors import UserError
-from tokenizer import HFTokenizer, from_spec
+from nanogpt.errors import UserError
+from nanogpt.tokenizer import HFTokenizer, from_spec
 
 # a ChatML template in the style of Qwen2.5's: a default system prompt, <|im_start|> turns
 CHATML = (
@@ -75,9 +75,9 @@ def chat_run(tokenizers_pair, tmp_path_factory):
     """A run of ours whose tokenizer carries the chat template: a tiny random GPT."""
     import torch
 
-    import checkpoint
+    from nanogpt import checkpoint
     from model import GPT, GPTConfig
-    from optim import configure_optimizers
+    from nanogpt.optim import configure_optimizers
     ours, _ = tokenizers_pair
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=96, vocab_size=ours.vocab_size))
@@ -89,7 +89,7 @@ def chat_run(tokenizers_pair, tmp_path_factory):
 
 def test_chat_prompt_keeps_the_history_and_drops_the_oldest_turns(tokenizers_pair, chat_run):
     import chat
-    import engine
+    from nanogpt import engine
     ours, theirs = tokenizers_pair
     options = engine.DecodingOptions(8, temperature=0)
     talk = chat.Chat(chat_run[1].eval(), ours, options, engine.stop_token_ids(chat_run[1], ours), system_prompt="Be brief.")
@@ -124,7 +124,7 @@ def test_a_hugging_face_folder_brings_its_template_and_chats(tokenizers_pair, tm
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from checkpoint import load_model
+    from nanogpt.checkpoint import load_model
     ours, theirs = tokenizers_pair
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=ours.vocab_size, hidden_size=32, intermediate_size=64,
@@ -162,10 +162,10 @@ def test_chat_dataset_masks_exactly_the_assistant_tokens(tokenizers_pair, tmp_pa
     import numpy as np
     import torch
 
-    import checkpoint
+    from nanogpt import checkpoint
     from conftest import TINY
     from model import GPT, GPTConfig
-    from optim import configure_optimizers
+    from nanogpt.optim import configure_optimizers
     ours, theirs = tokenizers_pair
     tracked = HFTokenizer(ours.tok.to_str(), CHATML_TRACKED, ours.special_tokens)
     base = tmp_path / "base"
@@ -209,7 +209,7 @@ def test_get_batch_hides_the_targets_a_mask_leaves_out():
     import numpy as np
     import torch
 
-    from dataset import get_batch
+    from nanogpt.dataset import get_batch
     data = np.arange(100, dtype=np.uint16)
     mask = (np.arange(100) % 3 == 0).astype(np.uint8)
     x, y = get_batch(data, 8, 4, torch.Generator().manual_seed(0), mask=mask)
@@ -221,7 +221,7 @@ def test_batches_cut_from_tensors_on_a_device_equal_the_memory_mapped_ones(tmp_p
     import numpy as np
     import torch
 
-    from dataset import get_batch, to_device
+    from nanogpt.dataset import get_batch, to_device
     ids = np.random.default_rng(0).integers(0, 60000, 5000).astype(np.uint16)
     splits = {"train": ids, "train.mask": (ids % 3 == 0).astype(np.uint8)}
     held = to_device(splits, "cpu")

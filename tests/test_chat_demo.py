@@ -5,7 +5,7 @@ import json
 
 from transformers import AutoTokenizer
 
-import checkpoint
+from nanogpt import checkpoint
 from conftest import run_script
 
 

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-import checkpoint
-from checkpoint import load_checkpoint, save_checkpoint
-from errors import UserError
+from nanogpt import checkpoint
+from nanogpt.checkpoint import load_checkpoint, save_checkpoint
+from nanogpt.errors import UserError
 
 
 def test_round_trip(tmp_path):
@@ -64,7 +64,7 @@ def test_integrity_sums_are_zlib_crc32_of_the_bytes(tmp_path):
     of all of it, or of 16 chunks of 64 KiB spread through it (start and end included)."""
     import zlib
 
-    import integrity
+    from nanogpt import integrity
     t = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     assert integrity.checksum(t) == zlib.crc32(t.numpy().tobytes())
     assert integrity.checksum(t.t()) == zlib.crc32(t.t().contiguous().numpy().tobytes())

@@ -3,7 +3,7 @@
 import pytest
 
 from configurator import configure
-from errors import UserError
+from nanogpt.errors import UserError
 
 
 def defaults():

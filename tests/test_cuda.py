@@ -4,8 +4,8 @@ test_decode_speedups.py). On a GPU machine `make test` runs them with the rest."
 import pytest
 import torch
 
-import engine
-import kvcache
+from nanogpt import engine
+from nanogpt import kvcache
 from conftest import TINY, torchrun
 from model import GPT, GPTConfig
 

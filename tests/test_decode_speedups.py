@@ -4,8 +4,8 @@ compiled one-token step, and collectives on the process group's device."""
 import pytest
 import torch
 
-import engine
-import kvcache
+from nanogpt import engine
+from nanogpt import kvcache
 from model import GPT, GPTConfig
 
 
@@ -82,7 +82,7 @@ def test_stop_flag_all_reduces_on_the_process_group_s_device(monkeypatch):
 def test_evaluation_sums_reduce_on_the_model_s_device(monkeypatch):
     """The evaluation's sums travel to the other processes from the device the model ran on:
     a model on the meta device shows where they go, as a CUDA one would under NCCL."""
-    import distributed
+    from nanogpt import distributed
     import train
 
     class Reduced(Exception):
@@ -111,7 +111,7 @@ def test_evaluation_sums_reduce_on_the_model_s_device(monkeypatch):
 def test_distributed_collectives_run_on_this_process_s_gpu_under_nccl(monkeypatch):
     """save_sharded's NaN flag, the gathered RNG states and train.py's stop flag travel on
     collective_device: this process's GPU under NCCL, the CPU under gloo."""
-    import distributed
+    from nanogpt import distributed
     dist = distributed.Distributed("fsdp", rank=3, local_rank=1, world_size=4)
     monkeypatch.setattr(distributed.torch_dist, "get_backend", lambda group=None: "nccl")
     assert distributed.collective_device(dist) == "cuda:1"
@@ -120,7 +120,7 @@ def test_distributed_collectives_run_on_this_process_s_gpu_under_nccl(monkeypatc
 
 
 def test_peak_flops_come_from_the_datasheet_or_a_measurement(monkeypatch):
-    import hardware
+    from nanogpt import hardware
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True

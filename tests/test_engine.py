@@ -10,12 +10,12 @@ import pytest
 import torch
 import transformers
 
-import engine
-import quantize
+from nanogpt import engine
+from nanogpt import quantize
 from conftest import assert_user_error, run_script, save_tiny_bpe, tiny_bpe, until_stop
-from errors import UserError
-from checkpoint import load_model
-from logits import process_logits
+from nanogpt.errors import UserError
+from nanogpt.checkpoint import load_model
+from nanogpt.logits import process_logits
 from model import GPT, GPTConfig
 
 VOCAB = tiny_bpe().get_vocab_size()  # the folder's tokenizer.json: a small byte-level BPE

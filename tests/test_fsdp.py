@@ -203,9 +203,9 @@ def test_a_sharded_checkpoint_whose_files_changed_is_refused(char_dataset, tmp_p
 
 
 def test_a_sharded_checkpoint_is_never_written_with_nonfinite_weights(tmp_path):
-    import sharded_ckpt
-    from distributed import Distributed
-    from errors import UserError
+    from nanogpt import sharded_ckpt
+    from nanogpt.distributed import Distributed
+    from nanogpt.errors import UserError
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20))
     optimizer = torch.optim.AdamW(model.parameters())

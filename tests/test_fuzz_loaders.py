@@ -11,12 +11,12 @@ import shutil
 import pytest
 import torch
 
-import checkpoint
-import hf
-from errors import UserError
+from nanogpt import checkpoint
+from nanogpt import hf
+from nanogpt.errors import UserError
 from model import GPT, GPTConfig
-from optim import configure_optimizers
-from tokenizer import CharTokenizer
+from nanogpt.optim import configure_optimizers
+from nanogpt.tokenizer import CharTokenizer
 
 CHARS = "\n !'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # what a swapped value becomes: each kind of JSON / pickle value, and the awkward numbers

@@ -12,12 +12,12 @@ from tokenizers import processors
 from transformers import (AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 
-import checkpoint
-import engine
+from nanogpt import checkpoint
+from nanogpt import engine
 import sample
 from configurator import configure, knobs
 from conftest import run_script, save_tiny_bpe, tiny_bpe
-from tokenizer import from_spec
+from nanogpt.tokenizer import from_spec
 
 INSTRUCT = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.1)
 PROMPT = "ROMEO:"
@@ -164,7 +164,7 @@ def test_a_bad_value_in_the_file_is_a_one_line_error(tmp_path):
 
 def test_an_export_keeps_the_settings_and_the_chat_template(tmp_path):
     """export_hf.py's folder gives transformers the same decoding defaults and chat template."""
-    import hf
+    from nanogpt import hf
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     template = ("{% for m in messages %}{{ '<|endoftext|>' + m.role + ': ' + m.content }}{% endfor %}"
                 "{% if add_generation_prompt %}{{ '<|endoftext|>assistant: ' }}{% endif %}")

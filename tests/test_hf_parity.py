@@ -10,11 +10,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-import engine
-import hf
-from checkpoint import load_model
+from nanogpt import engine
+from nanogpt import hf
+from nanogpt.checkpoint import load_model
 from conftest import run_script
-from logits import process_logits
+from nanogpt.logits import process_logits
 from model import GPT, GPTConfig
 
 CHARS = "\n !,.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"

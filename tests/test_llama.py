@@ -15,12 +15,12 @@ from tokenizers import Tokenizer, processors
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
-import engine
-import hf
-import llama
-from checkpoint import load_model, load_tokenizer, save_run
+from nanogpt import engine
+from nanogpt import hf
+from nanogpt import llama
+from nanogpt.checkpoint import load_model, load_tokenizer, save_run
 from conftest import assert_user_error, run_script, tiny_bpe
-from errors import UserError
+from nanogpt.errors import UserError
 from model import GPT
 
 
@@ -320,8 +320,8 @@ def test_lora_on_the_family_s_projections_equals_peft(pairs):
 
     from peft import LoraConfig, get_peft_model
 
-    import lora
-    from optim import configure_optimizers
+    from nanogpt import lora
+    from nanogpt.optim import configure_optimizers
     theirs, ours, _, _ = pairs["qwen2"]
     ours, theirs = copy.deepcopy(ours), copy.deepcopy(theirs)
     lora.apply(ours, rank=4, alpha=8.0, dropout=0.0, targets="q_proj,v_proj,down_proj")

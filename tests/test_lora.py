@@ -10,13 +10,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-import lora
+from nanogpt import lora
 from configurator import knobs
-from checkpoint import load_model
+from nanogpt.checkpoint import load_model
 from conftest import TINY, assert_user_error, eval_losses, run_script
-from errors import UserError
+from nanogpt.errors import UserError
 from model import GPT, GPTConfig
-from optim import configure_optimizers
+from nanogpt.optim import configure_optimizers
 from train import check_config, setup_finetune
 
 RUN = [*TINY, "--eval_interval=10", "--always_save_checkpoint=True"]

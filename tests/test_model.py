@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-import engine
-from checkpoint import load_model, save_run
-from errors import UserError
-from llama import Llama, LlamaConfig
+from nanogpt import engine
+from nanogpt.checkpoint import load_model, save_run
+from nanogpt.errors import UserError
+from nanogpt.llama import Llama, LlamaConfig
 from model import GPT, GPTConfig, build
-from optim import configure_optimizers
-from tokenizer import CharTokenizer
+from nanogpt.optim import configure_optimizers
+from nanogpt.tokenizer import CharTokenizer
 
 
 def tiny(**kw):

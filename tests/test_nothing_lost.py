@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-import atomic
+from nanogpt import atomic
 import conftest
 from conftest import ONE_THREAD, REPO, assert_user_error
 from configurator import configure
-import dataset
-from errors import UserError
-from tokenizer import CharTokenizer, HFTokenizer, TiktokenTokenizer
+from nanogpt import dataset
+from nanogpt.errors import UserError
+from nanogpt.tokenizer import CharTokenizer, HFTokenizer, TiktokenTokenizer
 
 
 def run_script(*args):
@@ -71,7 +71,7 @@ def test_export_keeps_a_users_folders_named_like_its_temporary_ones(trained, tmp
 # replace_folder in a process that dies (as a SIGKILL would end it) at its `n`th rename
 DIE_AT_RENAME = """
 import os, sys
-import atomic
+from nanogpt import atomic
 n, renames, rename = int(sys.argv[2]), [], os.rename
 def rename_or_die(src, dst):
     renames.append(src)
@@ -111,8 +111,8 @@ def test_what_a_killed_replace_left_is_cleared_or_put_back(die_at, tmp_path):
 def finetuned_from_folder(trained, tmp_path):
     """(run folder, model folder): a run fine-tuned in full from a Hugging Face folder (its
     checkpoint is the trained run's, its config's init_from the folder)."""
-    from checkpoint import load_model
-    import hf
+    from nanogpt.checkpoint import load_model
+    from nanogpt import hf
     base = tmp_path / "base"
     model, tokenizer = load_model(os.path.join(trained[0], "ckpt.pt"))
     hf.export(model, tokenizer, str(base))
@@ -216,8 +216,8 @@ def test_a_full_disk_while_writing_val_keeps_the_old_dataset(tmp_path, monkeypat
 # write_dataset in a process that dies as val.bin is renamed into place
 DIE_AT_VAL = """
 import os, sys
-from dataset import write_dataset
-from tokenizer import CharTokenizer
+from nanogpt.dataset import write_dataset
+from nanogpt.tokenizer import CharTokenizer
 replace = os.replace
 def replace_or_die(src, dst):
     if os.path.basename(dst) == "val.bin":
@@ -256,14 +256,15 @@ def test_a_new_dataset_without_masks_drops_the_old_ones(tmp_path):
 
 HOLD = """
 import sys
-import atomic
+from nanogpt import atomic
 with atomic.lock_out_dir(sys.argv[1]):
     print("held", flush=True)
     sys.stdin.read()
 """
 TAKE = """
 import sys
-import atomic, configurator
+import configurator
+from nanogpt import atomic
 def main():
     with atomic.lock_out_dir(sys.argv[1]):
         print("taken")
@@ -345,7 +346,7 @@ def test_train_py_refuses_to_resume_on_a_dataset_of_another_vocabulary(trained, 
 
 
 def test_the_same_vocabulary_in_another_form_fits(tmp_path):
-    import hf
+    from nanogpt import hf
     chars = "\n !$&',-.3:;?ABCabc"
     export = HFTokenizer(hf.char_tokenizer_json(chars))  # a char run's export, loaded back
     assert dataset.same_tokens(CharTokenizer(chars).spec(), export.spec())

@@ -5,7 +5,7 @@ import os
 import torch
 
 from conftest import TINY, assert_user_error, run_script
-from llama import Llama, LlamaConfig
+from nanogpt.llama import Llama, LlamaConfig
 from train import setup_finetune
 
 

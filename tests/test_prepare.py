@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, SHAKESPEARE, assert_user_error, run_script
-from tokenizer import from_spec
+from nanogpt.tokenizer import from_spec
 
 PREPARE = os.path.join("data", "shakespeare_char", "prepare.py")
 

@@ -14,14 +14,14 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BertTokenizer, GPT2Config,
                           GPT2LMHeadModel, pipeline)
 
-from checkpoint import load_model
+from nanogpt.checkpoint import load_model
 from configurator import configure
-from errors import UserError
-from hf import GPT2_SIZES, tokenizer_files
+from nanogpt.errors import UserError
+from nanogpt.hf import GPT2_SIZES, tokenizer_files
 from conftest import (REPO, assert_user_error, run_script, sample_text, save_tiny_bpe, tiny_bpe,
                       until_stop)
 from model import GPT, GPTConfig
-from tokenizer import HFTokenizer, from_spec
+from nanogpt.tokenizer import HFTokenizer, from_spec
 
 GPT2_VOCAB = 50257
 VOCAB = tiny_bpe().get_vocab_size()  # the tiny models' tokenizer.json

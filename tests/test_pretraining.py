@@ -133,7 +133,7 @@ def test_a_killed_preparation_resumes_to_the_same_bytes(corpus_files, prepared, 
 
 
 def test_the_reader_stays_a_few_batches_ahead(gpt2_tokenizer):
-    import corpus
+    from nanogpt import corpus
     read = itertools.count()
     endless = ((0, [next(read)], ["word " * 1000], 0.0) for _ in itertools.repeat(None))
     work = corpus.tokenized(endless, gpt2_tokenizer.spec(), np.uint16, processes=2)
@@ -145,9 +145,9 @@ def test_the_reader_stays_a_few_batches_ahead(gpt2_tokenizer):
 
 
 def test_uint32_ids_for_a_vocabulary_over_65536(tmp_path):
-    import corpus
+    from nanogpt import corpus
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from tokenizer import HFTokenizer
+    from nanogpt.tokenizer import HFTokenizer
     words = ["<|endoftext|>", "[UNK]"] + [f"w{i}" for i in range(70_000)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -275,7 +275,7 @@ def transformers_losses(hf, tok, example):
 def test_hellaswag_losses_equal_transformers(tiny_gpt2):
     import torch
     import hellaswag
-    from checkpoint import load_model
+    from nanogpt.checkpoint import load_model
     folder, hf, tok = tiny_gpt2
     model, tokenizer = load_model(folder)
     model.eval()
@@ -307,7 +307,7 @@ def test_hellaswag_accuracy_of_a_file_in_the_real_format(tiny_gpt2, tmp_path):
 def test_hellaswag_offline_or_damaged_cache_is_refused(tmp_path, monkeypatch):
     import requests
     import hellaswag
-    from errors import UserError
+    from nanogpt.errors import UserError
 
     def offline(*args, **kwargs):
         raise requests.ConnectionError("no network")
@@ -342,7 +342,7 @@ def test_the_gpt2_recipes_apply_to_train(name, dataset, tokens):
 def small_shards(tmp_path_factory, gpt2_tokenizer):
     """(sharded dataset folder, the same ids as a one-file dataset's folder): shards of 3,000
     ids, so that windows span shard boundaries."""
-    from dataset import write_dataset
+    from nanogpt.dataset import write_dataset
     root = tmp_path_factory.mktemp("shards")
     write_owt_jsonl(root / "docs.jsonl", web_documents(40, 3))
     result = run_script(OWT, f"--input={root / 'docs.jsonl'}", f"--out={root / 'sharded'}",
@@ -357,7 +357,7 @@ def small_shards(tmp_path_factory, gpt2_tokenizer):
 
 def test_sharded_batches_are_those_of_the_one_file(small_shards):
     import torch
-    from dataset import get_batch, open_dataset
+    from nanogpt.dataset import get_batch, open_dataset
     sharded, _ = open_dataset(small_shards[0], 64, 50257)
     whole, _ = open_dataset(small_shards[1], 64, 50257)
     for split in ("train", "val"):
@@ -376,9 +376,10 @@ def test_sharded_batches_are_those_of_the_one_file(small_shards):
 DRAW_UNDER_TORCHRUN = """
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[2])
-from dataset import get_batch, open_dataset
-import distributed, hellaswag
-from checkpoint import load_model
+from nanogpt.dataset import get_batch, open_dataset
+import hellaswag
+from nanogpt import distributed
+from nanogpt.checkpoint import load_model
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 splits, _ = open_dataset(sys.argv[1], 32)
@@ -402,7 +403,7 @@ dist.destroy_process_group()
 
 def test_each_process_draws_its_own_rows_and_scores_its_share(small_shards, tiny_gpt2, tmp_path):
     import hellaswag
-    from checkpoint import load_model
+    from nanogpt.checkpoint import load_model
     from conftest import REPO, torchrun
     script, examples = tmp_path / "draw.py", tmp_path / "hellaswag.jsonl"
     script.write_text(DRAW_UNDER_TORCHRUN)
@@ -416,8 +417,8 @@ def test_each_process_draws_its_own_rows_and_scores_its_share(small_shards, tiny
 
 def test_a_sharded_dataset_missing_a_shard_or_unfinished_is_refused(small_shards, tmp_path):
     import shutil
-    from dataset import open_dataset
-    from errors import UserError
+    from nanogpt.dataset import open_dataset
+    from nanogpt.errors import UserError
     folder = tmp_path / "copy"
     shutil.copytree(small_shards[0], folder)
     (folder / "train_000002.bin").unlink()
@@ -429,7 +430,7 @@ def test_a_sharded_dataset_missing_a_shard_or_unfinished_is_refused(small_shards
 
 
 def test_a_hub_config_names_its_files():
-    import corpus
+    from nanogpt import corpus
     # FineWeb-Edu's dataset card, as far as its configs go, and a few of its files
     card = {"configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/*/*"}]},
                         {"config_name": "sample-10BT", "data_files": [{"split": "train", "path": "sample/10BT/*"}]},
@@ -458,7 +459,7 @@ def test_a_folder_holding_a_model_is_not_written_into(corpus_files, tmp_path):
 
 def test_training_on_shards_equals_training_on_the_one_file_and_scores_hellaswag(small_shards, tmp_path):
     import hellaswag
-    from checkpoint import load_model
+    from nanogpt.checkpoint import load_model
     from conftest import TINY, eval_losses, train_losses
     examples = tmp_path / "hellaswag.jsonl"
     examples.write_text("".join(json.dumps(e) + "\n" for e in hellaswag_examples(6, 3)))

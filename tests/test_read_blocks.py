@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import hf
+from nanogpt import hf
 
 
 @pytest.mark.parametrize("dtype, transpose", [(torch.bfloat16, False), (torch.float32, True),

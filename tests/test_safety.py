@@ -14,12 +14,12 @@ import time
 import pytest
 import torch
 
-from checkpoint import save_run
+from nanogpt.checkpoint import save_run
 import conftest
 from conftest import ONE_THREAD, REPO, TINY, assert_user_error, run_cases
-from errors import UserError
+from nanogpt.errors import UserError
 from model import GPT, GPTConfig
-from optim import configure_optimizers
+from nanogpt.optim import configure_optimizers
 
 # train.py's tiny model, with a peak FLOP/s given: no matmul is timed for the MFU figure
 TRAIN = [*TINY, "--peak_flops=1e12"]
@@ -199,7 +199,7 @@ configurator.run(export_hf.main)
 
 
 def assert_previous_export_intact(folder, before, model):
-    from checkpoint import load_model
+    from nanogpt.checkpoint import load_model
     assert digests(folder) == before
     assert sorted(os.listdir(os.path.dirname(folder))) == ["hf"]  # no temporary folder left
     loaded, _ = load_model(str(folder))
@@ -209,7 +209,7 @@ def assert_previous_export_intact(folder, before, model):
 @pytest.fixture
 def exported(trained, tmp_path):
     """(folder, digests, model) of a good export of the trained run, in tmp_path/exports/hf."""
-    from checkpoint import load_model
+    from nanogpt.checkpoint import load_model
     folder = tmp_path / "exports" / "hf"
     result = run_script("export_hf.py", f"--out_dir={trained[0]}", f"--export_dir={folder}")
     assert result.returncode == 0, result.stderr
@@ -265,7 +265,7 @@ def test_a_full_disk_while_training_keeps_the_last_checkpoint(char_dataset, tmp_
 
 
 def test_a_real_full_disk_leaves_the_previous_export(small_disk, trained):
-    from checkpoint import load_model
+    from nanogpt.checkpoint import load_model
     folder = small_disk / "hf"
     result = run_script("export_hf.py", f"--out_dir={trained[0]}", f"--export_dir={folder}")
     assert result.returncode == 0, result.stderr
@@ -291,7 +291,7 @@ def test_a_full_finetune_into_its_own_folder_is_refused(run_copy, char_dataset):
 # A4. a new run that fails before it has started leaves the previous run's files
 
 def test_runlog_replaces_the_old_metrics_only_at_its_first_record(tmp_path):
-    from runlog import RunLog
+    from nanogpt.runlog import RunLog
     old = tmp_path / "metrics.jsonl"
     old.write_text('{"iter": 5, "loss": 1.0}\n')
     log = RunLog(str(tmp_path))

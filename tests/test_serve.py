@@ -32,10 +32,10 @@ def chat_model(tmp_path_factory):
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    import checkpoint
+    from nanogpt import checkpoint
     from model import GPT, GPTConfig
-    from optim import configure_optimizers
-    from tokenizer import HFTokenizer
+    from nanogpt.optim import configure_optimizers
+    from nanogpt.tokenizer import HFTokenizer
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -97,7 +97,7 @@ def client(server):
 
 def alone(chat_model, prompt_ids, max_tokens, **options):
     """What engine.generate gives the prompt alone: (text, tokens generated, finish reason)."""
-    import engine
+    from nanogpt import engine
     _, model, tokenizer = chat_model
     stops = engine.stop_token_ids(model, tokenizer)
     out = engine.generate(model, [prompt_ids], max_tokens, stop_tokens=stops, **options)[0, len(prompt_ids):].tolist()
@@ -130,7 +130,7 @@ def test_greedy_chat_and_completions_equal_engine_generate(chat_model, client):
     assert reply.choices[0].message.content == text and reply.choices[0].finish_reason == reason
     # ... and chat.py's answer to the same message
     import chat
-    import engine
+    from nanogpt import engine
     _, model, tokenizer = chat_model
     talk = chat.Chat(model, tokenizer, engine.DecodingOptions(20, temperature=0), engine.stop_token_ids(model, tokenizer))
     assert talk.reply(QUESTIONS[0])[0] == text

@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer, GPT2Config
 
 from conftest import REPO, assert_user_error, run_script, tiny_bpe
-from errors import UserError
+from nanogpt.errors import UserError
 
 SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
             "<s>", "</s>", "[INST]", "[/INST]", "<|im_start|>", "<|im_end|>"]
@@ -135,7 +135,7 @@ def model_folder(path, template, settings=None, special_tokens_map=None):
 
 
 def ours(folder):
-    from checkpoint import load_tokenizer
+    from nanogpt.checkpoint import load_tokenizer
     return load_tokenizer(str(folder))
 
 
@@ -258,7 +258,7 @@ def test_a_training_template_is_masked_by_its_generation_markers(tmp_path, chat_
 # BERT vocabularies (the Chinese GPT-2s)
 
 def test_bert_vocabulary_export_wraps_texts_as_the_source_folder_does(tmp_path):
-    from hf import tokenizer_files
+    from nanogpt.hf import tokenizer_files
     source = tmp_path / "gpt2-chinese"
     source.mkdir()
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"床前明月光疑是地上霜", "白", "日", "依"]

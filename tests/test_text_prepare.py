@@ -8,9 +8,9 @@ import torch
 from transformers import GPT2Config
 
 from conftest import assert_user_error, run_script, sample_text, save_tiny_bpe, tiny_bpe
-from dataset import open_dataset
+from nanogpt.dataset import open_dataset
 from model import GPT, GPTConfig
-from tokenizer import HFTokenizer, from_spec
+from nanogpt.tokenizer import HFTokenizer, from_spec
 
 PREPARE = "data/text/prepare.py"
 

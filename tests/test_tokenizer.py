@@ -6,8 +6,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import BertTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast
 
 from conftest import assert_user_error, run_script, sample_text
-from hf import GPT2_TOKENIZER_FILES, char_tokenizer_json
-from tokenizer import CharTokenizer, HFTokenizer, from_spec
+from nanogpt.hf import GPT2_TOKENIZER_FILES, char_tokenizer_json
+from nanogpt.tokenizer import CharTokenizer, HFTokenizer, from_spec
 
 TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?  It's 1597 — naïve café. <|endoftext|>"
 CHINESE = "这是很久之前的事情了，我也不知道。"

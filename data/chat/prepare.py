@@ -27,8 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, wherever we run from
 
 from configurator import configure, run  # noqa: E402
-from dataset import check_dataset_folder, read_text, write_dataset  # noqa: E402
-from errors import UserError  # noqa: E402
+from nanogpt.dataset import check_dataset_folder, read_text, write_dataset  # noqa: E402
+from nanogpt.errors import UserError  # noqa: E402
 
 # -----------------------------------------------------------------------------
 input = ""  # the conversations, one JSON object with "messages" a line
@@ -159,7 +159,7 @@ def main():
         raise UserError("give --input=FILE.jsonl, --tokenizer=MODEL and --out=FOLDER (e.g. data/mychat)")
     check_dataset_folder(out, cfg["overwrite"])
     conversations = read_conversations(source)
-    from checkpoint import load_tokenizer  # torch is imported only here
+    from nanogpt.checkpoint import load_tokenizer  # torch is imported only here
     tok = load_tokenizer(tokenizer_name)
     if getattr(tok, "chat_template", None) is None:
         raise UserError(f"{tokenizer_name} has no chat template: instruction tuning needs one "

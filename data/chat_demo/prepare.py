@@ -39,7 +39,7 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)
 
 from bench import shapes  # noqa: E402
-from atomic import check_not_foreign  # noqa: E402
+from nanogpt.atomic import check_not_foreign  # noqa: E402
 from configurator import configure, run  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def main():
     import torch
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from errors import UserError
+    from nanogpt.errors import UserError
     if shape not in SHAPES:
         raise UserError(f"shape must be one of {', '.join(SHAPES)}, got {shape!r}")
     check_not_foreign(out, lambda folder: os.path.isfile(os.path.join(folder, MADE_BY)), cfg["overwrite"])

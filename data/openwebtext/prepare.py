@@ -18,21 +18,12 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, wherever we run from
 
-import corpus  # noqa: E402
-from configurator import configure, run  # noqa: E402
+from configurator import configure, run  # noqa: E402  (first: Ctrl-C while the rest loads exits quietly)
+from nanogpt import corpus  # noqa: E402
 
 # -----------------------------------------------------------------------------
-name = "Skylion007/openwebtext"  # a dataset on the Hugging Face hub
-config = ""  # its config (subset); '' for the default
-split = "train"
-column = "text"  # the column (jsonl: the field) holding each document's text
-input = ""  # local parquet / jsonl / txt files, globs or folders, comma-separated: read instead of the hub
-out = ""  # the dataset folder; empty means this folder (then train with --dataset=openwebtext)
-tokenizer = "gpt2"  # 'gpt2' (tiktoken), or a model whose tokenizer to use: a folder, hub id, run's out_dir
-shard_tokens = 100_000_000  # token ids a shard
-val_tokens = 10_000_000  # the val split: the corpus's first this many ids
-num_proc = 0  # processes that tokenize; 0 means one per CPU core
-overwrite = False  # write into an --out that holds a model, or a dataset not of this repo's preparers
+# the hub dataset by default; --input=, --tokenizer=, --shard_tokens=, ...: corpus.preparer_settings
+globals().update(corpus.preparer_settings(name="Skylion007/openwebtext", config=""))
 # -----------------------------------------------------------------------------
 
 

@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, whe
 
 from configurator import configure, run  # noqa: E402
 from data.shakespeare_char.prepare import fetch_text, prepare_text  # noqa: E402
-from dataset import check_dataset_folder  # noqa: E402
-from tokenizer import TiktokenTokenizer  # noqa: E402
+from nanogpt.dataset import check_dataset_folder  # noqa: E402
+from nanogpt.tokenizer import TiktokenTokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
 input = ""    # a local text file to use; empty means download tinyshakespeare

@@ -29,11 +29,11 @@ from tqdm import tqdm
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, wherever we run from
 
-from atomic import atomic_write  # noqa: E402
+from nanogpt.atomic import atomic_write  # noqa: E402
 from configurator import configure, run  # noqa: E402
-from dataset import check_dataset_folder, read_text, write_dataset  # noqa: E402
-from errors import UserError  # noqa: E402
-from tokenizer import CharTokenizer  # noqa: E402
+from nanogpt.dataset import check_dataset_folder, read_text, write_dataset  # noqa: E402
+from nanogpt.errors import UserError  # noqa: E402
+from nanogpt.tokenizer import CharTokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
 input = ""    # a local text file to use; empty means download tinyshakespeare

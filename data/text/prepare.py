@@ -30,9 +30,9 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)  # the repo root, wherever we run from
 
 from configurator import configure, run  # noqa: E402
-from dataset import check_dataset_folder, read_text, write_dataset  # noqa: E402
-from errors import UserError  # noqa: E402
-from tokenizer import CharTokenizer, TiktokenTokenizer, from_spec  # noqa: E402
+from nanogpt.dataset import check_dataset_folder, read_text, write_dataset  # noqa: E402
+from nanogpt.errors import UserError  # noqa: E402
+from nanogpt.tokenizer import CharTokenizer, TiktokenTokenizer, from_spec  # noqa: E402
 
 # -----------------------------------------------------------------------------
 input = ""  # the text file (UTF-8)
@@ -58,7 +58,7 @@ def get_tokenizer(name, text):
         return TiktokenTokenizer("gpt2")
     # a model's own tokenizer, as init_from finds the model (no weights are read); torch is
     # imported only for this
-    from checkpoint import load_tokenizer
+    from nanogpt.checkpoint import load_tokenizer
     return load_tokenizer(name)
 
 

@@ -28,10 +28,10 @@ import os
 
 import numpy as np
 
-from atomic import atomic_write, check_not_foreign, sync_folder, write_beside
-from errors import UserError
+from nanogpt.atomic import atomic_write, check_not_foreign, sync_folder, write_beside
+from nanogpt.errors import UserError
 
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo, above this package
 
 
 def read_text(path):
@@ -279,7 +279,7 @@ class ShardedIds:
 def check_meta_tokenizer(meta, meta_path):
     """Refuse a meta.json whose tokenizer cannot be made from its spec, or whose vocab_size is not
     that tokenizer's: the dataset's ids would decode to nothing, or to other text."""
-    from tokenizer import from_spec
+    from nanogpt.tokenizer import from_spec
     try:
         tokenizer = from_spec(meta["tokenizer"])
     except UserError as e:
@@ -317,7 +317,7 @@ def same_tokens(spec, other):
 def tokenizer_fingerprint(spec):
     """sha256 of the text of every id of the tokenizer of spec, one after another: the same for
     any two tokenizers that read and write the same ids."""
-    from tokenizer import from_spec
+    from nanogpt.tokenizer import from_spec
     tokenizer = from_spec(spec)
     digest = hashlib.sha256(str(tokenizer.vocab_size).encode())
     for i in range(tokenizer.vocab_size):

@@ -16,7 +16,7 @@ import inspect
 
 import torch
 
-from errors import UserError
+from nanogpt.errors import UserError
 
 OPTIMIZERS = ("adamw", "muon")
 

@@ -11,8 +11,8 @@ Only the master process of a distributed run makes a RunLog.
 import json
 import os
 
-from atomic import atomic_write, could_not_write
-from errors import UserError
+from nanogpt.atomic import atomic_write, could_not_write
+from nanogpt.errors import UserError
 
 
 class RunLog:

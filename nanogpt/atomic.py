@@ -15,7 +15,7 @@ import glob
 import os
 import shutil
 
-from errors import UserError
+from nanogpt.errors import UserError
 
 
 def atomic_write(path, write):

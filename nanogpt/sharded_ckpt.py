@@ -23,11 +23,11 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as torch_dist
 
-import checkpoint
-import integrity
-from atomic import replace_folder
-from distributed import Distributed, by_position, collective_device
-from errors import UserError
+from nanogpt import checkpoint
+from nanogpt import integrity
+from nanogpt.atomic import replace_folder
+from nanogpt.distributed import Distributed, by_position, collective_device
+from nanogpt.errors import UserError
 from model import build
 
 # torch.distributed.checkpoint is imported by the functions that use it: it is slow to import,

@@ -13,7 +13,7 @@ the presence and frequency penalties.
 
 import torch
 
-from kvcache import PAD
+from nanogpt.kvcache import PAD
 
 
 def token_counts(ids, vocab_size):

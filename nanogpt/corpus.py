@@ -33,9 +33,9 @@ from multiprocessing import Pool
 import numpy as np
 from tqdm import tqdm
 
-from atomic import atomic_write
-from dataset import check_dataset_folder, json_bytes, shard_name, token_dtype, write_meta, write_shard
-from errors import UserError
+from nanogpt.atomic import atomic_write
+from nanogpt.dataset import check_dataset_folder, json_bytes, shard_name, token_dtype, write_meta, write_shard
+from nanogpt.errors import UserError
 
 BATCH_CHARS = 1 << 20  # characters of text a worker encodes at once: worth a trip to another process
 ROWS = 1024  # parquet rows read at once
@@ -222,7 +222,7 @@ def document_encoder(spec, dtype):
     """(encode: text -> ids array, ids before a document, ids after it, dtype) for the tokenizer
     of spec. tiktoken encodes a document's text as text (an "<|endoftext|>" written in a web
     page is not the end-of-text token), straight into an array."""
-    from tokenizer import TiktokenTokenizer, from_spec
+    from nanogpt.tokenizer import TiktokenTokenizer, from_spec
     tok = from_spec(spec)
     if isinstance(tok, TiktokenTokenizer):
         encode = lambda text: tok.enc.encode_to_numpy(text, disallowed_special=())  # noqa: E731
@@ -406,10 +406,28 @@ def prepare(files, column, folder, tokenizer, shard_tokens=10**8, val_tokens=10*
 def get_tokenizer(name):
     """GPT-2's BPE (tiktoken), or the tokenizer of a model as checkpoint.load_tokenizer finds it."""
     if name == "gpt2":
-        from tokenizer import TiktokenTokenizer
+        from nanogpt.tokenizer import TiktokenTokenizer
         return TiktokenTokenizer("gpt2")
-    from checkpoint import load_tokenizer  # imports torch: only for a model's tokenizer
+    from nanogpt.checkpoint import load_tokenizer  # imports torch: only for a model's tokenizer
     return load_tokenizer(name)
+
+
+def preparer_settings(name, config):
+    """The settings of a corpus preparer (data/fineweb, data/openwebtext: --key=value), for its
+    globals: the hub dataset `name` and its `config` by default."""
+    return dict(
+        name=name,  # a dataset on the Hugging Face hub
+        config=config,  # its config (subset); '' for the default
+        split="train",
+        column="text",  # the column (jsonl: the field) holding each document's text
+        input="",  # local parquet / jsonl / txt files, globs or folders, comma-separated: read instead of the hub
+        out="",  # the dataset folder; empty means the preparer's own folder (then --dataset=its name)
+        tokenizer="gpt2",  # 'gpt2' (tiktoken), or a model whose tokenizer to use: a folder, hub id, run's out_dir
+        shard_tokens=100_000_000,  # token ids a shard
+        val_tokens=10_000_000,  # the val split: the corpus's first this many ids
+        num_proc=0,  # processes that tokenize; 0 means one per CPU core
+        overwrite=False,  # write into an --out that holds a model, or a dataset not of this repo's preparers
+    )
 
 
 def main(settings, default_out):

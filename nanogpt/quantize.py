@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from errors import UserError
-from kvcache import float_weight
+from nanogpt.errors import UserError
+from nanogpt.kvcache import float_weight
 
 
 # -----------------------------------------------------------------------------

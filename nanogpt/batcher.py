@@ -26,9 +26,9 @@ import threading
 import torch
 from torch.nn import functional as F
 
-import engine
-from kvcache import KVCache, LayerCache, attention_bias, cache_window, float_weight
-from logits import process_logits
+from nanogpt import engine
+from nanogpt.kvcache import KVCache, LayerCache, attention_bias, cache_window, float_weight
+from nanogpt.logits import process_logits
 
 
 class Sequence:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from errors import UserError
+from nanogpt.errors import UserError
 
 
 class LoRALinear(nn.Module):

@@ -28,7 +28,7 @@ import json
 import unicodedata
 from datetime import datetime
 
-from errors import UserError
+from nanogpt.errors import UserError
 
 
 class CharTokenizer:

@@ -27,8 +27,8 @@ import os
 import torch
 from torch import nn
 
-from errors import UserError
-from tokenizer import HFTokenizer, TiktokenTokenizer
+from nanogpt.errors import UserError
+from nanogpt.tokenizer import HFTokenizer, TiktokenTokenizer
 
 # OpenAI's GPT-2 sizes, by the short names nanoGPT uses, and where they live on the hub
 GPT2_SIZES = {name: f"openai-community/{name}"
@@ -659,7 +659,7 @@ def export(model, tokenizer, folder):
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from atomic import replace_folder
+    from nanogpt.atomic import replace_folder
     files = tokenizer_files(tokenizer, model.config.block_size)
     exported = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                 "tokenizer_config.json", *GPT2_TOKENIZER_FILES}

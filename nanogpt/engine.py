@@ -27,10 +27,10 @@ from typing import Optional, Union
 import torch
 from torch.nn import functional as F
 
-import hf
-from errors import UserError
-from kvcache import PAD, cache_and_step, cache_window, float_weight, next_logits
-from logits import process_logits
+from nanogpt import hf
+from nanogpt.errors import UserError
+from nanogpt.kvcache import PAD, cache_and_step, cache_window, float_weight, next_logits
+from nanogpt.logits import process_logits
 
 
 # -----------------------------------------------------------------------------

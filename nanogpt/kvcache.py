@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import hardware
+from nanogpt import hardware
 
 PAD = -1  # fills the left of rows whose prompt is shorter than the longest; never a token
 

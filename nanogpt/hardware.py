@@ -11,7 +11,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from errors import UserError
+from nanogpt.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -31,14 +31,14 @@ import re
 import torch
 from torch import nn
 
-import hardware
-import hf
-import integrity
-import lora
-from atomic import atomic_write
-from errors import UserError
+from nanogpt import hardware
+from nanogpt import hf
+from nanogpt import integrity
+from nanogpt import lora
+from nanogpt.atomic import atomic_write
+from nanogpt.errors import UserError
 from model import build, config_class
-from tokenizer import CharTokenizer, TiktokenTokenizer, from_spec
+from nanogpt.tokenizer import CharTokenizer, TiktokenTokenizer, from_spec
 
 # the positive int fields of a model's config (model_args), checked wherever one is read
 SIZES = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
@@ -395,6 +395,16 @@ def run_path(source):
     if os.path.isfile(os.path.join(source, "ckpt.pt")):
         return os.path.abspath(os.path.join(source, "ckpt.pt"))
     return None
+
+
+def load_for_decoding(settings, merge_lora=True):
+    """The model a decoding script's settings name (init_from; 'resume' reads out_dir's
+    ckpt.pt), on the device and in the dtype they ask for (None: the best here), ready to
+    decode, and its tokenizer."""
+    device, _, precision, _ = hardware.setup(settings["device"], settings["dtype"], training=False)
+    source = (os.path.join(settings["out_dir"], "ckpt.pt") if settings["init_from"] == "resume"
+              else settings["init_from"])
+    return load_model(source, device, precision, merge_lora=merge_lora)
 
 
 def load_model(source, device="cpu", dtype=None, dropout=None, block_size=None, merge_lora=True,

@@ -19,7 +19,7 @@ import zlib
 import torch
 import torch.distributed as torch_dist
 
-from errors import UserError
+from nanogpt.errors import UserError
 
 
 def named_tensors(obj, name):
