@@ -323,7 +323,7 @@ def test_a_released_lock_leaves_the_run_and_can_be_taken_again(tmp_path):
 # -----------------------------------------------------------------------------
 # 5. a dataset must fit its model's tokenizer
 
-def test_a_dataset_of_another_tokenizer_does_not_fit(tmp_path):
+def test_a_dataset_of_another_tokenizer_does_not_fit(tmp_path, gpt2_tokenizer):
     meta = dataset.write_dataset(str(tmp_path / "data"), CharTokenizer("abc"), [0, 1, 2] * 20, [1] * 5)
     dataset.check_fits(meta, CharTokenizer("abc").spec(), "data", "out")
     with pytest.raises(UserError, match=r"dataset 'data' was prepared with another tokenizer "
@@ -345,7 +345,7 @@ def test_train_py_refuses_to_resume_on_a_dataset_of_another_vocabulary(trained, 
     assert digests(out_dir) == before and other["vocab_size"] == 8
 
 
-def test_the_same_vocabulary_in_another_form_fits(tmp_path):
+def test_the_same_vocabulary_in_another_form_fits(tmp_path, gpt2_tokenizer):
     from nanogpt import hf
     chars = "\n !$&',-.3:;?ABCabc"
     export = HFTokenizer(hf.char_tokenizer_json(chars))  # a char run's export, loaded back

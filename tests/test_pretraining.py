@@ -28,7 +28,8 @@ def web_documents(n, seed):
     text, as a web page may, and one is empty and one None, as rows of a web corpus may be."""
     rng = random.Random(seed)
     found = paragraphs()
-    docs = ["\n\n".join(rng.sample(found, rng.randint(1, 30))) for _ in range(n)]
+    # (the stand-in text of a bare clone has fewer paragraphs than a document may take)
+    docs = ["\n\n".join(rng.sample(found, min(len(found), rng.randint(1, 30)))) for _ in range(n)]
     docs[3] = "a page that writes <|endoftext|> in its text"
     docs[5], docs[7] = "", None
     return docs

@@ -200,7 +200,10 @@ def test_logprobs_are_the_models(chat_model, client):
     assert all(c.logprob == c.top_logprobs[0].logprob for c in content)  # greedy: the most likely
     legacy = client.completions.create(model=NAME, prompt="To be", temperature=0, max_tokens=4, logprobs=2)
     assert "".join(legacy.choices[0].logprobs.tokens) == legacy.choices[0].text
-    assert all(len(top) == 2 for top in legacy.choices[0].logprobs.top_logprobs)
+    # the legacy format keys each position's top tokens by their text: two tokens that decode
+    # alike (bytes of one character, each shown as U+FFFD) share one key
+    tops = legacy.choices[0].logprobs.top_logprobs
+    assert all(1 <= len(top) <= 2 for top in tops) and any(len(top) == 2 for top in tops)
 
 
 def test_sixteen_concurrent_streams_each_get_what_they_get_alone(chat_model, client):
