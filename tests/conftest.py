@@ -183,15 +183,19 @@ atexit.register(lambda: [s.close() for s in _servers.values()])
 class ServedRun:
     """A script forked by its server, as subprocess.Popen(..., stdout=PIPE, text=True) would run
     it: stdin the text input (or empty), stdout a stream of its lines (a FIFO), stderr kept in
-    a file."""
+    a file. own_server: forked from a script server of its own, for a run that lasts while
+    other runs start (a server under test): a script server waits for its run to end before it
+    forks the next."""
 
-    def __init__(self, args, cwd=REPO, env=None, input=None, timeout=600, memory=0):
+    def __init__(self, args, cwd=REPO, env=None, input=None, timeout=600, memory=0, own_server=False):
         self.folder = tempfile.mkdtemp(prefix="served-")
         stdin, fifo, self.stderr_path = (os.path.join(self.folder, name) for name in ("stdin", "stdout", "stderr"))
         with open(stdin, "w", encoding="utf-8") as f:
             f.write(input or "")
         os.mkfifo(fifo)
-        self.server = server(dict(os.environ) if env is None else {**os.environ, **env})
+        env = dict(os.environ) if env is None else {**os.environ, **env}
+        self.own_server = own_server
+        self.server = ScriptServer(env) if own_server else server(env)
         self.pid = self.server.start(args, cwd, stdin, fifo, self.stderr_path, timeout, memory)
         self.stdout = open(fifo, encoding="utf-8")  # open once the run has its end open
         self.returncode = None
@@ -215,6 +219,8 @@ class ServedRun:
     def wait(self):
         if self.returncode is None:
             self.returncode = self.server.reply()["code"]
+            if self.own_server:
+                self.server.close()
         return self.returncode
 
 

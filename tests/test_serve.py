@@ -62,11 +62,12 @@ def free_port():
 
 @contextlib.contextmanager
 def running_server(out_dir, *flags):
-    """serve.py on a free port (forked from conftest's script server, torch imported), until
-    the block ends, when SIGTERM stops it as uvicorn is stopped: (base url, its pid)."""
+    """serve.py on a free port (forked from a script server of its own, torch imported: the
+    tests' runs go on meanwhile), until the block ends, when SIGTERM stops it as uvicorn is
+    stopped: (base url, its pid)."""
     port = free_port()
     served = ServedRun(["serve.py", f"--out_dir={out_dir}", "--device=cpu", f"--port={port}",
-                        f"--model_name={NAME}", *flags])
+                        f"--model_name={NAME}", *flags], own_server=True)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):
@@ -112,8 +113,6 @@ def chat_ids(chat_model, question):
                                                           add_generation_prompt=True))
 
 
-# first: run_script forks from conftest's script server, which a running server fixture (a
-# ServedRun of its own) holds until it ends
 def test_bad_flags_are_one_line_errors(chat_model):
     out_dir = chat_model[0]
     assert_user_error(run_script("serve.py", f"--out_dir={out_dir}", "--max_batch=0"), "max_batch must be >= 1")
