@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from nanogpt import engine
 from nanogpt.kvcache import KVCache, LayerCache, attention_bias, cache_window, float_weight
-from nanogpt.logits import process_logits
+from nanogpt.logits import pick_tokens, process_logits
 
 
 class Sequence:
@@ -218,11 +218,7 @@ class Batcher:
         ids = torch.tensor([sequence.prompt + sequence.tokens], device=self.device)
         processed = process_logits(ids, logits, len(sequence.prompt), options,
                                    stop_tokens=sorted(sequence.stop_tokens))
-        if options.sampling:
-            token = torch.multinomial(processed.softmax(dim=-1), 1, generator=sequence.generator)
-        else:
-            token = processed.argmax(dim=-1)
-        token = int(token.flatten()[0])
+        token = int(pick_tokens(processed, options, sequence.generator)[0])
         sequence.tokens.append(token)
         if token in sequence.stop_tokens:
             return "stop"

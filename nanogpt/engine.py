@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from nanogpt import hf
 from nanogpt.errors import UserError
 from nanogpt.kvcache import PAD, cache_and_step, cache_window, float_weight, next_logits
-from nanogpt.logits import process_logits
+from nanogpt.logits import pick_tokens, process_logits
 
 
 # -----------------------------------------------------------------------------
@@ -374,10 +374,7 @@ def generate(model, prompts, max_new_tokens, stop_tokens=(), stop_strings=(), to
     logits = cache_window(model, cache, ids, width)
     for t in range(width, total):
         logits = process_logits(ids[:, :t], logits, width, opts, logits_processors, stop_tokens)
-        if opts.sampling:
-            token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
-        else:
-            token = logits.argmax(dim=-1)
+        token = pick_tokens(logits, opts, generator)
         # an ended row is padded, or (with no pad token) repeats its last token
         ids[:, t] = torch.where(done, ids[:, t - 1] if pad_token_id is None else pad_token_id, token)
         last_live = torch.where(done.all(), last_live, t)

@@ -153,3 +153,11 @@ def process_logits(ids, logits, prompt_width, opts, processors=(), stop_tokens=(
         logits = typical_filter(logits, opts.typical_p)
     return logits
 
+
+
+def pick_tokens(logits, opts, generator=None):
+    """The next token of each row, (rows,), from its processed logits: drawn with generator when
+    opts sample, else the most likely."""
+    if opts.sampling:
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+    return logits.argmax(dim=-1)
