@@ -70,23 +70,25 @@ def local_files(patterns):
 
 def hub_files(name, config="", split="train"):
     """The Sources of the parquet files of a hub dataset's config and split, downloaded one by
-    one (through huggingface_hub's cache) when the preparation reaches them."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
-    where = os.environ.get("HF_ENDPOINT", "the Hugging Face hub")
-    try:
-        info = HfApi().dataset_info(name, files_metadata=True)
-    except (RepositoryNotFoundError, HFValidationError):
-        raise UserError(f"no dataset {name!r} on {where}: check --name (owner/name)") from None
-    except OSError as e:  # no network, HF_HUB_OFFLINE (requests' errors are OSErrors too)
-        raise UserError(f"cannot reach {where} to list {name} ({type(e).__name__}): offline, copy its "
-                        "parquet files here and give them with --input=FILES (parquet, jsonl or txt)") from None
-    sizes = {f.rfilename: f.size or 0 for f in info.siblings or ()}
+    one (through huggingface_hub's cache) when the preparation reaches them. They are those of
+    the main revision, or, where main has none (a dataset of a loading script, as OpenWebText
+    is), those of the parquet copy the hub makes of the datasets it can read (PARQUET_BRANCH)."""
+    info = hub_listing(name)
     wanted = data_files(info.card_data, config, split)
-    names = sorted(n for n in sizes if n.endswith(".parquet") and any(matches(n, w) for w in wanted))
+    names = parquet_files(info, wanted)
+    revision = "main"
     if not names:
-        raise UserError(f"dataset {name} has no parquet files for config {config!r}, split {split!r} "
-                        f"(looked for {', '.join(wanted)}): check --config and --split")
+        converted = hub_listing(name, PARQUET_BRANCH)
+        patterns = converted_files(converted, config, split)
+        names = parquet_files(converted, patterns)
+        if not names:
+            raise UserError(f"dataset {name} has no parquet files for config {config!r}, split {split!r} "
+                            f"(looked for {', '.join(wanted)} in main, {', '.join(patterns)} in "
+                            f"{PARQUET_BRANCH}): check --config and --split")
+        info, revision = converted, PARQUET_BRANCH
+    partial = " (partial: the hub converted only the start of the split)" if "/partial-" in names[0] else ""
+    print(f"{name}: the parquet files of revision {revision}{partial}")
+    sizes = {f.rfilename: f.size or 0 for f in info.siblings}
 
     def fetch(filename):
         from huggingface_hub import hf_hub_download
@@ -96,6 +98,43 @@ def hub_files(name, config="", split="train"):
             raise UserError(f"cannot download {filename} of {name} ({type(e).__name__}: "
                             f"{str(e)[:100]}); run again to go on from the last whole shard") from None
     return [Source(f"{name}/{n}", sizes[n], lambda n=n: fetch(n)) for n in names]
+
+
+# the hub's parquet copy of a dataset (its dataset viewer's): <config>/<split>/0000.parquet, ...,
+# or <config>/partial-<split>/... where it converted only the start of a big split
+PARQUET_BRANCH = "refs/convert/parquet"
+
+
+def hub_listing(name, revision=None):
+    """The hub's DatasetInfo of a dataset at a revision (its files and their sizes); None for a
+    revision it does not have."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+    where = os.environ.get("HF_ENDPOINT", "the Hugging Face hub")
+    try:
+        return HfApi().dataset_info(name, revision=revision, files_metadata=True)
+    except (RepositoryNotFoundError, HFValidationError):
+        raise UserError(f"no dataset {name!r} on {where}: check --name (owner/name)") from None
+    except RevisionNotFoundError:
+        return None
+    except OSError as e:  # no network, HF_HUB_OFFLINE (requests' errors are OSErrors too)
+        raise UserError(f"cannot reach {where} to list {name} ({type(e).__name__}): offline, copy its "
+                        "parquet files here and give them with --input=FILES (parquet, jsonl or txt)") from None
+
+
+def parquet_files(info, patterns):
+    """The parquet files of a DatasetInfo (or None) that match any of patterns, in sorted order."""
+    names = [f.rfilename for f in info.siblings or ()] if info else []
+    return sorted(n for n in names if n.endswith(".parquet") and any(matches(n, p) for p in patterns))
+
+
+def converted_files(info, config, split):
+    """The path patterns of a config's split in the hub's parquet copy (PARQUET_BRANCH); the
+    config '' is the one named "default", or the copy's only config (OpenWebText's plain_text)."""
+    configs = {f.rfilename.split("/")[0] for f in info.siblings or () if "/" in f.rfilename} if info else set()
+    if not config:
+        config = configs.pop() if len(configs) == 1 else "default"
+    return [f"{config}/{split}/*.parquet", f"{config}/partial-{split}/*.parquet"]
 
 
 def data_files(card, config, split):

@@ -1,13 +1,17 @@
 """Pretraining at web scale: the corpus preparers (corpus.py, data/fineweb/prepare.py,
 data/openwebtext/prepare.py) on local files in the real datasets' formats, and HellaSwag."""
 
+import contextlib
+import hashlib
 import http.server
 import itertools
 import json
 import os
 import random
+import re
 import threading
 import time
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -176,18 +180,60 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-class NoSuchRepo(http.server.BaseHTTPRequestHandler):
-    """The hub's answer to a dataset that does not exist."""
+@contextlib.contextmanager
+def fake_hub(datasets):
+    """A hub at HF_ENDPOINT (yielded) that serves datasets {repo: {revision: {path: bytes}}} as
+    huggingface.co does: a revision's files and their sizes (the API), the files themselves
+    (downloads, the revision given as its commit), and a 404 naming what it lacks."""
+    commits = {repo: {hashlib.sha1(f"{repo}@{rev}".encode()).hexdigest(): rev for rev in revisions}
+               for repo, revisions in datasets.items()}
 
-    def do_GET(self):
-        self.send_response(404)
-        self.send_header("X-Error-Code", "RepoNotFound")
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(b'{"error": "Repository not found"}')
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self, body=True):
+            path = urllib.parse.urlsplit(self.path).path
+            listing = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
+            download = re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+            repo = (listing or download).group(1) if listing or download else None
+            if repo not in datasets:
+                return self.answer(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
+            if listing:
+                revision = urllib.parse.unquote(listing.group(2) or "main")
+                commit = next((c for c, r in commits[repo].items() if r == revision), None)
+            else:
+                commit = download.group(2)
+                revision = commits[repo].get(commit)
+            files = datasets[repo].get(revision)
+            if files is None:
+                return self.answer(404, b'{"error": "Invalid rev id"}', {"X-Error-Code": "RevisionNotFound"})
+            if listing:
+                info = {"id": repo, "sha": commit, "cardData": {},
+                        "siblings": [{"rfilename": name, "size": len(data)} for name, data in files.items()]}
+                return self.answer(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
+            data = files.get(urllib.parse.unquote(download.group(3)))
+            if data is None:
+                return self.answer(404, b'{"error": "Entry not found"}', {"X-Error-Code": "EntryNotFound"})
+            self.answer(200, data, {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}, body)
 
-    def log_message(self, *args):
-        pass
+        def do_HEAD(self):
+            self.do_GET(body=False)
+
+        def answer(self, status, data, headers, body=True):
+            self.send_response(status)
+            for key, value in {**headers, "Content-Length": str(len(data))}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
 
 
 def test_bad_corpora_are_one_line_errors_with_nothing_written(corpus_files, tmp_path, gpt2_tokenizer):
@@ -217,16 +263,34 @@ def test_bad_corpora_are_one_line_errors_with_nothing_written(corpus_files, tmp_
 def test_the_hub_unreachable_or_without_the_dataset(tmp_path):
     offline = run_script(FINEWEB, f"--out={tmp_path / 'out'}", env={"HF_HUB_OFFLINE": "1"}, fresh=True)
     assert_user_error(offline, "cannot reach", "--input=")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoSuchRepo)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-        missing = run_script(FINEWEB, "--name=nobody/no-such-corpus", f"--out={tmp_path / 'out'}",
-                             env={"HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_TELEMETRY": "1"}, fresh=True)
-    finally:
-        server.shutdown()
+    with fake_hub({"someone/scripts-only": {"main": {"README.md": b"# a dataset of a loading script"}}}) as endpoint:
+        env = {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+        missing = run_script(FINEWEB, "--name=nobody/no-such-corpus", f"--out={tmp_path / 'out'}", env=env, fresh=True)
+        no_parquet = run_script(OWT, "--name=someone/scripts-only", f"--out={tmp_path / 'out'}", env=env, fresh=True)
     assert_user_error(missing, "no dataset 'nobody/no-such-corpus'", "check --name")
+    # neither main nor the hub's parquet copy (which it has not made) holds parquet files
+    assert_user_error(no_parquet, "has no parquet files", "refs/convert/parquet", "check --config")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dataset_without_parquet_on_main_is_read_from_the_hubs_parquet_copy(corpus_files, prepared, tmp_path):
+    # OpenWebText's main holds a loading script; the hub's parquet copy of its only config
+    # (refs/convert/parquet) holds the documents: here those the --input run prepared
+    folder, _ = corpus_files
+    owt = {"main": {"README.md": b"# OpenWebText", "openwebtext.py": b"import datasets"},
+           "refs/convert/parquet": {f"plain_text/train/{i:04d}.parquet": path.read_bytes()
+                                    for i, path in enumerate(sorted(folder.glob("*.parquet")))}}
+    out = tmp_path / "owt"
+    with fake_hub({"Skylion007/openwebtext": owt}) as endpoint:
+        result = run_script(OWT, f"--out={out}", "--num_proc=2", *SMALL, fresh=True,
+                            env={"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf"),
+                                 "HF_HUB_DISABLE_TELEMETRY": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "revision refs/convert/parquet" in result.stdout
+    shards = sorted(p.name for p in prepared.glob("*.bin"))
+    assert sorted(p.name for p in out.glob("*.bin")) == shards
+    for name in shards:
+        assert (out / name).read_bytes() == (prepared / name).read_bytes(), name
 
 
 # -----------------------------------------------------------------------------
