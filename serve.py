@@ -46,6 +46,7 @@ init_from = "resume"  # 'resume' loads out_dir/ckpt.pt; or a hub id, a folder, a
 out_dir = "out"
 device = None  # None (or 'auto') picks cuda, then mps, then cpu
 dtype = None  # the weights' dtype; None (or 'auto'): float32 on CPUs, else the GPU's best
+compile = False  # compile the one-token decode step (CUDA graphs on a GPU); each new batch size compiles once
 host = "127.0.0.1"  # 0.0.0.0 serves other machines too (then set api_key)
 port = 8000
 api_key = ""  # non-empty: every /v1 request must carry "Authorization: Bearer <api_key>"
@@ -130,11 +131,11 @@ def request_models():
 class Server:
     """The model, its batcher and the settings every request starts from."""
 
-    def __init__(self, model, tokenizer, flags, passed, name, context, max_rows, max_waiting):
+    def __init__(self, model, tokenizer, flags, passed, name, context, max_rows, max_waiting, compile=False):
         self.model, self.tokenizer, self.name, self.context = model, tokenizer, name, context
         self.flags, self.passed = flags, passed  # the decoding flags, and those the user set
         self.stop_tokens = engine.stop_token_ids(model, tokenizer)
-        self.batcher = Batcher(model, max_rows, max_waiting, context)
+        self.batcher = Batcher(model, max_rows, max_waiting, context, compile)
 
     def decode(self, ids):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -459,7 +460,8 @@ def main():
     name = cfg["model_name"] or (cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_from"])
     context = min(cfg["max_context"], model.config.block_size)
     try:
-        server = Server(model, tokenizer, flags, passed, name, context, cfg["max_batch"], cfg["max_waiting"])
+        server = Server(model, tokenizer, flags, passed, name, context, cfg["max_batch"], cfg["max_waiting"],
+                        cfg["compile"])
     except (RuntimeError, MemoryError) as e:  # the KV cache of max_batch rows does not fit
         reason = str(e).splitlines()[0][:120]
         raise UserError(f"the KV cache of {cfg['max_batch']} rows of {context} tokens does not fit in "

@@ -17,6 +17,11 @@ once. Every row writes its next token into the same slot, so a row's tokens end 
 the positions and the attention they would get alone. The live rows are the first n of the
 buffer (a leaving row's place is taken by the last one) and the forward pass runs over those n
 only. When the slots run out, the rows move left by the slots none of them uses any more.
+
+compile=True runs the one-token steps through generate's compiled step (kvcache.cache_and_step),
+whose shapes are fixed: a static cache, and the rows in buckets of powers of two (the rows past
+the live ones in a bucket each attend to their own token alone, and their logits are dropped),
+so a handful of shapes is compiled, not one for every number of rows.
 """
 
 import collections
@@ -27,7 +32,7 @@ import torch
 from torch.nn import functional as F
 
 from nanogpt import engine
-from nanogpt.kvcache import KVCache, LayerCache, attention_bias, cache_window, float_weight
+from nanogpt.kvcache import KVCache, LayerCache, attention_bias, cache_and_step, cache_window, float_weight
 from nanogpt.logits import pick_tokens, process_logits
 
 
@@ -60,12 +65,15 @@ class Sequence:
 
 class Batcher:
     """The thread that decodes every submitted Sequence, max_rows of them at a time; at most
-    max_waiting more wait for a row (submit refuses the rest)."""
+    max_waiting more wait for a row (submit refuses the rest). compile: the one-token steps
+    compiled (see the top of this file)."""
 
-    def __init__(self, model, max_rows, max_waiting, context):
+    def __init__(self, model, max_rows, max_waiting, context, compile=False):
         self.model, self.max_rows, self.max_waiting = model, max_rows, max_waiting
         self.device = float_weight(model).device
-        self.storage = KVCache(model, max_rows, context, static=self.device.type == "cuda")
+        self.compiled = compile
+        # the cache of every row (static on a GPU and when compiled), and what runs the steps
+        self.storage, self.decode_step = cache_and_step(model, max_rows, context, compile)
         # the cache the forward pass sees: the storage's buffers cut to the live rows (planned
         # anew whenever rows come or go), its own slots, positions and mask
         self.cache = copy.copy(self.storage)
@@ -193,17 +201,23 @@ class Batcher:
             self.move_rows(-min(s.start for s in self.rows))
         if self.replanned:
             self.plan()
-        tokens = torch.tensor([[s.tokens[-1]] for s in self.rows], device=self.device)
-        logits = self.cache.extend(self.model, tokens)
+        idle = [[0]] * (len(self.cache.pad) - len(self.rows))  # a compiled bucket's rows past the live ones
+        tokens = torch.tensor([[s.tokens[-1]] for s in self.rows] + idle, device=self.device)
+        logits = self.cache.extend(self.decode_step, tokens)
         for sequence, row in zip(self.rows, logits):
             sequence.logits = row[None]
 
     def plan(self):
         """Set the cache up for the live rows as KVCache.extend leaves it after a token (each
-        row's last token at the slot before `size`), for its next one-token step."""
+        row's last token at the slot before `size`), for its next one-token step. Compiled, the
+        rows of the bucket past the live ones start at `size`: each sees its own token alone."""
         cache, n, size = self.cache, len(self.rows), self.cache.size
-        cache.layers = [LayerCache(cache, layer.kv[:, :n]) for layer in self.storage.layers]
-        start = torch.tensor([s.start for s in self.rows], device=self.device)
+        rows = min(self.max_rows, 1 << (n - 1).bit_length()) if self.compiled else n
+        cache.layers = [LayerCache(cache, layer.kv[:, :rows]) for layer in self.storage.layers]
+        if self.compiled:  # views of the buffers cache_and_step marked: CUDA graphs write them in place
+            for layer in cache.layers:
+                torch._dynamo.mark_static_address(layer.kv)
+        start = torch.tensor([s.start for s in self.rows] + [size] * (rows - n), device=self.device)
         cache.pad = start
         cache.slots = torch.tensor([size - 1], device=self.device)
         cache.positions = (size - 1 - start)[:, None]

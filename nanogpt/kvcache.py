@@ -236,7 +236,8 @@ _kept_caches = weakref.WeakKeyDictionary()  # model -> the cache its compiled st
 
 
 def cache_and_step(model, rows, length, compile):
-    """The KV cache of one generate call, and what runs its one-token steps (decode_step).
+    """The KV cache of one generate call (or of the batcher's rows), and what runs its one-token
+    steps (decode_step).
     Static on a GPU and when compiled. A compiled step writes the cache inside its CUDA graph,
     which CUDA graphs allow only for tensors whose address never changes (parameters, buffers,
     tensors marked static; any other mutated input makes torch skip the graphs): so the

@@ -7,13 +7,15 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import requests
 
-from conftest import ServedRun, assert_user_error, run_script, sample_text
+from conftest import REPO, ServedRun, assert_user_error, run_script, sample_text
 from test_chat import CHATML, SPECIALS
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency "
@@ -61,13 +63,18 @@ def free_port():
 
 
 @contextlib.contextmanager
-def running_server(out_dir, *flags):
+def running_server(out_dir, *flags, fresh=False):
     """serve.py on a free port (forked from a script server of its own, torch imported: the
-    tests' runs go on meanwhile), until the block ends, when SIGTERM stops it as uvicorn is
+    tests' runs go on meanwhile; fresh: in a new interpreter, as a server that compiles needs,
+    see conftest.run_script), until the block ends, when SIGTERM stops it as uvicorn is
     stopped: (base url, its pid)."""
     port = free_port()
-    served = ServedRun(["serve.py", f"--out_dir={out_dir}", "--device=cpu", f"--port={port}",
-                        f"--model_name={NAME}", *flags], own_server=True)
+    args = ["serve.py", f"--out_dir={out_dir}", "--device=cpu", f"--port={port}", f"--model_name={NAME}", *flags]
+    if fresh:
+        served = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+    else:
+        served = ServedRun(args, own_server=True)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):
@@ -173,6 +180,23 @@ def test_sampling_with_a_seed_repeats_and_n_gives_n_choices(chat_model, client):
     expected = alone(chat_model, chat_ids(chat_model, QUESTIONS[1]), 12, temperature=1.0, top_k=50,
                      min_p=0.01, seed=5)[0]
     assert three[0] == expected
+
+
+def test_compiled_steps_give_the_replies_of_eager_ones(chat_model):
+    """--compile: the rows run in buckets of powers of two through generate's compiled step.
+    Three choices of one request join together (a bucket of 4, one row idle) and, held to the
+    same length, leave together: one shape, one compile. Each seeded choice is what
+    engine.generate gives its seed alone, as the eager server's is; the rows differ, so a row
+    given another's logits would show."""
+    ids = chat_model[2].encode("To be")
+    with running_server(chat_model[0], "--compile=True", "--max_batch=4", fresh=True) as (url, _):
+        body = {"model": NAME, "prompt": "To be", "max_tokens": 12, "min_tokens": 12, "n": 3,
+                "temperature": 0.8, "seed": 7}
+        reply = requests.post(f"{url}/v1/completions", json=body, timeout=600).json()
+    texts = [choice["text"] for choice in reply["choices"]]
+    assert texts == [alone(chat_model, ids, 12, temperature=0.8, min_new_tokens=12, seed=7 + i)[0]
+                     for i in range(3)]
+    assert len(set(texts)) == 3
 
 
 def test_stop_strings_end_the_reply_before_them(chat_model, client):
