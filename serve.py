@@ -7,7 +7,7 @@ $ python serve.py --out_dir=out-chat-lora --port=8080 --api_key=secret --tempera
 - POST /v1/chat/completions: a conversation, through the model's chat template (chat.py's path);
 - POST /v1/completions: plain text (or token ids) to continue;
   both streamed as server-sent events in OpenAI's chunk format when "stream" is true;
-- GET /v1/models, GET /health, and GET /: the chat page (static/chat.html).
+- GET /v1/models (and /v1/models/{id}), GET /health, and GET /: the chat page (static/chat.html).
 
 The requests are decoded together by batcher.py (continuous batching): a request joins the
 running batch at the next token and leaves it when it ends or its client disconnects. A field
@@ -290,10 +290,18 @@ def make_app(server, api_key=""):
         rows, waiting = server.batcher.load()
         return {"status": "ok", "rows": rows, "waiting": waiting}
 
+    def card():
+        return {"id": server.name, "object": "model", "created": 0, "owned_by": "nanogpt",
+                "max_model_len": server.context}
+
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models():
-        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0,
-                                            "owned_by": "nanogpt", "max_model_len": server.context}]}
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorized)])  # a name may hold a "/"
+    async def model(name: str):
+        check_model(server, name)
+        return card()
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatRequest, request: Request):

@@ -302,6 +302,22 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
     assert client.models.list().data[0].id == NAME
 
 
+def test_an_unknown_model_is_openais_not_found(client):
+    # OpenAI's answer (and vLLM's): 404, and an error naming the model, which the client raises
+    # as NotFoundError; GET /v1/models/{id} names the model too
+    asks = [lambda name: client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}]),
+            lambda name: client.completions.create(model=name, prompt="Hi", max_tokens=2, stream=True),
+            lambda name: client.models.retrieve(name)]
+    for ask in asks:
+        with pytest.raises(openai.NotFoundError) as refused:
+            ask("gpt-9")
+        error = refused.value
+        assert (error.status_code, error.type, error.param, error.code) == \
+            (404, "invalid_request_error", "model", "model_not_found")
+        assert "gpt-9" in error.message and NAME in error.message
+    assert client.models.retrieve(NAME).id == NAME
+
+
 def test_a_full_queue_answers_429(server):
     # 40 clients at once, for replies of 1,000 tokens (no stop token before) that none waits
     # for: 16 rows and 8 places in the queue take 24 of them, the others are refused at once
