@@ -150,6 +150,8 @@ def main():
     cfg = configure(globals(), nullable=engine.NULLABLE_FLAGS)  # .passed: what the user set
     stops = engine.check_stop_strings(cfg["stop"])
     model, tokenizer, prompts, options, note = load(cfg)
+    stop_tokens = engine.stop_token_ids(model, tokenizer, cfg["eos_token_id"])
+    pad_token_id = engine.pad_token_id(model, cfg["pad_token_id"])
 
     # each prompt has options.num_return_sequences rows of output, and each row a TextStream
     # that hides the stop strings (and, for a lone sample, prints the text as it comes)
@@ -172,10 +174,10 @@ def main():
             print(text, end="", flush=True)
         return streams[row].stopped
 
-    stop_tokens = engine.stop_token_ids(model, tokenizer)
     t0 = time.perf_counter()
     out = engine.generate(model, prompts, stop_tokens=stop_tokens, stop_strings=stops,
-                          tokenizer=tokenizer, on_token=None if beams else on_token,
+                          tokenizer=tokenizer, pad_token_id=pad_token_id,
+                          on_token=None if beams else on_token,
                           compile=cfg["compile"], **vars(options))
     seconds = time.perf_counter() - t0
     if beams:  # beam search chooses its sequences at the end: read them now

@@ -134,7 +134,7 @@ class Server:
     def __init__(self, model, tokenizer, flags, passed, name, context, max_rows, max_waiting, compile=False):
         self.model, self.tokenizer, self.name, self.context = model, tokenizer, name, context
         self.flags, self.passed = flags, passed  # the decoding flags, and those the user set
-        self.stop_tokens = engine.stop_token_ids(model, tokenizer)
+        self.stop_tokens = engine.stop_token_ids(model, tokenizer, flags["eos_token_id"])
         self.batcher = Batcher(model, max_rows, max_waiting, context, compile)
 
     def decode(self, ids):

@@ -163,6 +163,11 @@ SCRIPT_FLAGS = {
     "bad_words": (None, "a string or list of strings (or token-id lists) a sample never contains"),
     "stop": (None, "a string, or a list of strings, that ends a sample (it is not printed); "
                    "special tokens count"),
+    # Hugging Face generate()'s ids, as its users pass them (stop_token_ids, generate())
+    "eos_token_id": (None, "the id, or list of ids, that end a sample, in place of the model's "
+                           "own (Hugging Face's)"),
+    "pad_token_id": (None, "what fills a finished row of the returned batch (Hugging Face's); "
+                           "None: the first eos id"),
 }
 # the fields a script takes as another flag of SCRIPT_FLAGS
 REPLACED = ("bad_words_ids",)
@@ -178,15 +183,16 @@ SAMPLING = ("temperature", "top_k", "top_p", "min_p", "typical_p")
 NULLABLE_FLAGS = tuple(f.name for f in fields(DecodingOptions) if type(None) in getattr(f.type, "__args__", ()))
 
 
-def decoding_flags(**defaults):
+def decoding_flags(without=(), **defaults):
     """{name: default} of every decoding flag, for a script's globals: DecodingOptions' fields
     (but those REPLACED) and SCRIPT_FLAGS, with SCRIPT_DEFAULTS and then the
-    script's own `defaults` over the fields' defaults."""
+    script's own `defaults` over the fields' defaults; less the flags `without`, which the
+    script does not use."""
     flags = {f.name: f.default for f in fields(DecodingOptions) if f.name not in REPLACED}
     flags.update({name: default for name, (default, _) in SCRIPT_FLAGS.items()})
-    unknown = set(defaults) - set(flags)
+    unknown = (set(defaults) | set(without)) - set(flags)
     assert not unknown, f"not decoding flags: {sorted(unknown)}"
-    return {**flags, **SCRIPT_DEFAULTS, **defaults}
+    return {k: v for k, v in {**flags, **SCRIPT_DEFAULTS, **defaults}.items() if k not in without}
 
 
 def decoding_flag_help():
@@ -287,16 +293,39 @@ def token_lists(words, tokenizer, name):
     return tuple(out)
 
 
-def stop_token_ids(model, tokenizer):
-    """The ids that end a row, sorted: the model config's end-of-text ids (a hub model's
-    eos_token_id: an instruct model has several), the tokenizer's end-of-text token and those
-    its model folder named, and its chat template's end-of-turn token."""
+def stop_token_ids(model, tokenizer, eos_token_id=None):
+    """The ids that end a row: eos_token_id (the flag: an id or a list, in its order) alone, as
+    Hugging Face's generate() takes it in place of the model's; else, sorted, the model config's
+    end-of-text ids (a hub model's eos_token_id: an instruct model has several), the tokenizer's
+    end-of-text token and those its model folder named, and its chat template's end-of-turn
+    token."""
+    if eos_token_id is not None:
+        return list(dict.fromkeys(checked_token_ids(model, "eos_token_id", eos_token_id, several=True)))
     ids = {tokenizer.eot_token, *(getattr(model.config, "eos_token_id", None) or []),
            *getattr(tokenizer, "eos_tokens", [])}
     eos = (getattr(tokenizer, "special_tokens", None) or {}).get("eos_token")
     if eos is not None:
         ids.add(tokenizer.tok.token_to_id(eos))
     return sorted(i for i in ids if i is not None)
+
+
+def pad_token_id(model, flag):
+    """The pad_token_id flag, checked: an id of the model's vocabulary, or None (the default:
+    the first stop token)."""
+    return None if flag is None else checked_token_ids(model, "pad_token_id", flag, several=False)[0]
+
+
+def checked_token_ids(model, name, value, several):
+    """A token-id flag as a list of ids, each in the model's vocabulary; several: a list of
+    them is allowed too."""
+    ids = value if several and isinstance(value, (list, tuple)) else [value]
+    vocab_size = model.config.vocab_size
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size
+                          for i in ids):
+        what = "a token id or a list of them" if several else "a token id"
+        raise UserError(f"{name} must be {what} in [0, {vocab_size}) (the model's vocabulary), "
+                        f"got {value!r}")
+    return list(ids)
 
 
 # -----------------------------------------------------------------------------

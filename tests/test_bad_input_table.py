@@ -560,7 +560,7 @@ SAMPLE_CASES = [
     ("sample: out_dir a file", ["--out_dir={root}/a_file"], ["no checkpoint"]),
 ]
 CHAT_CASES = [
-    ("chat: beams", ["--num_beams=2"], ["beam search"]),
+    ("chat: beams", ["--num_beams=2"], ["unknown config key 'num_beams'"]),
     ("chat: temperature negative", ["--temperature=-1.0"], ["temperature must be >= 0"]),
     ("chat: seed past a generator's range", ["--seed=1180591620717411303424"], ["seed must be in [0, 2**64)"]),
     ("chat: max_new_tokens negative", ["--max_new_tokens=-1"], ["max_new_tokens must be >= 0"]),
