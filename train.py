@@ -186,9 +186,6 @@ def check_config(config):
         raise UserError(f"optim must be 'adamw' or 'muon', got {config.optim!r}")
     if config.parallel not in distributed.PARALLEL_MODES:
         raise UserError(f"parallel must be 'ddp' or 'fsdp', got {config.parallel!r}")
-    if config.parallel == "fsdp" and config.optim == "muon":
-        raise UserError("optim=muon needs each matrix whole for its update, which parallel=fsdp "
-                        "shards: use optim=adamw with fsdp, or muon with parallel=ddp")
     if config.parallel == "fsdp" and config.dtype == "float16":
         raise UserError("dtype=float16 needs a gradient scaler that parallel=fsdp does not "
                         "shard: use dtype=bfloat16 (or float32) with fsdp")
@@ -303,7 +300,8 @@ def build_or_resume(config, passed, runtime):
     # float16 needs loss scaling to keep small gradients from flushing to zero
     scaler = torch.amp.GradScaler(runtime.device_type, enabled=(runtime.precision == "float16"))
     optimizer = configure_optimizers(model, config.weight_decay, config.learning_rate,
-                                     (config.beta1, config.beta2), runtime.device_type, config.optim)
+                                     (config.beta1, config.beta2), runtime.device_type, config.optim,
+                                     sharded=runtime.world.sharded)
     # batches are drawn from their own generator so its state can be saved and resumed;
     # the same seed on every process, which each takes its own rows of the global batch
     sampler = torch.Generator().manual_seed(config.seed)
