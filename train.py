@@ -236,9 +236,15 @@ def set_up(config):
     if world.parallel and device_type == "cuda":
         device = f"cuda:{world.local_rank}"
         torch.cuda.set_device(device)
-    if config.gradient_accumulation_steps % world.world_size != 0:
-        raise UserError(f"gradient_accumulation_steps ({config.gradient_accumulation_steps}) must be "
-                        f"divisible by the number of processes ({world.world_size})")
+    # gradient_accumulation_steps is the total over the processes; where they do not divide it
+    # (the one of a single-process config), each takes the fewest micro-steps that make at
+    # least the batch asked for, and the step's batch grows (docs/distributed.md)
+    accum_steps = -(-config.gradient_accumulation_steps // world.world_size)
+    if accum_steps * world.world_size != config.gradient_accumulation_steps and world.rank == 0:
+        print(f"note: gradient_accumulation_steps={config.gradient_accumulation_steps} does not "
+              f"divide among {world.world_size} processes: each takes {accum_steps}, so a step is "
+              f"{accum_steps * world.world_size} x batch_size sequences, not "
+              f"{config.gradient_accumulation_steps} x batch_size (the same learning_rate)")
     if config.seed + world.world_size > 2**64:
         raise UserError(f"seed={config.seed}: each process seeds with seed + its rank, which must be "
                         f"below 2**64; lower seed")
@@ -248,8 +254,7 @@ def set_up(config):
     # each its shard of them, DDP copies rank 0's); each process's own seed for what comes
     # after them (dropout)
     torch.manual_seed(config.seed)
-    return Runtime(device, device_type, precision, autocast, world,
-                   accum_steps=config.gradient_accumulation_steps // world.world_size,
+    return Runtime(device, device_type, precision, autocast, world, accum_steps=accum_steps,
                    use_compile=config.compile if config.compile is not None else device_type == "cuda")
 
 
