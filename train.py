@@ -87,7 +87,7 @@ grad_clip = 1.0  # clip gradients to this norm; 0 disables
 # learning rate schedule: linear warmup, then cosine decay to min_lr
 decay_lr = True
 warmup_iters = 2000
-lr_decay_iters = 600000  # ~ max_iters, per Chinchilla
+lr_decay_iters = 600000  # ~ max_iters, per Chinchilla; None: max_iters, whatever --max_iters says
 min_lr = 6e-5  # ~ learning_rate / 10, per Chinchilla
 # system
 parallel = "ddp"  # under torchrun: 'ddp' (a whole copy per process) or 'fsdp' (sharded; distributed.py)
@@ -111,7 +111,10 @@ Config = dataclasses.make_dataclass("Config", knobs(globals()), frozen=True)
 
 
 def main():
-    settings = configure(globals(), nullable=())  # None only where the default is None
+    # None only where the default is None, and lr_decay_iters (max_iters)
+    settings = configure(globals(), nullable=("lr_decay_iters",))
+    if settings["lr_decay_iters"] is None:
+        settings["lr_decay_iters"] = settings["max_iters"]
     config = Config(**settings)
     check_config(config)
     checkpoint.check_out_dir(config.out_dir)  # a file, under a file, read-only: before any work
@@ -297,6 +300,8 @@ def build_or_resume(config, passed, runtime):
     config, model, tokenizer_spec, saved_run, base = load_or_build_model(
         config, meta, passed, runtime.device_type, build_on)
     check_config(config)  # again, with what a resumed run keeps of its checkpoint
+    if runtime.master and is_finetune(config, saved_run):
+        warn_if_schedule_too_long(config)
     check_fits(meta, tokenizer_spec, config.dataset,
                config.out_dir if config.init_from == "resume" else config.init_from)
     splits, _ = open_dataset(config.dataset, config.block_size, model.config.vocab_size)
@@ -387,6 +392,30 @@ def resume_model(config, meta, passed, build_on):
     config = override(config, kept | shape, passed, "a resumed run keeps its checkpoint's settings")
     tokenizer_spec = saved_run.get("tokenizer") or meta.get("tokenizer")
     return config, model, tokenizer_spec, saved_run, saved_run.get("base")
+
+
+def is_finetune(config, saved_run):
+    """Whether the run fine-tunes a pretrained model, as far as can be told: init_from names
+    one, or the resumed run's did (or trains adapters or a part, which only fine-tunes do)."""
+    if config.init_from != "resume":
+        return config.init_from != "scratch"
+    started_from = saved_run["config"].get("init_from", "scratch") if saved_run else "scratch"
+    return started_from not in ("scratch", "resume") or config.finetune != "full"
+
+
+def warn_if_schedule_too_long(config):
+    """One line where the learning rate schedule outlasts the run: pretraining's warmup and
+    decay (the defaults: 2,000 and 600,000 iterations) on a fine-tune of a few hundred steps
+    leave its learning rate still climbing when it ends."""
+    if not config.decay_lr or config.eval_only:
+        return
+    too_long = [f"{key}={getattr(config, key)}" for key in ("warmup_iters", "lr_decay_iters")
+                if getattr(config, key) > config.max_iters]
+    if too_long:
+        print(f"warning: this fine-tune ends before its learning rate schedule does "
+              f"({' and '.join(too_long)}, max_iters={config.max_iters}): set e.g. "
+              f"--warmup_iters={max(1, config.max_iters // 20)} --lr_decay_iters=None (decay over "
+              "max_iters), or start from config/chat_sft.py or config/chat_lora.py")
 
 
 def override(config, values, passed, why):
