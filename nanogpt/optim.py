@@ -50,9 +50,9 @@ class ShardedMuon(torch.optim.Muon):
     """PyTorch's Muon for matrices that FSDP2 shards by rows (DTensors), each process holding
     some rows. The momentum is elementwise, so it stays in shards; the Newton-Schulz iterations
     need the whole matrix: each process gathers the update (one all-gather a matrix), runs them
-    on it and applies its own rows. Every process orthogonalises every matrix, the price of
-    exactly one process's update. Torch's own step would run the iterations on the DTensors,
-    which gathers pieces at every matmul of every iteration."""
+    on it and applies its own rows: exactly the update of one process's Muon, whose work every
+    process repeats. Torch's own step would run the iterations on the DTensors, gathering
+    pieces at every matmul of every iteration."""
 
     @torch.no_grad()
     def step(self, closure=None):
