@@ -55,14 +55,16 @@ if _our_script_is_the_program() and \
 
 
 def run(main):
-    """Call main(), turning a UserError into a one-line message and exit code 2, Ctrl-C into
-    "interrupted" and exit code 130."""
+    """Call main(), turning a UserError into a one-line message (under torchrun, rank 0's) and
+    exit code 2, Ctrl-C into "interrupted" and exit code 130."""
     if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C is Python's again
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # under torchrun every process meets the same bad input: rank 0 says it, once
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

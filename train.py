@@ -87,7 +87,7 @@ grad_clip = 1.0  # clip gradients to this norm; 0 disables
 # learning rate schedule: linear warmup, then cosine decay to min_lr
 decay_lr = True
 warmup_iters = 2000
-lr_decay_iters = 600000  # ~ max_iters, per Chinchilla
+lr_decay_iters = 600000  # ~ max_iters, per Chinchilla; None: max_iters, whatever --max_iters says
 min_lr = 6e-5  # ~ learning_rate / 10, per Chinchilla
 # system
 parallel = "ddp"  # under torchrun: 'ddp' (a whole copy per process) or 'fsdp' (sharded; distributed.py)
@@ -111,7 +111,10 @@ Config = dataclasses.make_dataclass("Config", knobs(globals()), frozen=True)
 
 
 def main():
-    settings = configure(globals(), nullable=())  # None only where the default is None
+    # None only where the default is None, and lr_decay_iters (max_iters)
+    settings = configure(globals(), nullable=("lr_decay_iters",))
+    if settings["lr_decay_iters"] is None:
+        settings["lr_decay_iters"] = settings["max_iters"]
     config = Config(**settings)
     check_config(config)
     checkpoint.check_out_dir(config.out_dir)  # a file, under a file, read-only: before any work
@@ -186,9 +189,6 @@ def check_config(config):
         raise UserError(f"optim must be 'adamw' or 'muon', got {config.optim!r}")
     if config.parallel not in distributed.PARALLEL_MODES:
         raise UserError(f"parallel must be 'ddp' or 'fsdp', got {config.parallel!r}")
-    if config.parallel == "fsdp" and config.optim == "muon":
-        raise UserError("optim=muon needs each matrix whole for its update, which parallel=fsdp "
-                        "shards: use optim=adamw with fsdp, or muon with parallel=ddp")
     if config.parallel == "fsdp" and config.dtype == "float16":
         raise UserError("dtype=float16 needs a gradient scaler that parallel=fsdp does not "
                         "shard: use dtype=bfloat16 (or float32) with fsdp")
@@ -239,9 +239,15 @@ def set_up(config):
     if world.parallel and device_type == "cuda":
         device = f"cuda:{world.local_rank}"
         torch.cuda.set_device(device)
-    if config.gradient_accumulation_steps % world.world_size != 0:
-        raise UserError(f"gradient_accumulation_steps ({config.gradient_accumulation_steps}) must be "
-                        f"divisible by the number of processes ({world.world_size})")
+    # gradient_accumulation_steps is the total over the processes; where they do not divide it
+    # (the one of a single-process config), each takes the fewest micro-steps that make at
+    # least the batch asked for, and the step's batch grows (docs/distributed.md)
+    accum_steps = -(-config.gradient_accumulation_steps // world.world_size)
+    if accum_steps * world.world_size != config.gradient_accumulation_steps and world.rank == 0:
+        print(f"note: gradient_accumulation_steps={config.gradient_accumulation_steps} does not "
+              f"divide among {world.world_size} processes: each takes {accum_steps}, so a step is "
+              f"{accum_steps * world.world_size} x batch_size sequences, not "
+              f"{config.gradient_accumulation_steps} x batch_size (the same learning_rate)")
     if config.seed + world.world_size > 2**64:
         raise UserError(f"seed={config.seed}: each process seeds with seed + its rank, which must be "
                         f"below 2**64; lower seed")
@@ -251,8 +257,7 @@ def set_up(config):
     # each its shard of them, DDP copies rank 0's); each process's own seed for what comes
     # after them (dropout)
     torch.manual_seed(config.seed)
-    return Runtime(device, device_type, precision, autocast, world,
-                   accum_steps=config.gradient_accumulation_steps // world.world_size,
+    return Runtime(device, device_type, precision, autocast, world, accum_steps=accum_steps,
                    use_compile=config.compile if config.compile is not None else device_type == "cuda")
 
 
@@ -295,6 +300,8 @@ def build_or_resume(config, passed, runtime):
     config, model, tokenizer_spec, saved_run, base = load_or_build_model(
         config, meta, passed, runtime.device_type, build_on)
     check_config(config)  # again, with what a resumed run keeps of its checkpoint
+    if runtime.master and is_finetune(config, saved_run):
+        warn_if_schedule_too_long(config)
     check_fits(meta, tokenizer_spec, config.dataset,
                config.out_dir if config.init_from == "resume" else config.init_from)
     splits, _ = open_dataset(config.dataset, config.block_size, model.config.vocab_size)
@@ -303,7 +310,8 @@ def build_or_resume(config, passed, runtime):
     # float16 needs loss scaling to keep small gradients from flushing to zero
     scaler = torch.amp.GradScaler(runtime.device_type, enabled=(runtime.precision == "float16"))
     optimizer = configure_optimizers(model, config.weight_decay, config.learning_rate,
-                                     (config.beta1, config.beta2), runtime.device_type, config.optim)
+                                     (config.beta1, config.beta2), runtime.device_type, config.optim,
+                                     sharded=runtime.world.sharded)
     # batches are drawn from their own generator so its state can be saved and resumed;
     # the same seed on every process, which each takes its own rows of the global batch
     sampler = torch.Generator().manual_seed(config.seed)
@@ -384,6 +392,30 @@ def resume_model(config, meta, passed, build_on):
     config = override(config, kept | shape, passed, "a resumed run keeps its checkpoint's settings")
     tokenizer_spec = saved_run.get("tokenizer") or meta.get("tokenizer")
     return config, model, tokenizer_spec, saved_run, saved_run.get("base")
+
+
+def is_finetune(config, saved_run):
+    """Whether the run fine-tunes a pretrained model, as far as can be told: init_from names
+    one, or the resumed run's did (or trains adapters or a part, which only fine-tunes do)."""
+    if config.init_from != "resume":
+        return config.init_from != "scratch"
+    started_from = saved_run["config"].get("init_from", "scratch") if saved_run else "scratch"
+    return started_from not in ("scratch", "resume") or config.finetune != "full"
+
+
+def warn_if_schedule_too_long(config):
+    """One line where the learning rate schedule outlasts the run: pretraining's warmup and
+    decay (the defaults: 2,000 and 600,000 iterations) on a fine-tune of a few hundred steps
+    leave its learning rate still climbing when it ends."""
+    if not config.decay_lr or config.eval_only:
+        return
+    too_long = [f"{key}={getattr(config, key)}" for key in ("warmup_iters", "lr_decay_iters")
+                if getattr(config, key) > config.max_iters]
+    if too_long:
+        print(f"warning: this fine-tune ends before its learning rate schedule does "
+              f"({' and '.join(too_long)}, max_iters={config.max_iters}): set e.g. "
+              f"--warmup_iters={max(1, config.max_iters // 20)} --lr_decay_iters=None (decay over "
+              "max_iters), or start from config/chat_sft.py or config/chat_lora.py")
 
 
 def override(config, values, passed, why):

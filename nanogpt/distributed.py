@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
+from nanogpt.optim import Optimizers
+
 # FSDP and torch.distributed.checkpoint are imported by the functions that use them: they are
 # slow to import, which a run that uses neither need not pay
 PARALLEL_MODES = ("ddp", "fsdp")
@@ -167,18 +169,47 @@ def parameter_names(model, optimizer):
 
 def by_position(state):
     """An optimizer state keyed by parameter name (torch.distributed's) keyed by position
-    (torch.optim's, what ckpt.pt holds): the names' order in its param groups."""
+    (torch.optim's, what ckpt.pt holds): the names' order in its param groups. An
+    optim.Optimizers' state ({"optimizers": [...]}) part by part, as its state_dict has it."""
+    if "optimizers" in state:
+        return {"optimizers": [by_position(part) for part in state["optimizers"]]}
     position = {n: i for i, n in enumerate(n for g in state["param_groups"] for n in g["params"])}
     return {"state": {position[n]: s for n, s in state["state"].items()},
             "param_groups": [{**g, "params": [position[n] for n in g["params"]]}
                              for g in state["param_groups"]]}
 
 
-def by_name(state, names):
-    """The inverse of by_position."""
+def by_name(state, model, optimizer):
+    """The inverse of by_position, for the optimizer of model whose state it is."""
+    if isinstance(optimizer, Optimizers):
+        return {"optimizers": [by_name(part, model, opt) for part, opt in
+                               zip(state["optimizers"], optimizer.optimizers, strict=True)]}
+    names = parameter_names(model, optimizer)
     return {"state": {names[i]: s for i, s in state["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
                              for g in state["param_groups"]]}
+
+
+def named_optimizer_state(model, optimizer, options=None):
+    """The optimizer's state keyed by parameter name (torch.distributed's get_optimizer_state_dict:
+    under FSDP this process's shards, or whole with options' full_state_dict); an
+    optim.Optimizers' part by part, as {"optimizers": [...]}, the shape of its state_dict."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    if isinstance(optimizer, Optimizers):
+        return {"optimizers": [named_optimizer_state(model, opt, options) for opt in optimizer.optimizers]}
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def set_named_optimizer_state(model, optimizer, state, options=None):
+    """Load a state of named_optimizer_state's form into optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    if isinstance(optimizer, Optimizers):
+        for opt, part in zip(optimizer.optimizers, state["optimizers"], strict=True):
+            set_named_optimizer_state(model, opt, part, options)
+        return
+    set_optimizer_state_dict(model, optimizer, state, options=options)
 
 
 def full_state(model, optimizer, dist):
@@ -187,12 +218,11 @@ def full_state(model, optimizer, dist):
     getting (None, None); otherwise (None, None), meaning the model's and optimizer's own."""
     if not dist.sharded:
         return None, None
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    optimizer_state = named_optimizer_state(model, optimizer, options)
     if dist.rank != 0:
         return None, None
     return model_state, by_position(optimizer_state)
@@ -204,7 +234,7 @@ def load_full_optimizer_state(model, optimizer, state, dist):
     if not dist.sharded:
         optimizer.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    set_optimizer_state_dict(model, optimizer, by_name(state, parameter_names(model, optimizer)),
-                             options=StateDictOptions(full_state_dict=True))
+    set_named_optimizer_state(model, optimizer, by_name(state, model, optimizer),
+                              StateDictOptions(full_state_dict=True))

@@ -9,7 +9,8 @@ optim="muon": PyTorch's Muon for the 2-D matrices inside the blocks and AdamW fo
 (embeddings, the tied head, gains, biases), as Muon's authors advise. Muon orthogonalises each
 matrix's update (Newton-Schulz iterations); with the update scaled to AdamW's size
 (adjust_lr_fn="match_rms_adamw") one learning rate serves both. It learns far more per step
-(docs/benchmarks.md has the CPU figures).
+(docs/benchmarks.md has the CPU figures). Under FSDP2 (sharded=True) the matrices are
+shards (DTensors): ShardedMuon orthogonalises each update whole, gathered.
 """
 
 import inspect
@@ -21,8 +22,10 @@ from nanogpt.errors import UserError
 OPTIMIZERS = ("adamw", "muon")
 
 
-def configure_optimizers(model, weight_decay, learning_rate, betas, device_type, kind="adamw"):
-    """The optimizer for the parameters of model that train (requires_grad)."""
+def configure_optimizers(model, weight_decay, learning_rate, betas, device_type, kind="adamw",
+                         sharded=False):
+    """The optimizer for the parameters of model that train (requires_grad); sharded: model's
+    parameters are FSDP2's shards (distributed.shard)."""
     if kind not in OPTIMIZERS:
         raise UserError(f"optim must be 'adamw' or 'muon', got {kind!r}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -38,8 +41,48 @@ def configure_optimizers(model, weight_decay, learning_rate, betas, device_type,
     adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
     if not muon:
         return adamw
-    return Optimizers(adamw, torch.optim.Muon(muon, lr=learning_rate, weight_decay=weight_decay,
-                                              adjust_lr_fn="match_rms_adamw"))
+    muon_type = ShardedMuon if sharded else torch.optim.Muon
+    return Optimizers(adamw, muon_type(muon, lr=learning_rate, weight_decay=weight_decay,
+                                       adjust_lr_fn="match_rms_adamw"))
+
+
+class ShardedMuon(torch.optim.Muon):
+    """PyTorch's Muon for matrices that FSDP2 shards by rows (DTensors), each process holding
+    some rows. The momentum is elementwise, so it stays in shards; the Newton-Schulz iterations
+    need the whole matrix: each process gathers the update (one all-gather a matrix), runs them
+    on it and applies its own rows: exactly the update of one process's Muon, whose work every
+    process repeats. Torch's own step would run the iterations on the DTensors, gathering
+    pieces at every matmul of every iteration."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.distributed.tensor import distribute_tensor
+        # torch's own pieces of Muon (torch is pinned: requirements.txt), so the update is
+        # the one torch.optim.Muon makes of the whole matrix
+        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                whole = _zeropower_via_newtonschulz(update.full_tensor(), group["ns_coefficients"],
+                                                    group["ns_steps"], group["eps"])
+                # this process's rows of it: every process holds the whole, so none is sent
+                own = distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None)
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(own, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+        return loss
 
 
 class Optimizers:

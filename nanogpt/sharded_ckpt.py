@@ -26,7 +26,8 @@ import torch.distributed as torch_dist
 from nanogpt import checkpoint
 from nanogpt import integrity
 from nanogpt.atomic import replace_folder
-from nanogpt.distributed import Distributed, by_position, collective_device
+from nanogpt.distributed import (Distributed, by_position, collective_device, named_optimizer_state,
+                                 set_named_optimizer_state)
 from nanogpt.errors import UserError
 from model import build
 
@@ -38,9 +39,9 @@ PROGRESS = "run.pt"  # ... and the file in it with everything but the tensors' s
 
 def sharded_state(model, optimizer):
     """What a sharded checkpoint holds, as this process has it (its shards under FSDP)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    return {"model": get_model_state_dict(model), "optimizer": named_optimizer_state(model, optimizer)}
 
 
 def save_sharded(folder, model, optimizer, dist, progress):
@@ -112,7 +113,7 @@ def load_sharded(folder, model, optimizer, dist, progress):
     against the checksums in its progress file (read_progress) first."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     integrity.verify_shards(folder, progress.get("files"), dist)
     state = sharded_state(model, optimizer)
@@ -123,7 +124,7 @@ def load_sharded(folder, model, optimizer, dist, progress):
         raise UserError(f"the sharded checkpoint {folder} does not fit this model ({last_error_line(e)}): "
                         "resume it with the settings it was trained with") from None
     set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    set_named_optimizer_state(model, optimizer, state["optimizer"])
 
 
 @contextmanager

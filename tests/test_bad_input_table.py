@@ -353,7 +353,8 @@ def knob_cases():
                "data/chat/prepare.py", "data/shakespeare_char/prepare.py",
                "data/shakespeare/prepare.py", "bench/train_step.py", "bench/loading.py",
                "bench/lora_memory.py", "bench/generation.py"]
-    nullable = {"sample.py": ("top_k", "seed"), "chat.py": ("top_k", "seed"), "serve.py": ("top_k", "seed")}
+    nullable = {"sample.py": ("top_k", "seed"), "chat.py": ("top_k", "seed"), "serve.py": ("top_k", "seed"),
+                "train.py": ("lr_decay_iters",)}
     cases = []
     from configurator import knobs
     for script in scripts:

@@ -129,16 +129,18 @@ def test_sharded_checkpoint_resumes_exactly_with_any_number_of_processes(straigh
 def test_bad_parallel_settings(char_dataset, tmp_path):
     out = tmp_path / "out"
     for args, words in [(["--parallel=zero3"], ["parallel must be 'ddp' or 'fsdp'", "zero3"]),
-                        (["--parallel=fsdp", "--optim=muon"], ["optim=muon", "parallel=fsdp"]),
                         (["--parallel=fsdp", "--dtype=float16"], ["float16", "bfloat16"])]:
         result = run_script("train.py", *RUN, f"--dataset={char_dataset}", f"--out_dir={out}", *args)
         assert_user_error(result, *words)
         assert not out.exists()
-    # under DDP (torchrun, here with one process) every process holds the whole state
+    # under DDP every process holds the whole state; the processes refuse (exit code 2, in
+    # torchrun's report; torchrun stops the others once one ends) and rank 0 says why, once
     result = torchrun("train.py", *RUN, f"--dataset={char_dataset}", f"--out_dir={out}",
-                      "--sharded_checkpoint=True", processes=1, timeout=300)
+                      "--sharded_checkpoint=True", timeout=300)
     assert result.returncode != 0 and not out.exists()
-    assert "sharded_checkpoint=True writes each process's shard" in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert line.startswith("error: sharded_checkpoint=True writes each process's shard")
+    assert "exitcode  : 2" in result.stderr
     # one process, without torchrun: nothing to shard, it says so and trains
     result = run_script("train.py", *RUN, f"--dataset={char_dataset}", f"--out_dir={out}",
                         "--parallel=fsdp", "--max_iters=2")
@@ -217,3 +219,67 @@ def test_a_sharded_checkpoint_is_never_written_with_nonfinite_weights(tmp_path):
     with pytest.raises(UserError, match="NaN or infinite values at iteration 2"):
         sharded_ckpt.save_sharded(str(folder), model, optimizer, Distributed(), {"iter_num": 2})
     assert digests(folder) == before
+
+
+def test_the_readmes_cpu_config_runs_under_torchrun_as_written(char_dataset, tmp_path):
+    # one process's config (gradient_accumulation_steps=1, Muon) on two processes, sharded:
+    # each takes its micro-step, the step's batch doubles, and Muon updates the shards
+    result = torchrun("train.py", "config/train_shakespeare_char_cpu.py", "--parallel=fsdp",
+                      f"--dataset={char_dataset}", f"--out_dir={tmp_path}", "--max_iters=4",
+                      "--eval_iters=2", "--log_interval=2")
+    assert result.returncode == 0, result.stderr[-8000:]
+    assert "fsdp over 2 processes" in result.stdout
+    [note] = [line for line in result.stdout.splitlines() if "gradient_accumulation_steps" in line]
+    assert "each takes 1, so a step is 2 x batch_size sequences" in note
+    assert len(train_losses(result.stdout)) == 2
+    # ckpt.pt holds AdamW's and Muon's states as one process's run does: one process goes on
+    assert len(read_ckpt(tmp_path)["optimizer"]["optimizers"]) == 2
+    resumed = run_script("train.py", "config/train_shakespeare_char_cpu.py", f"--dataset={char_dataset}",
+                         f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=6",
+                         "--eval_iters=2", "--log_interval=2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "iter 6:" in resumed.stdout
+
+
+SHARDED_MUON = """
+import copy, os, sys
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+sys.path.insert(0, sys.argv[1])
+from nanogpt.optim import ShardedMuon
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+# rows that two processes split unevenly (5 and 7) and evenly (6)
+whole = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 7), torch.nn.Linear(7, 6))
+sharded = copy.deepcopy(whole)
+for layer in sharded:
+    fully_shard(layer)
+matrices = lambda model: [p for p in model.parameters() if p.dim() == 2]
+settings = dict(lr=0.05, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+theirs, ours = torch.optim.Muon(matrices(whole), **settings), ShardedMuon(matrices(sharded), **settings)
+for step in range(3):
+    x = torch.randn(4, 6)  # the same on both processes: the averaged gradient is the whole's
+    for model, optimizer in ((whole, theirs), (sharded, ours)):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+for a, b in zip(matrices(whole), matrices(sharded)):
+    assert b.to_local().shape[0] < a.shape[0]  # a shard
+    assert torch.equal(b.full_tensor(), a)
+    assert torch.equal(ours.state[b]["momentum_buffer"].full_tensor(), theirs.state[a]["momentum_buffer"])
+print("equal", flush=True)
+dist.barrier()
+# as distributed.finish_processes ends a run: gloo's threads, torn down with the interpreter,
+# now and then abort a finished process
+os._exit(0)
+"""
+
+
+def test_sharded_muon_updates_each_shard_as_muon_updates_the_whole_matrix(tmp_path):
+    script = tmp_path / "sharded_muon.py"
+    script.write_text(SHARDED_MUON)
+    result = torchrun(str(script), REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-8000:]
+    assert result.stdout.count("equal") == 2

@@ -164,3 +164,28 @@ def test_compiled_evaluation_gives_the_eager_losses(trained, char_dataset, tmp_p
     compiled_4 = evaluate("compiled_4", "--eval_batch_size=4", "--compile=True")
     assert eager_4 != eager
     assert compiled_4 == pytest.approx(eager_4, abs=2e-4)
+
+
+def test_a_fine_tune_warns_once_when_its_schedule_outlasts_it(trained, char_dataset, tmp_path):
+    # pretraining's warmup and decay (train.py's defaults), as a fine-tune typed on the command
+    # line gets them, on a run of 4 steps
+    short = [*TINY, f"--dataset={char_dataset}", "--max_iters=4", "--eval_interval=4",
+             "--warmup_iters=2000", "--lr_decay_iters=600000"]
+
+    def warnings(*args):
+        result = run_script("train.py", *short, *args)
+        assert result.returncode == 0, result.stderr
+        return [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+
+    tuned = tmp_path / "tuned"
+    [line] = warnings(f"--init_from={trained[0]}", f"--out_dir={tuned}")
+    assert "warmup_iters=2000 and lr_decay_iters=600000" in line and "max_iters=4" in line
+    # a resumed fine-tune is one too
+    [line] = warnings("--init_from=resume", f"--out_dir={tuned}", "--max_iters=6")
+    assert "max_iters=6" in line
+    # decay over max_iters, a warmup within it, or no schedule at all: nothing to say
+    assert warnings(f"--init_from={trained[0]}", f"--out_dir={tmp_path / 'a'}", "--warmup_iters=1",
+                    "--lr_decay_iters=None") == []
+    assert warnings(f"--init_from={trained[0]}", f"--out_dir={tmp_path / 'b'}", "--decay_lr=False") == []
+    # pretraining from scratch: a short run is a test, not a mistake
+    assert warnings(f"--out_dir={tmp_path / 'c'}") == []

@@ -10,12 +10,14 @@ conversations that answer in one fixed format.
     python chat.py --out_dir=out-chat-demo --prompt="Tell me about the tiger." --temperature=0
 
 out-chat-demo-base/ is a Hugging Face folder, as a hub download would be: a random Qwen2 (64
-wide, 2 layers, 4 query / 2 key-value heads, tied embeddings) saved by transformers'
-save_pretrained, a byte-level BPE tokenizer.json trained on the conversations with Qwen's
-<|endoftext|>, <|im_start|> and <|im_end|>, and a ChatML chat template in
-tokenizer_config.json. conversations.jsonl: `conversations` conversations, each a question
-about a thing (an animal, a fruit, a city, a colour, an instrument, in several phrasings) and
-the answer in the format to learn:
+wide, 2 layers, 4 query / 2 key-value heads, tied embeddings), built by nanogpt/llama.py and
+written by hf.export as export_hf.py writes one (config.json, model.safetensors), a byte-level
+BPE tokenizer.json trained on the conversations with Qwen's <|endoftext|>, <|im_start|> and
+<|im_end|>, and a ChatML chat template in tokenizer_config.json. It needs only
+requirements.txt's packages (the `tokenizers` library, not transformers), and transformers
+loads it. conversations.jsonl: `conversations` conversations, each a question about a thing
+(an animal, a fruit, a city, a colour, an instrument, in several phrasings) and the answer in
+the format to learn:
 
     KIND: animal | NAME: tiger | Tiger is an animal.
 
@@ -38,9 +40,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)
 
-from bench import shapes  # noqa: E402
-from nanogpt.atomic import check_not_foreign  # noqa: E402
 from configurator import configure, run  # noqa: E402
+from bench import shapes  # noqa: E402
+from nanogpt.atomic import check_not_foreign, replace_folder  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out = "out-chat-demo-base"  # the base model's folder, and its conversations.jsonl
@@ -50,6 +52,7 @@ seed = 0
 shape = "tiny"  # the base model's shape: "tiny" (the demo's), or "qwen2.5-0.5b" (random, 2 GB)
 overwrite = False  # write into an --out that holds a model or dataset this script did not make
 # -----------------------------------------------------------------------------
+# in config.json's terms, as a hub folder gives them
 SHAPES = {"tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                        tie_word_embeddings=True),
@@ -72,8 +75,8 @@ CHATML = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# written into out first: how the folder was made, and the sign that this script made it (and may
-# write it again)
+# written into out with the rest: how the folder was made, and the sign that this script made it
+# (and may write it again)
 MADE_BY = "chat_demo.json"
 
 
@@ -107,37 +110,44 @@ def main():
     cfg = configure(globals())
     shape, out, seed, held_out = cfg["shape"], cfg["out"], cfg["seed"], cfg["held_out"]
     import torch
-    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+    from model import build
+    from nanogpt import checkpoint, hf
     from nanogpt.errors import UserError
+    from nanogpt.tokenizer import HFTokenizer
     if shape not in SHAPES:
         raise UserError(f"shape must be one of {', '.join(SHAPES)}, got {shape!r}")
     check_not_foreign(out, lambda folder: os.path.isfile(os.path.join(folder, MADE_BY)), cfg["overwrite"])
     rng = random.Random(seed)
     chats = make_conversations(cfg["conversations"], rng, set(held_out.split(",")))
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, MADE_BY), "w", encoding="utf-8") as f:
-        json.dump({"made_by": "data/chat_demo/prepare.py", "shape": shape, "seed": seed,
-                   "conversations": cfg["conversations"], "held_out": held_out}, f, indent=2)
-    with open(os.path.join(out, "conversations.jsonl"), "w", encoding="utf-8") as f:
-        for messages in chats:
-            f.write(json.dumps({"messages": messages}) + "\n")
     # the vocabulary: the conversations' words, every thing's name (held-out ones too), markup
     names = " ".join(THINGS.values())
     tok = train_tokenizer([m["content"] for c in chats for m in c] + [names, "system user assistant helpful"])
     sizes = {"vocab_size": tok.get_vocab_size(), **SHAPES[shape]}
     if sizes["vocab_size"] > tok.get_vocab_size():  # placeholders, so that any id decodes
         tok.add_tokens([f"<|r{i}|>" for i in range(sizes["vocab_size"] - tok.get_vocab_size())])
-    theirs = PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHATML, eos_token="<|im_end|>",
-                                     pad_token="<|endoftext|>")
-    theirs.save_pretrained(out)  # tokenizer.json, and tokenizer_config.json with the template
+    # a reply ends at the end of its turn, or of the text (generate's eos_token_id)
+    ends = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
+    tokenizer = HFTokenizer(tok.to_str(), CHATML, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    # the model as a Qwen2 config.json describes it, read as any hub folder's is
+    args = hf.model_args({"model_type": "qwen2", **sizes, "eos_token_id": ends}, out, dropout=0.0)
     torch.manual_seed(seed)
-    config = Qwen2Config(**sizes, bos_token_id=None,
-                         eos_token_id=tok.token_to_id("<|im_end|>"))
-    base = Qwen2ForCausalLM(config)
-    base.save_pretrained(out)
-    GenerationConfig(eos_token_id=[tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
-                     ).save_pretrained(out)
+    base = build(checkpoint.model_config(args, out))
+
+    def write(folder):
+        # the whole folder at once: the export's files, then the demo's own
+        hf.export(base, tokenizer, folder)
+        with open(os.path.join(folder, MADE_BY), "w", encoding="utf-8") as f:
+            json.dump({"made_by": "data/chat_demo/prepare.py", "shape": shape, "seed": seed,
+                       "conversations": cfg["conversations"], "held_out": held_out}, f, indent=2)
+        with open(os.path.join(folder, "conversations.jsonl"), "w", encoding="utf-8") as f:
+            for messages in chats:
+                f.write(json.dumps({"messages": messages}) + "\n")
+
+    try:
+        replace_folder(out, write)
+    except OSError as e:
+        raise UserError(f"cannot write {out} ({e.strerror}); nothing there was changed") from None
     print(f"wrote {out}/: a random Qwen2 of {sum(p.numel() for p in base.parameters()):,} "
           f"parameters, a {tok.get_vocab_size()}-token tokenizer with a ChatML template, and "
           f"{len(chats)} conversations (none about {held_out.replace(',', ', ')}), e.g.\n"
