@@ -34,7 +34,7 @@ from nanogpt import hardware
 import hellaswag
 from nanogpt import lora
 from nanogpt import sharded_ckpt
-from nanogpt.dataset import check_fits, get_batch, open_dataset, to_device
+from nanogpt.dataset import check_fits, every_window, get_batch, open_dataset, to_device
 from nanogpt.errors import UserError
 from model import build
 from nanogpt.optim import configure_optimizers
@@ -48,6 +48,7 @@ eval_interval = 2000
 log_interval = 1
 eval_iters = 200
 eval_batch_size = None  # rows of each evaluation batch; None: batch_size, as nanoGPT
+final_eval_whole_val = False  # the last evaluation scores every val token once, not eval_iters sampled batches
 eval_only = False  # evaluate once and exit
 hellaswag_interval = 0  # score HellaSwag (hellaswag.py: acc, acc_norm) every this many iterations; 0: never
 hellaswag_input = ""  # a local file of HellaSwag examples; empty: the validation file, downloaded once
@@ -279,6 +280,7 @@ class Training:
     scaler: torch.amp.GradScaler  # float16's loss scaling (disabled in other precisions)
     sampler: torch.Generator  # draws the training batches
     batch: object  # batch(split, generator, rows): this process's rows of a global batch (draw_batch)
+    windows: object  # windows(split, rows): this process's rows of batches that score a whole split (draw_windows)
     tokenizer_spec: dict | None  # saved with each checkpoint, for sample.py
     base: str | None  # where a LoRA run's base model is, which its checkpoints name
     iter_num: int  # optimizer steps taken
@@ -330,8 +332,10 @@ def build_or_resume(config, passed, runtime):
     if runtime.device_type == "cuda":  # a small corpus is copied to the GPU once, not a batch at a time
         splits = to_device(splits, runtime.device)
     batch = functools.partial(draw_batch, splits, config.block_size, runtime)
+    windows = functools.partial(draw_windows, splits, config.block_size, runtime)
     return config, Training(raw_model=raw_model, model=model, eval_model=eval_model,
                             optimizer=optimizer, scaler=scaler, sampler=sampler, batch=batch,
+                            windows=windows,
                             tokenizer_spec=tokenizer_spec, base=base, iter_num=iter_num,
                             best_val_loss=best_val_loss)
 
@@ -542,14 +546,29 @@ def restore(saved_run, model, optimizer, sampler, runtime):
 def draw_batch(splits, block_size, runtime, split, generator, rows):
     """This process's `rows` rows of a global batch of rows x world_size (every process
     draws the same one) from splits[split], on the device."""
-    rank, device = runtime.world.rank, runtime.device
+    rank = runtime.world.rank
     own = slice(rank * rows, (rank + 1) * rows)
     x, y = get_batch(splits[split], block_size, rows * runtime.world.world_size, generator, own,
                      splits.get(f"{split}.mask"))
+    return on_device(x, y, runtime)
+
+
+def draw_windows(splits, block_size, runtime, split, rows):
+    """This process's `rows` rows of each batch of windows that score every target of
+    splits[split] once (dataset.every_window), on the device. Every process runs as many
+    batches (the last ones may leave a process no row), as FSDP's forward passes need."""
+    rank = runtime.world.rank
+    for x, y in every_window(splits[split], block_size, rows * runtime.world.world_size,
+                             slice(rank * rows, (rank + 1) * rows), splits.get(f"{split}.mask")):
+        yield on_device(x, y, runtime)
+
+
+def on_device(x, y, runtime):
+    """A batch's inputs and targets moved to the run's device."""
     if x.device.type == "cpu" and runtime.device_type == "cuda":
         # pinned memory lets the copy overlap with compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        return x.pin_memory().to(runtime.device, non_blocking=True), y.pin_memory().to(runtime.device, non_blocking=True)
+    return x.to(runtime.device), y.to(runtime.device)
 
 
 # -----------------------------------------------------------------------------
@@ -571,7 +590,8 @@ def train_loop(config, runtime, training, stop, peak, runlog, examples=None):
         # evaluate, and save a checkpoint; not again at the iteration a resumed run starts from
         at_eval = iter_num % config.eval_interval == 0 or iter_num == config.max_iters
         if at_eval and (iter_num != start_iter or iter_num == 0 or config.eval_only):
-            evaluate_and_save(config, runtime, training, lr, runlog, run_start)
+            final = iter_num == config.max_iters
+            evaluate_and_save(config, runtime, training, lr, runlog, run_start, final)
         if examples and iter_num % config.hellaswag_interval == 0 and \
                 (iter_num != start_iter or iter_num == 0 or config.eval_only):
             score_hellaswag(config, runtime, training, examples, runlog)
@@ -652,16 +672,19 @@ def log_step(config, runtime, training, loss, lr, dt, peak, runlog, run_start):
                 "tok_s": tok_s, "mfu": mfu, "elapsed": time.time() - run_start})
 
 
-def evaluate_and_save(config, runtime, training, lr, runlog, run_start):
+def evaluate_and_save(config, runtime, training, lr, runlog, run_start, final=False):
     """Evaluate (estimate_loss) and log; save a checkpoint where the val loss improved, or
     always with always_save_checkpoint (not at iteration 0); stop, nothing saved, where the
-    val loss is not finite."""
+    val loss is not finite. final: the run's last evaluation, which final_eval_whole_val
+    makes score all of val."""
+    whole_val = final and config.final_eval_whole_val
     losses = estimate_loss(training.eval_model, training.batch, runtime.autocast, runtime.world,
-                           config.eval_iters, config.eval_batch_size or config.batch_size, config.seed)
+                           config.eval_iters, config.eval_batch_size or config.batch_size, config.seed,
+                           training.windows if whole_val else None)
     iter_num = training.iter_num
     if runtime.master:
-        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-              f"val acc {losses['val_acc']:.4f}")
+        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+              f"{' (all of val)' if whole_val else ''}, val acc {losses['val_acc']:.4f}")
         runlog.log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
                     "train_acc": losses["train_acc"], "val_acc": losses["val_acc"],
                     "lr": lr, "elapsed": time.time() - run_start})
@@ -702,11 +725,12 @@ def score_hellaswag(config, runtime, training, examples, runlog):
 
 
 @torch.no_grad()
-def estimate_loss(model, batch, autocast, world, iters, rows, seed):
+def estimate_loss(model, batch, autocast, world, iters, rows, seed, windows=None):
     """Mean loss and next-token accuracy (how often the most likely token is the right one)
     over `iters` batches of each split, batch(split, generator, rows) drawing them from a
     generator seeded with seed: the same batches every time, so successive evaluations
-    compare. As in training, every process (world, a distributed.Distributed) draws the same
+    compare. windows(split, rows) (draw_windows), if given, gives val's batches instead:
+    every target of it, once. As in training, every process (world, a distributed.Distributed) draws the same
     global batches and takes its own `rows` rows of each, so N processes evaluate N times the
     rows of one in the same time, and with N times the rows one process gets their numbers.
     Means over the targets that count (a loss mask's), summed on each process's device and
@@ -717,9 +741,10 @@ def estimate_loss(model, batch, autocast, world, iters, rows, seed):
     out = {}
     for split in ("train", "val"):
         generator = torch.Generator().manual_seed(seed)
+        batches = (windows(split, rows) if split == "val" and windows is not None else
+                   (batch(split, generator, rows) for _ in range(iters)))
         sums = 0  # (loss, right guesses, targets that count), summed over the targets
-        for _ in range(iters):
-            X, Y = batch(split, generator, rows)
+        for X, Y in batches:
             with autocast:
                 logits, loss = model(X, Y)
             learned = Y != -1  # targets a loss mask leaves out do not count

@@ -371,3 +371,34 @@ def get_batch(data, block_size, n_rows, generator, rows=slice(None), mask=None):
     if hidden is not None:
         y = y.masked_fill(hidden, -1)
     return x, y
+
+
+def every_window(data, block_size, n_rows, rows=slice(None), mask=None):
+    """Batches (as get_batch's) that score every target of data once: consecutive windows of
+    block_size targets, n_rows windows a batch (of which `rows` are kept, as get_batch's), the
+    last one ending at the data's end, with the targets the window before it scored set to -1
+    (ignored). A window's first targets see a short context, as in training batches, whose
+    windows start anywhere: so the loss estimates what sampled batches estimate, without
+    their sampling noise."""
+    import torch
+    n_targets = len(data) - 1
+    starts = list(range(0, n_targets - block_size + 1, block_size))
+    overlap = 0  # targets of the last window that the whole windows scored already
+    if starts[-1] + block_size < n_targets:
+        overlap = starts[-1] + 2 * block_size - n_targets
+        starts.append(n_targets - block_size)
+    last = starts[-1]
+    for first in range(0, len(starts), n_rows):
+        kept = torch.tensor(starts[first:first + n_rows])[rows]
+        offsets = kept[:, None] + torch.arange(block_size + 1)
+        if isinstance(data, torch.Tensor):
+            offsets = offsets.to(data.device)
+            windows, hidden = data[offsets].long(), None if mask is None else mask[offsets[:, 1:]] == 0
+        else:
+            windows = torch.from_numpy(data[offsets.numpy()].astype(np.int64))
+            hidden = None if mask is None else torch.from_numpy(mask[offsets[:, 1:].numpy()] == 0)
+        x, y = windows[:, :-1], windows[:, 1:].clone()
+        if hidden is not None:
+            y = y.masked_fill(hidden, -1)
+        y[(kept == last).to(y.device), :overlap] = -1
+        yield x, y

@@ -38,7 +38,7 @@ def train_losses(stdout):
 
 def eval_losses(stdout):
     """[(train loss, val loss, val acc)] of each evaluation a train.py run printed."""
-    return [tuple(float(part.split()[-1]) for part in line.split(": ", 1)[1].split(", "))
+    return [tuple(float(part.split()[2]) for part in line.split(": ", 1)[1].split(", "))
             for line in stdout.splitlines() if line.startswith("step ")]
 
 

@@ -189,3 +189,46 @@ def test_a_fine_tune_warns_once_when_its_schedule_outlasts_it(trained, char_data
     assert warnings(f"--init_from={trained[0]}", f"--out_dir={tmp_path / 'b'}", "--decay_lr=False") == []
     # pretraining from scratch: a short run is a test, not a mistake
     assert warnings(f"--out_dir={tmp_path / 'c'}") == []
+
+
+@pytest.mark.parametrize("block_size, rows, processes", [(7, 3, 1), (16, 4, 2), (5, 8, 3)])
+def test_every_window_scores_each_target_once(block_size, rows, processes):
+    """dataset.every_window, split over processes as draw_windows splits it: each target of
+    the data once (ids 0..N-1, so a target names its place), each input its target's context."""
+    from nanogpt.dataset import every_window
+    data = np.arange(103, dtype=np.uint16)
+    scored = []
+    for rank in range(processes):
+        for x, y in every_window(data, block_size, rows * processes, slice(rank * rows, (rank + 1) * rows)):
+            assert x.shape == y.shape and x.shape[1] == block_size
+            assert torch.equal(x + 1, torch.from_numpy(data.astype(np.int64))[x + 1])  # inputs precede targets
+            scored += y[y >= 0].tolist()
+            assert torch.equal(y[y >= 0], (x + 1)[y >= 0])
+    assert sorted(scored) == list(range(1, len(data)))
+
+
+def test_the_final_evaluation_scores_all_of_val(char_dataset, tmp_path):
+    """final_eval_whole_val=True: the last evaluation's val loss is the mean loss of every val
+    target, as a plain loop over the saved model computes it."""
+    from nanogpt.checkpoint import load_model
+    stdout = train(tmp_path, char_dataset, "--max_iters=10", "--final_eval_whole_val=True",
+                   "--always_save_checkpoint=True")
+    last = [line for line in stdout.splitlines() if line.startswith("step 10:")]
+    assert len(last) == 1 and "(all of val)" in last[0], stdout
+    model, _ = load_model(str(tmp_path), "cpu")
+    val = torch.from_numpy(np.fromfile(os.path.join(char_dataset, "val.bin"), dtype=np.uint16).astype(np.int64))
+    T = model.config.block_size
+    losses = []  # per target: each whole window's, then the tail's not yet scored
+    with torch.no_grad():
+        for start in range(0, len(val) - 1 - T + 1, T):
+            logits, _ = model(val[None, start:start + T], val[None, start + 1:start + T + 1])
+            losses.append(torch.nn.functional.cross_entropy(logits[0], val[start + 1:start + T + 1], reduction="none"))
+        done = sum(len(x) for x in losses)
+        if done < len(val) - 1:
+            start = len(val) - 1 - T
+            logits, _ = model(val[None, start:start + T], val[None, start + 1:start + T + 1])
+            tail = torch.nn.functional.cross_entropy(logits[0], val[start + 1:], reduction="none")
+            losses.append(tail[T - (len(val) - 1 - done):])
+    expected = torch.cat(losses)
+    assert len(expected) == len(val) - 1
+    assert eval_losses(stdout)[-1][1] == pytest.approx(expected.mean().item(), abs=1e-4)
