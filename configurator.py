@@ -19,8 +19,11 @@ line on stderr and exit code 2, no traceback (see `run`).
 """
 
 import ast
+import contextlib
 import difflib
+import errno
 import gc
+import io
 import math
 import os
 import signal
@@ -29,11 +32,17 @@ import sys
 from nanogpt.errors import UserError
 
 
-def _interrupted_while_starting(signum, frame):
-    # at once, not by raising: an import's bare `except:` could swallow a SystemExit, and
-    # nothing has been written yet that a cleanup would need to finish
-    print("interrupted", file=sys.stderr, flush=True)
-    os._exit(130)
+def quit_at_once(signum, frame):
+    """A signal handler that ends the program now, quietly: `interrupted`, and the exit code a
+    shell gives a program the signal ended (130 for Ctrl-C, 143 for SIGTERM). Not by raising:
+    an exception raised wherever the signal lands (an import's bare `except:`, the interpreter's
+    exit handlers) is swallowed or printed as a traceback. Ending at once is as safe as a
+    SIGKILL, which leaves every file this repo writes whole (atomic.py)."""
+    with contextlib.suppress(Exception):  # a reader gone, a full disk, a write it interrupted
+        sys.stdout.flush()
+    with contextlib.suppress(Exception):
+        print("interrupted", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
 
 
 def _our_script_is_the_program():
@@ -51,29 +60,95 @@ def _our_script_is_the_program():
 # of this repo run as the program: a test runner importing the scripts keeps its own Ctrl-C.
 if _our_script_is_the_program() and \
         signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, _interrupted_while_starting)
+    signal.signal(signal.SIGINT, quit_at_once)
 
 
 def run(main):
     """Call main(), turning a UserError into a one-line message and exit code 2, Ctrl-C into
-    "interrupted" and exit code 130."""
-    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+    "interrupted" and exit code 130, and a standard output that cannot take what is written to
+    it into what a Unix tool does: a reader that went away (`| head`) ends the program quietly
+    with exit code 141 (a shell's code for a program that SIGPIPE ended, as `yes | head` gives
+    under `set -o pipefail`: the program stopped short of its end), any other failure (a full
+    disk) is one line, `error: cannot write to standard output: ...`, exit code 2 as for every
+    other write that fails."""
+    if signal.getsignal(signal.SIGINT) is quit_at_once:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C is Python's again
+    _take_stdout()
     try:
         main()
+        sys.stdout.flush()  # what is still buffered fails here, not in the interpreter's exit
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except StdoutError as e:
+        _discard_stdout()
+        if e.errno == errno.EPIPE:
+            sys.exit(141)
+        print(f"error: cannot write to standard output: {e.strerror}", file=sys.stderr)
+        sys.exit(2)
     finally:
-        # The interpreter's exit collects every object's cycles: with torch._dynamo imported
-        # (any torch optimizer imports it) that alone takes most of a second. Everything this
-        # script wrote is closed by now, so the program skips it; a caller that imported the
-        # script keeps its collector.
+        try:
+            sys.stdout.flush()
+        except StdoutError:  # after another failure, which was reported
+            _discard_stdout()
         if _our_script_is_the_program():
+            # the script is done: a Ctrl-C or SIGTERM while the interpreter exits (its exit
+            # handlers, joining threads) ends it at once, not with a traceback
+            signal.signal(signal.SIGINT, quit_at_once)
+            signal.signal(signal.SIGTERM, quit_at_once)
+            # The interpreter's exit collects every object's cycles: with torch._dynamo imported
+            # (any torch optimizer imports it) that alone takes most of a second. Everything this
+            # script wrote is closed by now, so the program skips it; a caller that imported the
+            # script keeps its collector.
             gc.freeze()
+
+
+class StdoutError(OSError):
+    """A write to standard output that failed (a reader that went away, a full disk), told
+    apart from a failed write to a file, which the code writing it reports."""
+
+
+class _StdoutFile(io.FileIO):
+    """Standard output's file descriptor, whose failed writes are StdoutErrors."""
+
+    def write(self, data):
+        try:
+            return super().write(data)
+        except BlockingIOError:
+            raise  # a non-blocking descriptor that is full: the buffer above it waits and retries
+        except OSError as e:
+            raise StdoutError(e.errno, e.strerror) from None
+
+
+def _take_stdout():
+    """Put in sys.stdout's place a stream like it (encoding, buffering) on _StdoutFile, which
+    writes a character its encoding lacks as an escape (\\xe9, under PYTHONIOENCODING=ascii or a
+    C locale) instead of failing. Only the interpreter's own stdout (not a test runner's
+    capture, not a second time)."""
+    out = sys.stdout
+    if out is None or out is not sys.__stdout__ or not isinstance(out, io.TextIOWrapper):
+        return
+    try:
+        fd = out.fileno()
+    except (OSError, ValueError):
+        return
+    out.flush()
+    raw = _StdoutFile(fd, "w", closefd=False)
+    unbuffered = isinstance(out.buffer, io.RawIOBase)  # python -u
+    sys.stdout = io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw), encoding=out.encoding,
+                                  errors="backslashreplace" if out.errors == "strict" else out.errors,
+                                  line_buffering=out.line_buffering, write_through=out.write_through)
+
+
+def _discard_stdout():
+    """Send what standard output still holds, and all written to it from now on, nowhere: the
+    interpreter's exit flushes it, which would fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _is_knob(key, value):

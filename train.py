@@ -22,7 +22,7 @@ import os
 import signal
 import time
 
-from configurator import configure, knobs, run  # first: Ctrl-C while the rest loads exits quietly
+from configurator import configure, knobs, quit_at_once, run  # first: Ctrl-C while the rest loads exits quietly
 
 import torch
 from torch.distributed import ReduceOp, all_reduce
@@ -764,8 +764,8 @@ class StopFlag:
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
-        if self.flag:
-            raise KeyboardInterrupt
+        if self.flag:  # a second one: at once, wherever it lands (in a save, in the exit)
+            quit_at_once(signum, frame)
         self.flag = True
         again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
         print(f"\nstopping after this iteration ({again} again to quit at once)", flush=True)
