@@ -28,6 +28,7 @@ import math
 import os
 import signal
 import sys
+import typing
 
 from nanogpt.errors import UserError
 
@@ -162,37 +163,46 @@ def knobs(namespace):
     return {k: v for k, v in namespace.items() if _is_knob(k, v)}
 
 
-def _coerce(key, value, default, origin, nullable=None):
-    """Check `value` against the type of `default`; return the value to store. nullable: the
-    keys besides those whose default is None that None may be given to (None: every key)."""
-    _check_numbers(key, value, default, origin)
-    if default is None:
-        return value  # None means "unset / auto": any type may replace it
+def _kinds(key, default, declared):
+    """The types key takes: those its script declares (an annotation, e.g. `device: str | None
+    = None`), else its default's; None where neither says (a default of None, undeclared)."""
+    if key in declared:
+        return tuple(t for t in typing.get_args(declared[key]) or (declared[key],) if t is not type(None))
+    return None if default is None else (type(default),)
+
+
+def _coerce(key, value, default, origin, nullable, declared):
+    """Check `value` against key's types (_kinds); return the value to store. nullable: the
+    keys besides those whose default is None that None may be given to."""
+    kinds = _kinds(key, default, declared)
+    _check_numbers(key, value, float in (kinds or ()), origin)
     if value is None:
-        if nullable is None or key in nullable:
+        if default is None or key in nullable:
             return value
         raise UserError(f"{origin}: {key} cannot be None (default {default!r}): None only "
                         "replaces the settings whose default is None")
-    if isinstance(default, bool) or isinstance(value, bool):
-        ok = isinstance(default, bool) and isinstance(value, bool)
-    elif isinstance(default, float) and isinstance(value, int):
+    if kinds is None:
+        return value  # an undeclared None, "unset / auto": any type may replace it
+    if isinstance(value, bool):
+        ok = bool in kinds
+    elif isinstance(value, int) and float in kinds and int not in kinds:
         return float(value)
     else:
-        ok = isinstance(value, type(default))
+        ok = isinstance(value, tuple(k for k in kinds if k is not bool))
     if not ok:
-        kind = type(default).__name__
-        article = "an" if kind[0] in "aeiou" else "a"
-        raise UserError(f"{origin}: {key} must be {article} {kind} "
+        names = [k.__name__ for k in kinds] + (["None"] if default is None else [])
+        article = "an" if names[0][0] in "aeiou" else "a"
+        raise UserError(f"{origin}: {key} must be {article} {' or '.join(names)} "
                         f"(default {default!r}), got {value!r}")
     return value
 
 
-def _check_numbers(key, value, default, origin):
+def _check_numbers(key, value, wants_float, origin):
     """Refuse a NaN or an infinity anywhere in value (1e400 parses as one), and an int too large
     to be a float (a 1 and 400 zeros), before anything runs: an optimizer or a clip given one
-    trains NaNs, or raises deep inside torch. A word a float knob is given that Python reads as
-    NaN or infinity ('nan', 'inf') is named as such."""
-    if isinstance(default, float) and isinstance(value, str):
+    trains NaNs, or raises deep inside torch. A word a float knob (wants_float) is given that
+    Python reads as NaN or infinity ('nan', 'inf') is named as such."""
+    if wants_float and isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
@@ -204,10 +214,10 @@ def _check_numbers(key, value, default, origin):
                         "what any setting takes")
     if isinstance(value, (tuple, list)):
         for item in value:
-            _check_numbers(key, item, None, origin)
+            _check_numbers(key, item, False, origin)
     elif isinstance(value, dict):
         for item in value.values():
-            _check_numbers(key, item, None, origin)
+            _check_numbers(key, item, False, origin)
 
 
 LITERAL_STARTS = tuple("0123456789+-.([{'\"")  # what a number, a string in quotes or a container starts with
@@ -247,16 +257,19 @@ class Settings(dict):
         self.passed = frozenset(passed)
 
 
-def configure(namespace, argv=None, skip_unknown_file_keys=False, nullable=None):
+def configure(namespace, argv=None, skip_unknown_file_keys=False, nullable=()):
     """Apply a config file and --key=value overrides to `namespace` (a script's globals);
     returns the knobs as Settings (a dict, with .passed: the keys given).
     skip_unknown_file_keys: a config file may set keys this script does not have
     (bench/train_step.py reads train.py's configs for the model's shape); --key=value
     overrides stay strict.
-    nullable: the keys whose default is not None that may still be set to None (e.g. () for
-    none); left at None, any key may be."""
+    nullable: the keys whose default is not None that may still be set to None (by default
+    none: None replaces only a default of None).
+    A knob whose default is None takes the types its script declares for it (an annotation:
+    `device: str | None = None`), or any value where it declares none."""
     argv = sys.argv[1:] if argv is None else argv
     defaults = knobs(namespace)
+    declared = namespace.get("__annotations__", {})
     script = namespace.get("__file__", "script.py")
     if any(a in ("-h", "--help") for a in argv):
         _print_help(defaults, script)
@@ -264,18 +277,18 @@ def configure(namespace, argv=None, skip_unknown_file_keys=False, nullable=None)
     passed = set()
     for arg in argv:
         if not arg.startswith("--"):
-            passed.update(_apply_file(namespace, defaults, arg, skip_unknown_file_keys, nullable))
+            passed.update(_apply_file(namespace, defaults, arg, skip_unknown_file_keys, nullable, declared))
             continue
         key, sep, text = arg[2:].partition("=")
         if key not in defaults:
             raise UserError(f"unknown config key {key!r}{_did_you_mean(key, defaults, '--')} "
                             "(see --help for the list)")
         if not sep:  # a bare --flag switches a True / False setting on, as argparse's store_true
-            if not isinstance(defaults[key], bool) and defaults[key] is not None:
+            if bool not in (_kinds(key, defaults[key], declared) or (bool,)):
                 raise UserError(f"argument {arg!r} needs a value: --{key}=... (only a True / "
                                 "False setting may be given bare)")
             text = "True"
-        namespace[key] = _coerce(key, _parse_value(text), defaults[key], f"--{key}", nullable)
+        namespace[key] = _coerce(key, _parse_value(text), defaults[key], f"--{key}", nullable, declared)
         passed.add(key)
     return Settings(knobs(namespace), passed)
 
@@ -290,7 +303,7 @@ def _did_you_mean(key, defaults, prefix=""):
     return ", did you mean " + " or ".join(prefix + k for k in chosen) + "?" if chosen else ""
 
 
-def _apply_file(namespace, defaults, path, skip_unknown, nullable=None):
+def _apply_file(namespace, defaults, path, skip_unknown, nullable, declared):
     """Set the keys of the config file at path; returns the keys it set."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -326,6 +339,6 @@ def _apply_file(namespace, defaults, path, skip_unknown, nullable=None):
                 continue
             raise UserError(f"{path}: unknown config key {key!r}{_did_you_mean(key, defaults)} "
                             "(see --help for the list)")
-        namespace[key] = _coerce(key, values[key], defaults[key], path, nullable)
+        namespace[key] = _coerce(key, values[key], defaults[key], path, nullable, declared)
         applied.append(key)
     return applied

@@ -47,7 +47,7 @@ out_dir = "out"
 eval_interval = 2000
 log_interval = 1
 eval_iters = 200
-eval_batch_size = None  # rows of each evaluation batch; None: batch_size, as nanoGPT
+eval_batch_size: int | None = None  # rows of each evaluation batch; None: batch_size, as nanoGPT
 eval_only = False  # evaluate once and exit
 hellaswag_interval = 0  # score HellaSwag (hellaswag.py: acc, acc_norm) every this many iterations; 0: never
 hellaswag_input = ""  # a local file of HellaSwag examples; empty: the validation file, downloaded once
@@ -92,12 +92,12 @@ min_lr = 6e-5  # ~ learning_rate / 10, per Chinchilla
 # system
 parallel = "ddp"  # under torchrun: 'ddp' (a whole copy per process) or 'fsdp' (sharded; distributed.py)
 sharded_checkpoint = False  # write out_dir/ckpt.dcp/, a shard per process, not ckpt.pt (models too big for one host's memory)
-backend = None  # distributed backend; None picks nccl on CUDA, gloo otherwise
-device = None  # 'cpu', 'cuda', 'cuda:1', 'mps'; None picks the best available
-dtype = None  # 'float32', 'bfloat16' or 'float16'; None picks the device's best
-compile = None  # torch.compile the model; None compiles on CUDA only
+backend: str | None = None  # distributed backend; None picks nccl on CUDA, gloo otherwise
+device: str | None = None  # 'cpu', 'cuda', 'cuda:1', 'mps'; None picks the best available
+dtype: str | None = None  # 'float32', 'bfloat16' or 'float16'; None picks the device's best
+compile: bool | None = None  # torch.compile the model; None compiles on CUDA only
 seed = 1337
-peak_flops = None  # the peak FLOP/s of the device in dtype, for MFU; None: a datasheet figure, else measured
+peak_flops: float | None = None  # the peak FLOP/s of the device in dtype, for MFU; None: a datasheet figure, else measured
 # -----------------------------------------------------------------------------
 # a resumed run keeps its checkpoint's values of these: they decide what the checkpoint holds
 KEPT_ON_RESUME = ("finetune", "freeze_layers", "trainable", "lora_rank", "lora_alpha",
@@ -170,8 +170,6 @@ def check_config(config):
             checkpoint.run_folder(config.init_from) == checkpoint.run_folder(config.out_dir):
         raise UserError(f"out_dir={config.out_dir} is init_from's folder: the run would overwrite "
                         "the model it starts from; choose another out_dir (or init_from=resume)")
-    if config.compile not in (None, True, False):
-        raise UserError(f"compile must be True or False, got {config.compile!r}")
     for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd",
                 "gradient_accumulation_steps", "eval_iters", "eval_interval", "log_interval"):
         if getattr(config, key) < 1:
@@ -179,7 +177,7 @@ def check_config(config):
     if config.hellaswag_interval < 0:
         raise UserError(f"hellaswag_interval must be 0 (never) or more, got {config.hellaswag_interval}")
     size = config.eval_batch_size
-    if size is not None and (type(size) is not int or size < 1):
+    if size is not None and size < 1:
         raise UserError(f"eval_batch_size must be a whole number of at least 1 (or None: "
                         f"batch_size's), got {size!r}")
     if config.optim not in ("adamw", "muon"):

@@ -382,7 +382,7 @@ TRAIN_CASES = [
     ("train: lora_dropout 1", ["--lora_dropout=1.0"], ["lora_dropout must be in [0, 1)"]),
     ("train: finetune unknown", ["--finetune=half"], ["finetune must be 'full', 'freeze' or 'lora'"]),
     ("train: lora from scratch", ["--finetune=lora"], ["finetune=lora trains adapters on a pretrained model"]),
-    ("train: compile a string", ["--compile=yes"], ["compile must be True or False"]),
+    ("train: compile a string", ["--compile=yes"], ["compile must be a bool", "'yes'"]),
     ("train: eval_batch_size 0", ["--eval_batch_size=0"], ["eval_batch_size must be a whole number of at least 1"]),
     ("train: eval_batch_size a string", ["--eval_batch_size=big"], ["eval_batch_size must be", "'big'"]),
     ("train: eval_batch_size a float", ["--eval_batch_size=2.5"], ["eval_batch_size must be", "2.5"]),

@@ -203,3 +203,80 @@ def test_a_second_signal_quits_at_once_and_quietly(where, sig, trained, char_dat
     else:
         saved = int(stdout.split("interrupted: saved iteration ")[1].split()[0])
         assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == saved > 20
+
+
+# -----------------------------------------------------------------------------
+# knobs whose default is None
+
+def test_every_knob_whose_default_is_none_declares_its_types():
+    # configure checks a value against the types a script declares (`device: str | None =
+    # None`); undeclared, a None default would take anything (`--device=5`). The decoding flags
+    # are engine.py's, which checks them itself (engine.options_from_flags).
+    import glob
+    import importlib.util
+    from configurator import knobs
+    from nanogpt import engine
+    decoding = set(engine.decoding_flags())
+    scripts = [path for pattern in ("*.py", "data/*/prepare.py", "bench/*.py")
+               for path in sorted(glob.glob(os.path.join(REPO, pattern)))
+               if "configure(globals()" in open(path, encoding="utf-8").read() and not path.endswith("configurator.py")]
+    assert len(scripts) >= 20
+    for path in scripts:
+        spec = importlib.util.spec_from_file_location("declared_" + os.path.relpath(path, REPO)[:-3].replace("/", "_"), path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        declared = vars(module).get("__annotations__", {})
+        untyped = [key for key, default in knobs(vars(module)).items()
+                   if default is None and key not in declared and key not in decoding]
+        assert not untyped, (os.path.relpath(path, REPO), untyped)
+
+
+@pytest.mark.parametrize("declared, arg, value", [
+    (str, "--device=cuda:1", "cuda:1"),
+    (str, "--device=None", None),
+    (bool, "--device", True),  # bare, as a switch
+    (float, "--device=3", 3.0),  # an int where a float is declared, as for a float default
+    (int, "--device=3", 3),
+])
+def test_a_declared_type_is_taken(declared, arg, value):
+    from configurator import configure
+    namespace = {"device": None, "__annotations__": {"device": declared | None}}
+    configure(namespace, [arg])
+    assert namespace["device"] == value and type(namespace["device"]) is type(value)
+
+
+@pytest.mark.parametrize("declared, arg, words", [
+    (str, "--device=5", "device must be a str or None (default None), got 5"),
+    (str, "--device", "needs a value"),
+    (int, "--device=True", "device must be an int or None"),
+    (int, "--device=2.5", "device must be an int or None"),
+    (float, "--device=fast", "device must be a float or None"),
+    (float, "--device=nan", "device must be a finite number"),
+    (bool, "--device=1", "device must be a bool or None"),
+])
+def test_a_value_of_another_type_than_declared_is_refused(declared, arg, words):
+    from configurator import configure
+    from nanogpt.errors import UserError
+    with pytest.raises(UserError) as info:
+        configure({"device": None, "__annotations__": {"device": declared | None}}, [arg])
+    assert words in str(info.value)
+
+
+def test_a_config_file_is_held_to_the_declared_type(tmp_path):
+    from configurator import configure
+    from nanogpt.errors import UserError
+    config = tmp_path / "config.py"
+    config.write_text("device = 5\n")
+    with pytest.raises(UserError, match="device must be a str or None"):
+        configure({"device": None, "__annotations__": {"device": str | None}}, [str(config)])
+
+
+def test_none_replaces_only_a_default_of_none_unless_a_script_says():
+    # bench/fsdp_memory.py and data/chat_demo/prepare.py call configure(globals()) as it is
+    from configurator import configure
+    from nanogpt.errors import UserError
+    with pytest.raises(UserError, match="processes cannot be None"):
+        configure({"processes": 2}, ["--processes=None"])
+    namespace = {"top_k": 200}
+    configure(namespace, ["--top_k=None"], nullable=("top_k",))
+    assert namespace["top_k"] is None
