@@ -114,7 +114,7 @@ def main():
     settings = configure(globals(), nullable=())  # None only where the default is None
     config = Config(**settings)
     check_config(config)
-    checkpoint.check_out_dir(config.out_dir)  # a file, under a file, read-only: before any work
+    atomic.check_out_dir(config.out_dir)  # a file, under a file, read-only: before any work
     runtime = set_up(config)
     # one run per out_dir: two would delete each other's temporary files and save over each
     # other's checkpoints. The kernel's lock goes with the process however it ends

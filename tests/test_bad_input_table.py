@@ -604,7 +604,7 @@ PREPARE_CASES = [
     ("text: out a file", "data/text/prepare.py", ["--input={root}/text_snow.txt", "--out={root}/a_file",
                                                   "--tokenizer=char"], ["a_file is a file"]),
     ("text: out under a file", "data/text/prepare.py", ["--input={root}/text_snow.txt", "--out={root}/a_file/d",
-                                                        "--tokenizer=char"], ["is under", "a_file, a file"]),
+                                                        "--tokenizer=char"], ["is under", "a_file, which is a file"]),
     ("chat data: no input", "data/chat/prepare.py", ["--out={root}/new_data", "--tokenizer={root}/run"], ["input"]),
     ("chat data: a bad line", "data/chat/prepare.py", ["--input={root}/chats_bad.jsonl", "--out={root}/new_data",
                                                        "--tokenizer={root}/run"], ["line"]),
@@ -653,7 +653,7 @@ BENCH_CASES = [
     ("generation: prompt past the context", "bench/generation.py", ["--prompt_tokens=2000", "--parts=gpt2"],
      ["prompt_tokens"]),
 ]
-# out_dir for train.py: checked by checkpoint.check_out_dir, which train.py calls
+# out_dir for train.py: checked by atomic.check_out_dir, which train.py calls
 OUT_DIR_CASES = [
     ("train: out_dir a file", ["--out_dir={root}/a_file"], ["out_dir=", "a_file is a file, not a folder"]),
     ("train: out_dir empty", ["--out_dir="], ["out_dir must be a folder's path"]),
@@ -748,9 +748,9 @@ def test_prepare_char_tokenizer_error_is_the_first_line(world, tmp_path):
     ("readonly/run", ["cannot be written", "Read-only file system"]),
 ])
 def test_check_out_dir_refuses_what_no_run_can_write_into(where, words, world):
-    """checkpoint.check_out_dir itself (train.py's out_dir cases above run once train.py calls
+    """atomic.check_out_dir itself (train.py's out_dir cases above run once train.py calls
     it): one line, and nothing made, not even the probe file."""
-    from nanogpt.checkpoint import check_out_dir
+    from nanogpt.atomic import check_out_dir
     from nanogpt.errors import UserError
     root, mounted = world
     if where.startswith("readonly") and not mounted:
