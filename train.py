@@ -163,6 +163,10 @@ def check_config(config):
     if config.finetune == "lora" and config.trainable:
         raise UserError("trainable= picks parameters to train with finetune='full' or 'freeze'; "
                         "with 'lora' the adapters train (choose them with lora_targets)")
+    if config.trainable and not trainable_patterns(config.trainable):
+        raise UserError(f"trainable={config.trainable!r} names no pattern, which would freeze every "
+                        "parameter: give comma-separated patterns, e.g. '*.attn.*', or leave it "
+                        "empty to train them all")
     if config.finetune == "lora" and config.init_from == "scratch":
         raise UserError("finetune=lora trains adapters on a pretrained model: set init_from to "
                         "gpt2 ... gpt2-xl, a hub id or a model folder")
@@ -296,6 +300,7 @@ def build_or_resume(config, passed, runtime):
     check_fits(meta, tokenizer_spec, config.dataset,
                config.out_dir if config.init_from == "resume" else config.init_from)
     splits, _ = open_dataset(config.dataset, config.block_size, model.config.vocab_size)
+    check_batch_memory(config, model.config.vocab_size, runtime)
     prepare_model(model, config, runtime, saved_run)
 
     # float16 needs loss scaling to keep small gradients from flushing to zero
@@ -412,6 +417,25 @@ def check_memory(args, device_type):
                         "of memory: choose a smaller model")
 
 
+def check_batch_memory(config, vocab_size, runtime):
+    """Refuse a batch (batch_size or eval_batch_size rows, the larger, of block_size tokens)
+    that cannot fit where it is computed, before one is drawn: its token ids (the windows cut
+    from the corpus, the inputs and the targets, int64: 24 bytes a token) and its logits
+    (float32: 4 bytes a token and vocabulary entry), the least of its activations, against the
+    GPU's memory, or this machine's on the CPU (and MPS, which shares it)."""
+    rows, key = max((config.batch_size, "batch_size"), (config.eval_batch_size or 0, "eval_batch_size"))
+    need = rows * config.block_size * (24 + 4 * vocab_size)
+    if runtime.device_type == "cuda":
+        memory, where = torch.cuda.get_device_properties(runtime.device).total_memory, runtime.device
+    else:
+        memory, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
+    if need > memory:
+        raise UserError(f"{key}={rows:,} rows of {config.block_size} tokens needs at least "
+                        f"{need / 1e9:,.0f} GB for its token ids and logits, more than the "
+                        f"{memory / 1e9:,.0f} GB of {where}: lower {key} (and raise "
+                        "gradient_accumulation_steps for as many tokens a step)")
+
+
 def prepare_model(model, config, runtime, saved_run):
     """Choose what trains (setup_finetune; a resumed LoRA run's adapters from saved_run), seed
     this process's own random numbers, and move the model to the device: under FSDP sharded,
@@ -419,6 +443,9 @@ def prepare_model(model, config, runtime, saved_run):
     trainable_count, total = setup_finetune(model, config.finetune, config.freeze_layers,
                                             checkpoint.lora_settings(dataclasses.asdict(config)),
                                             saved_run and saved_run.get("adapters"), config.trainable)
+    if trainable_count == 0:  # its backward would fail at the first step
+        raise UserError(f"finetune={config.finetune}, freeze_layers={config.freeze_layers} and "
+                        f"trainable={config.trainable!r} leave no parameter to train: unfreeze some")
     world = runtime.world
     if world.rank > 0:  # rank 0 (and a single process) goes on drawing from where the model left off
         torch.manual_seed(config.seed + world.rank)
@@ -461,9 +488,14 @@ def setup_finetune(model, mode, freeze_layers=0, lora_settings=None, adapters=No
     elif mode == "lora":
         lora.apply(model, **lora_settings, adapters=adapters)
     if patterns:
-        keep_matching(model, [p.strip() for p in patterns.split(",") if p.strip()])
+        keep_matching(model, trainable_patterns(patterns))
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def trainable_patterns(text):
+    """The patterns of a trainable= setting: comma-separated, blanks left out."""
+    return [p.strip() for p in text.split(",") if p.strip()]
 
 
 def keep_matching(model, patterns):
