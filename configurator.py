@@ -19,6 +19,7 @@ line on stderr and exit code 2, no traceback (see `run`).
 """
 
 import ast
+import codecs
 import contextlib
 import difflib
 import errno
@@ -124,11 +125,25 @@ class _StdoutFile(io.FileIO):
             raise StdoutError(e.errno, e.strerror) from None
 
 
+def _escape_unwritable(error):
+    """Standard output's encoding error handler: a character its encoding lacks is written as
+    an escape (\\xe9, under PYTHONIOENCODING=ascii or a C locale), as backslashreplace does,
+    instead of failing; one that stands for a byte of undecodable input (surrogateescape's: a
+    file name that is not UTF-8) as that byte, as Python writes it under a C locale."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    text = error.object[error.start:error.end]
+    return b"".join(bytes([ord(c) - 0xDC00]) if 0xDC80 <= ord(c) <= 0xDCFF
+                    else c.encode("ascii", "backslashreplace") for c in text), error.end
+
+
+codecs.register_error("nanogpt.stdout", _escape_unwritable)
+
+
 def _take_stdout():
-    """Put in sys.stdout's place a stream like it (encoding, buffering) on _StdoutFile, which
-    writes a character its encoding lacks as an escape (\\xe9, under PYTHONIOENCODING=ascii or a
-    C locale) instead of failing. Only the interpreter's own stdout (not a test runner's
-    capture, not a second time)."""
+    """Put in sys.stdout's place a stream like it (encoding, buffering) on _StdoutFile, with
+    _escape_unwritable for its errors unless the user chose a handler of their own. Only the
+    interpreter's own stdout (not a test runner's capture, not a second time)."""
     out = sys.stdout
     if out is None or out is not sys.__stdout__ or not isinstance(out, io.TextIOWrapper):
         return
@@ -140,7 +155,7 @@ def _take_stdout():
     raw = _StdoutFile(fd, "w", closefd=False)
     unbuffered = isinstance(out.buffer, io.RawIOBase)  # python -u
     sys.stdout = io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw), encoding=out.encoding,
-                                  errors="backslashreplace" if out.errors == "strict" else out.errors,
+                                  errors="nanogpt.stdout" if out.errors in ("strict", "surrogateescape") else out.errors,
                                   line_buffering=out.line_buffering, write_through=out.write_through)
 
 

@@ -96,12 +96,12 @@ def test_characters_the_terminal_lacks_come_out_escaped(unicode_run):
 
 
 # a script (configurator.run) printing the lines of a JSON file, (text, flush) each, to a
-# standard output of the given encoding
+# standard output of the given encoding and error handler
 PRINT_LINES = """
 import json, sys
 import configurator
-path, encoding = sys.argv[1], sys.argv[2]
-sys.stdout.reconfigure(encoding=encoding)
+path, encoding, errors = sys.argv[1:]
+sys.stdout.reconfigure(encoding=encoding, errors=errors)
 with open(path, encoding="utf-8") as f:
     lines = json.load(f)
 def main():
@@ -112,30 +112,42 @@ configurator.run(main)
 
 
 def random_text(rng):
-    """Text from every range of Unicode: ASCII, Latin-1, the rest of the first plane (lone
-    surrogates included, which no encoding takes), and the planes above it."""
-    ranges = [(32, 127), (128, 256), (256, 0x10000), (0x10000, 0x110000)]
+    """Text from every range of Unicode: ASCII, Latin-1, the rest of the first plane, the
+    planes above it, and lone surrogates, which no encoding takes (those of surrogateescape,
+    which stand for the bytes of undecodable input, and others)."""
+    ranges = [(32, 127), (128, 256), (256, 0x10000), (0x10000, 0x110000), (0xDC80, 0xDD00), (0xD800, 0xE000)]
     return "".join(chr(rng.randrange(*rng.choice(ranges))) for _ in range(rng.randrange(0, 300)))
+
+
+def written(char, encoding):
+    try:
+        return char.encode(encoding, "surrogateescape")
+    except UnicodeEncodeError:
+        return char.encode(encoding, "backslashreplace")
 
 
 @pytest.mark.parametrize("seed", range(12))
 def test_fuzz_standard_output(seed, tmp_path):
-    # any text, any encoding, printed to a file, to a reader that went away, to a full disk: the
-    # bytes Python's codec gives with backslashreplace, exit code 141, or one error line
+    # any text, any encoding (with the error handler Python picks: strict, or surrogateescape
+    # under a C locale), printed to a file, to a reader that went away, to a full disk: each
+    # character as Python's codec writes it, else the byte surrogateescape gives, else the
+    # backslashreplace escape; exit code 141; or one error line
     rng = random.Random(seed)
-    encoding = rng.choice(["ascii", "latin-1", "utf-8"])
+    encoding, errors = rng.choice(["ascii", "latin-1", "utf-8"]), rng.choice(["strict", "surrogateescape"])
     sink = rng.choice(["file", "file", "closed pipe", "full disk"])
     lines = [(random_text(rng), rng.random() < 0.3) for _ in range(rng.randrange(1, 40))]
     with open(tmp_path / "lines.json", "w", encoding="utf-8") as f:
         json.dump(lines, f)
+    with open(tmp_path / "lines.json", encoding="utf-8") as f:
+        lines = json.load(f)  # as the script reads them: a high and a low surrogate become one character
     stdout = {"file": str(tmp_path / "out"), "full disk": "/dev/full"}.get(sink)
     if sink == "closed pipe":
         stdout = str(tmp_path / "pipe")
         os.mkfifo(stdout)
-    code, stderr = run_with_stdout(stdout, "-c", PRINT_LINES, str(tmp_path / "lines.json"), encoding)
+    code, stderr = run_with_stdout(stdout, "-c", PRINT_LINES, str(tmp_path / "lines.json"), encoding, errors)
     if sink == "file":
         assert code == 0 and stderr == "", stderr
-        expected = "".join(text + "\n" for text, _ in lines).encode(encoding, "backslashreplace")
+        expected = b"".join(written(c, encoding) for text, _ in lines for c in text + "\n")
         with open(stdout, "rb") as f:
             assert f.read() == expected
     elif sink == "closed pipe":
