@@ -426,7 +426,7 @@ def check_batch_memory(config, vocab_size, runtime):
     rows, key = max((config.batch_size, "batch_size"), (config.eval_batch_size or 0, "eval_batch_size"))
     need = rows * config.block_size * (24 + 4 * vocab_size)
     if runtime.device_type == "cuda":
-        memory, where = torch.cuda.get_device_properties(runtime.device).total_memory, runtime.device
+        memory, where = torch.cuda.get_device_properties(runtime.device).total_memory, f"the GPU ({runtime.device})"
     else:
         memory, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
     if need > memory:
