@@ -419,12 +419,12 @@ def check_memory(args, device_type):
 
 def check_batch_memory(config, vocab_size, runtime):
     """Refuse a batch (batch_size or eval_batch_size rows, the larger, of block_size tokens)
-    that cannot fit where it is computed, before one is drawn: its token ids (the windows cut
-    from the corpus, the inputs and the targets, int64: 24 bytes a token) and its logits
+    that cannot fit where it is computed, before one is drawn: its token ids (int64: the
+    offsets of its windows in the corpus and the windows, 16 bytes a token) and its logits
     (float32: 4 bytes a token and vocabulary entry), the least of its activations, against the
     GPU's memory, or this machine's on the CPU (and MPS, which shares it)."""
     rows, key = max((config.batch_size, "batch_size"), (config.eval_batch_size or 0, "eval_batch_size"))
-    need = rows * config.block_size * (24 + 4 * vocab_size)
+    need = rows * config.block_size * (16 + 4 * vocab_size)
     if runtime.device_type == "cuda":
         memory, where = torch.cuda.get_device_properties(runtime.device).total_memory, f"the GPU ({runtime.device})"
     else:
