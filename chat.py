@@ -34,8 +34,8 @@ init_from = "resume"  # 'resume' loads out_dir/ckpt.pt; or a hub id, a folder, a
 out_dir = "out"
 prompt = ""  # answer this one message and exit; empty: an interactive chat
 system = ""  # the system prompt; empty: the template's default, if it has one
-device = None  # None (or 'auto') picks cuda, then mps, then cpu
-dtype = None  # the weights' dtype; None (or 'auto'): float32 on CPUs, else the GPU's best
+device: str | None = None  # None (or 'auto') picks cuda, then mps, then cpu
+dtype: str | None = None  # the weights' dtype; None (or 'auto'): float32 on CPUs, else the GPU's best
 # the decoding flags (engine.DecodingOptions' fields and engine.SCRIPT_FLAGS), with sample.py's
 # defaults, as a chat's reply is one sample; but a reply is at most 512 tokens (fewer where the
 # context leaves less), and the flags of several rows, beams and a whole length are not taken:

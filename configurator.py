@@ -19,21 +19,32 @@ line on stderr and exit code 2, no traceback (see `run`).
 """
 
 import ast
+import codecs
+import contextlib
 import difflib
+import errno
 import gc
+import io
 import math
 import os
 import signal
 import sys
+import typing
 
 from nanogpt.errors import UserError
 
 
-def _interrupted_while_starting(signum, frame):
-    # at once, not by raising: an import's bare `except:` could swallow a SystemExit, and
-    # nothing has been written yet that a cleanup would need to finish
-    print("interrupted", file=sys.stderr, flush=True)
-    os._exit(130)
+def quit_at_once(signum, frame):
+    """A signal handler that ends the program now, quietly: `interrupted`, and the exit code a
+    shell gives a program the signal ended (130 for Ctrl-C, 143 for SIGTERM). Not by raising:
+    an exception raised wherever the signal lands (an import's bare `except:`, the interpreter's
+    exit handlers) is swallowed or printed as a traceback. Ending at once is as safe as a
+    SIGKILL, which leaves every file this repo writes whole (atomic.py)."""
+    with contextlib.suppress(Exception):  # a reader gone, a full disk, a write it interrupted
+        sys.stdout.flush()
+    with contextlib.suppress(Exception):
+        print("interrupted", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
 
 
 def _our_script_is_the_program():
@@ -51,16 +62,23 @@ def _our_script_is_the_program():
 # of this repo run as the program: a test runner importing the scripts keeps its own Ctrl-C.
 if _our_script_is_the_program() and \
         signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, _interrupted_while_starting)
+    signal.signal(signal.SIGINT, quit_at_once)
 
 
 def run(main):
     """Call main(), turning a UserError into a one-line message (under torchrun, rank 0's) and
-    exit code 2, Ctrl-C into "interrupted" and exit code 130."""
-    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+    exit code 2, Ctrl-C into "interrupted" and exit code 130, and a standard output that
+    cannot take what is written to it into what a Unix tool does: a reader that went away
+    (`| head`) ends the program quietly with exit code 141 (a shell's code for a program that
+    SIGPIPE ended, as `yes | head` gives under `set -o pipefail`: the program stopped short of
+    its end), any other failure (a full disk) is one line, `error: cannot write to standard
+    output: ...`, exit code 2 as for every other write that fails."""
+    if signal.getsignal(signal.SIGINT) is quit_at_once:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C is Python's again
+    _take_stdout()
     try:
         main()
+        sys.stdout.flush()  # what is still buffered fails here, not in the interpreter's exit
     except UserError as e:
         # under torchrun every process meets the same bad input: rank 0 says it, once
         if os.environ.get("RANK", "0") == "0":
@@ -69,13 +87,86 @@ def run(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except StdoutError as e:
+        _discard_stdout()
+        if e.errno == errno.EPIPE:
+            sys.exit(141)
+        print(f"error: cannot write to standard output: {e.strerror}", file=sys.stderr)
+        sys.exit(2)
     finally:
-        # The interpreter's exit collects every object's cycles: with torch._dynamo imported
-        # (any torch optimizer imports it) that alone takes most of a second. Everything this
-        # script wrote is closed by now, so the program skips it; a caller that imported the
-        # script keeps its collector.
+        try:
+            sys.stdout.flush()
+        except StdoutError:  # after another failure, which was reported
+            _discard_stdout()
         if _our_script_is_the_program():
+            # the script is done: a Ctrl-C or SIGTERM while the interpreter exits (its exit
+            # handlers, joining threads) ends it at once, not with a traceback
+            signal.signal(signal.SIGINT, quit_at_once)
+            signal.signal(signal.SIGTERM, quit_at_once)
+            # The interpreter's exit collects every object's cycles: with torch._dynamo imported
+            # (any torch optimizer imports it) that alone takes most of a second. Everything this
+            # script wrote is closed by now, so the program skips it; a caller that imported the
+            # script keeps its collector.
             gc.freeze()
+
+
+class StdoutError(OSError):
+    """A write to standard output that failed (a reader that went away, a full disk), told
+    apart from a failed write to a file, which the code writing it reports."""
+
+
+class _StdoutFile(io.FileIO):
+    """Standard output's file descriptor, whose failed writes are StdoutErrors."""
+
+    def write(self, data):
+        try:
+            return super().write(data)
+        except BlockingIOError:
+            raise  # a non-blocking descriptor that is full: the buffer above it waits and retries
+        except OSError as e:
+            raise StdoutError(e.errno, e.strerror) from None
+
+
+def _escape_unwritable(error):
+    """Standard output's encoding error handler: a character its encoding lacks is written as
+    an escape (\\xe9, under PYTHONIOENCODING=ascii or a C locale), as backslashreplace does,
+    instead of failing; one that stands for a byte of undecodable input (surrogateescape's: a
+    file name that is not UTF-8) as that byte, as Python writes it under a C locale."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    text = error.object[error.start:error.end]
+    return b"".join(bytes([ord(c) - 0xDC00]) if 0xDC80 <= ord(c) <= 0xDCFF
+                    else c.encode("ascii", "backslashreplace") for c in text), error.end
+
+
+codecs.register_error("nanogpt.stdout", _escape_unwritable)
+
+
+def _take_stdout():
+    """Put in sys.stdout's place a stream like it (encoding, buffering) on _StdoutFile, with
+    _escape_unwritable for its errors unless the user chose a handler of their own. Only the
+    interpreter's own stdout (not a test runner's capture, not a second time)."""
+    out = sys.stdout
+    if out is None or out is not sys.__stdout__ or not isinstance(out, io.TextIOWrapper):
+        return
+    try:
+        fd = out.fileno()
+    except (OSError, ValueError):
+        return
+    out.flush()
+    raw = _StdoutFile(fd, "w", closefd=False)
+    unbuffered = isinstance(out.buffer, io.RawIOBase)  # python -u
+    sys.stdout = io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw), encoding=out.encoding,
+                                  errors="nanogpt.stdout" if out.errors in ("strict", "surrogateescape") else out.errors,
+                                  line_buffering=out.line_buffering, write_through=out.write_through)
+
+
+def _discard_stdout():
+    """Send what standard output still holds, and all written to it from now on, nowhere: the
+    interpreter's exit flushes it, which would fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _is_knob(key, value):
@@ -89,37 +180,46 @@ def knobs(namespace):
     return {k: v for k, v in namespace.items() if _is_knob(k, v)}
 
 
-def _coerce(key, value, default, origin, nullable=None):
-    """Check `value` against the type of `default`; return the value to store. nullable: the
-    keys besides those whose default is None that None may be given to (None: every key)."""
-    _check_numbers(key, value, default, origin)
-    if default is None:
-        return value  # None means "unset / auto": any type may replace it
+def _kinds(key, default, declared):
+    """The types key takes: those its script declares (an annotation, e.g. `device: str | None
+    = None`), else its default's; None where neither says (a default of None, undeclared)."""
+    if key in declared:
+        return tuple(t for t in typing.get_args(declared[key]) or (declared[key],) if t is not type(None))
+    return None if default is None else (type(default),)
+
+
+def _coerce(key, value, default, origin, nullable, declared):
+    """Check `value` against key's types (_kinds); return the value to store. nullable: the
+    keys besides those whose default is None that None may be given to."""
+    kinds = _kinds(key, default, declared)
+    _check_numbers(key, value, float in (kinds or ()), origin)
     if value is None:
-        if nullable is None or key in nullable:
+        if default is None or key in nullable:
             return value
         raise UserError(f"{origin}: {key} cannot be None (default {default!r}): None only "
                         "replaces the settings whose default is None")
-    if isinstance(default, bool) or isinstance(value, bool):
-        ok = isinstance(default, bool) and isinstance(value, bool)
-    elif isinstance(default, float) and isinstance(value, int):
+    if kinds is None:
+        return value  # an undeclared None, "unset / auto": any type may replace it
+    if isinstance(value, bool):
+        ok = bool in kinds
+    elif isinstance(value, int) and float in kinds and int not in kinds:
         return float(value)
     else:
-        ok = isinstance(value, type(default))
+        ok = isinstance(value, tuple(k for k in kinds if k is not bool))
     if not ok:
-        kind = type(default).__name__
-        article = "an" if kind[0] in "aeiou" else "a"
-        raise UserError(f"{origin}: {key} must be {article} {kind} "
+        names = [k.__name__ for k in kinds] + (["None"] if default is None else [])
+        article = "an" if names[0][0] in "aeiou" else "a"
+        raise UserError(f"{origin}: {key} must be {article} {' or '.join(names)} "
                         f"(default {default!r}), got {value!r}")
     return value
 
 
-def _check_numbers(key, value, default, origin):
+def _check_numbers(key, value, wants_float, origin):
     """Refuse a NaN or an infinity anywhere in value (1e400 parses as one), and an int too large
     to be a float (a 1 and 400 zeros), before anything runs: an optimizer or a clip given one
-    trains NaNs, or raises deep inside torch. A word a float knob is given that Python reads as
-    NaN or infinity ('nan', 'inf') is named as such."""
-    if isinstance(default, float) and isinstance(value, str):
+    trains NaNs, or raises deep inside torch. A word a float knob (wants_float) is given that
+    Python reads as NaN or infinity ('nan', 'inf') is named as such."""
+    if wants_float and isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
@@ -131,10 +231,10 @@ def _check_numbers(key, value, default, origin):
                         "what any setting takes")
     if isinstance(value, (tuple, list)):
         for item in value:
-            _check_numbers(key, item, None, origin)
+            _check_numbers(key, item, False, origin)
     elif isinstance(value, dict):
         for item in value.values():
-            _check_numbers(key, item, None, origin)
+            _check_numbers(key, item, False, origin)
 
 
 LITERAL_STARTS = tuple("0123456789+-.([{'\"")  # what a number, a string in quotes or a container starts with
@@ -174,16 +274,19 @@ class Settings(dict):
         self.passed = frozenset(passed)
 
 
-def configure(namespace, argv=None, skip_unknown_file_keys=False, nullable=None):
+def configure(namespace, argv=None, skip_unknown_file_keys=False, nullable=()):
     """Apply a config file and --key=value overrides to `namespace` (a script's globals);
     returns the knobs as Settings (a dict, with .passed: the keys given).
     skip_unknown_file_keys: a config file may set keys this script does not have
     (bench/train_step.py reads train.py's configs for the model's shape); --key=value
     overrides stay strict.
-    nullable: the keys whose default is not None that may still be set to None (e.g. () for
-    none); left at None, any key may be."""
+    nullable: the keys whose default is not None that may still be set to None (by default
+    none: None replaces only a default of None).
+    A knob whose default is None takes the types its script declares for it (an annotation:
+    `device: str | None = None`), or any value where it declares none."""
     argv = sys.argv[1:] if argv is None else argv
     defaults = knobs(namespace)
+    declared = namespace.get("__annotations__", {})
     script = namespace.get("__file__", "script.py")
     if any(a in ("-h", "--help") for a in argv):
         _print_help(defaults, script)
@@ -191,18 +294,18 @@ def configure(namespace, argv=None, skip_unknown_file_keys=False, nullable=None)
     passed = set()
     for arg in argv:
         if not arg.startswith("--"):
-            passed.update(_apply_file(namespace, defaults, arg, skip_unknown_file_keys, nullable))
+            passed.update(_apply_file(namespace, defaults, arg, skip_unknown_file_keys, nullable, declared))
             continue
         key, sep, text = arg[2:].partition("=")
         if key not in defaults:
             raise UserError(f"unknown config key {key!r}{_did_you_mean(key, defaults, '--')} "
                             "(see --help for the list)")
         if not sep:  # a bare --flag switches a True / False setting on, as argparse's store_true
-            if not isinstance(defaults[key], bool) and defaults[key] is not None:
+            if bool not in (_kinds(key, defaults[key], declared) or (bool,)):
                 raise UserError(f"argument {arg!r} needs a value: --{key}=... (only a True / "
                                 "False setting may be given bare)")
             text = "True"
-        namespace[key] = _coerce(key, _parse_value(text), defaults[key], f"--{key}", nullable)
+        namespace[key] = _coerce(key, _parse_value(text), defaults[key], f"--{key}", nullable, declared)
         passed.add(key)
     return Settings(knobs(namespace), passed)
 
@@ -217,7 +320,7 @@ def _did_you_mean(key, defaults, prefix=""):
     return ", did you mean " + " or ".join(prefix + k for k in chosen) + "?" if chosen else ""
 
 
-def _apply_file(namespace, defaults, path, skip_unknown, nullable=None):
+def _apply_file(namespace, defaults, path, skip_unknown, nullable, declared):
     """Set the keys of the config file at path; returns the keys it set."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -253,6 +356,6 @@ def _apply_file(namespace, defaults, path, skip_unknown, nullable=None):
                 continue
             raise UserError(f"{path}: unknown config key {key!r}{_did_you_mean(key, defaults)} "
                             "(see --help for the list)")
-        namespace[key] = _coerce(key, values[key], defaults[key], path, nullable)
+        namespace[key] = _coerce(key, values[key], defaults[key], path, nullable, declared)
         applied.append(key)
     return applied

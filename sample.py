@@ -34,9 +34,9 @@ globals().update(engine.decoding_flags())
 skip_special_tokens = False  # True: special tokens (<|endoftext|>, [CLS], ...) are not printed
 return_full_text = True  # False: print the generated text only, not the prompt before it
 stream = True  # print a lone sample as it is produced
-device = None  # None (or 'auto') picks cuda, then mps, then cpu
-dtype = None  # weights in 'float32', 'bfloat16' or 'float16'; None (or 'auto'): float32 on CPUs (fastest there), else the GPU's best
-quantize = None  # 'int8': int8 weights in every matmul, for fast decoding on a CPU
+device: str | None = None  # None (or 'auto') picks cuda, then mps, then cpu
+dtype: str | None = None  # weights in 'float32', 'bfloat16' or 'float16'; None (or 'auto'): float32 on CPUs (fastest there), else the GPU's best
+quantize: str | None = None  # 'int8': int8 weights in every matmul, for fast decoding on a CPU
 compile = False  # compile the one-token decode step (CUDA graphs on a GPU); pays off for long generations
 merge_lora = True  # a LoRA run: bake its adapters into the base weights, to decode at the base's speed
 # -----------------------------------------------------------------------------

@@ -44,8 +44,8 @@ OPENAI_DEFAULTS = dict(num_samples=1, max_new_tokens=None, temperature=1.0, top_
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' loads out_dir/ckpt.pt; or a hub id, a folder, a run's out_dir
 out_dir = "out"
-device = None  # None (or 'auto') picks cuda, then mps, then cpu
-dtype = None  # the weights' dtype; None (or 'auto'): float32 on CPUs, else the GPU's best
+device: str | None = None  # None (or 'auto') picks cuda, then mps, then cpu
+dtype: str | None = None  # the weights' dtype; None (or 'auto'): float32 on CPUs, else the GPU's best
 compile = False  # compile the one-token decode step (CUDA graphs on a GPU); each new batch size compiles once
 host = "127.0.0.1"  # 0.0.0.0 serves other machines too (then set api_key)
 port = 8000

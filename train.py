@@ -22,7 +22,7 @@ import os
 import signal
 import time
 
-from configurator import configure, knobs, run  # first: Ctrl-C while the rest loads exits quietly
+from configurator import configure, knobs, quit_at_once, run  # first: Ctrl-C while the rest loads exits quietly
 
 import torch
 from torch.distributed import ReduceOp, all_reduce
@@ -47,7 +47,7 @@ out_dir = "out"
 eval_interval = 2000
 log_interval = 1
 eval_iters = 200
-eval_batch_size = None  # rows of each evaluation batch; None: batch_size, as nanoGPT
+eval_batch_size: int | None = None  # rows of each evaluation batch; None: batch_size, as nanoGPT
 final_eval_whole_val = False  # the last evaluation scores every val token once, not eval_iters sampled batches
 eval_only = False  # evaluate once and exit
 hellaswag_interval = 0  # score HellaSwag (hellaswag.py: acc, acc_norm) every this many iterations; 0: never
@@ -93,12 +93,12 @@ min_lr = 6e-5  # ~ learning_rate / 10, per Chinchilla
 # system
 parallel = "ddp"  # under torchrun: 'ddp' (a whole copy per process) or 'fsdp' (sharded; distributed.py)
 sharded_checkpoint = False  # write out_dir/ckpt.dcp/, a shard per process, not ckpt.pt (models too big for one host's memory)
-backend = None  # distributed backend; None picks nccl on CUDA, gloo otherwise
-device = None  # 'cpu', 'cuda', 'cuda:1', 'mps'; None picks the best available
-dtype = None  # 'float32', 'bfloat16' or 'float16'; None picks the device's best
-compile = None  # torch.compile the model; None compiles on CUDA only
+backend: str | None = None  # distributed backend; None picks nccl on CUDA, gloo otherwise
+device: str | None = None  # 'cpu', 'cuda', 'cuda:1', 'mps'; None picks the best available
+dtype: str | None = None  # 'float32', 'bfloat16' or 'float16'; None picks the device's best
+compile: bool | None = None  # torch.compile the model; None compiles on CUDA only
 seed = 1337
-peak_flops = None  # the peak FLOP/s of the device in dtype, for MFU; None: a datasheet figure, else measured
+peak_flops: float | None = None  # the peak FLOP/s of the device in dtype, for MFU; None: a datasheet figure, else measured
 # -----------------------------------------------------------------------------
 # a resumed run keeps its checkpoint's values of these: they decide what the checkpoint holds
 KEPT_ON_RESUME = ("finetune", "freeze_layers", "trainable", "lora_rank", "lora_alpha",
@@ -118,7 +118,7 @@ def main():
         settings["lr_decay_iters"] = settings["max_iters"]
     config = Config(**settings)
     check_config(config)
-    checkpoint.check_out_dir(config.out_dir)  # a file, under a file, read-only: before any work
+    atomic.check_out_dir(config.out_dir)  # a file, under a file, read-only: before any work
     runtime = set_up(config)
     # one run per out_dir: two would delete each other's temporary files and save over each
     # other's checkpoints. The kernel's lock goes with the process however it ends
@@ -167,6 +167,10 @@ def check_config(config):
     if config.finetune == "lora" and config.trainable:
         raise UserError("trainable= picks parameters to train with finetune='full' or 'freeze'; "
                         "with 'lora' the adapters train (choose them with lora_targets)")
+    if config.trainable and not trainable_patterns(config.trainable):
+        raise UserError(f"trainable={config.trainable!r} names no pattern, which would freeze every "
+                        "parameter: give comma-separated patterns, e.g. '*.attn.*', or leave it "
+                        "empty to train them all")
     if config.finetune == "lora" and config.init_from == "scratch":
         raise UserError("finetune=lora trains adapters on a pretrained model: set init_from to "
                         "gpt2 ... gpt2-xl, a hub id or a model folder")
@@ -174,8 +178,6 @@ def check_config(config):
             checkpoint.run_folder(config.init_from) == checkpoint.run_folder(config.out_dir):
         raise UserError(f"out_dir={config.out_dir} is init_from's folder: the run would overwrite "
                         "the model it starts from; choose another out_dir (or init_from=resume)")
-    if config.compile not in (None, True, False):
-        raise UserError(f"compile must be True or False, got {config.compile!r}")
     for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd",
                 "gradient_accumulation_steps", "eval_iters", "eval_interval", "log_interval"):
         if getattr(config, key) < 1:
@@ -183,7 +185,7 @@ def check_config(config):
     if config.hellaswag_interval < 0:
         raise UserError(f"hellaswag_interval must be 0 (never) or more, got {config.hellaswag_interval}")
     size = config.eval_batch_size
-    if size is not None and (type(size) is not int or size < 1):
+    if size is not None and size < 1:
         raise UserError(f"eval_batch_size must be a whole number of at least 1 (or None: "
                         f"batch_size's), got {size!r}")
     if config.optim not in ("adamw", "muon"):
@@ -307,6 +309,7 @@ def build_or_resume(config, passed, runtime):
     check_fits(meta, tokenizer_spec, config.dataset,
                config.out_dir if config.init_from == "resume" else config.init_from)
     splits, _ = open_dataset(config.dataset, config.block_size, model.config.vocab_size)
+    check_batch_memory(config, model.config.vocab_size, runtime)
     prepare_model(model, config, runtime, saved_run)
 
     # float16 needs loss scaling to keep small gradients from flushing to zero
@@ -450,6 +453,25 @@ def check_memory(args, device_type):
                         "of memory: choose a smaller model")
 
 
+def check_batch_memory(config, vocab_size, runtime):
+    """Refuse a batch (batch_size or eval_batch_size rows, the larger, of block_size tokens)
+    that cannot fit where it is computed, before one is drawn: its token ids (int64: the
+    offsets of its windows in the corpus and the windows, 16 bytes a token) and its logits
+    (float32: 4 bytes a token and vocabulary entry), the least of its activations, against the
+    GPU's memory, or this machine's on the CPU (and MPS, which shares it)."""
+    rows, key = max((config.batch_size, "batch_size"), (config.eval_batch_size or 0, "eval_batch_size"))
+    need = rows * config.block_size * (16 + 4 * vocab_size)
+    if runtime.device_type == "cuda":
+        memory, where = torch.cuda.get_device_properties(runtime.device).total_memory, f"the GPU ({runtime.device})"
+    else:
+        memory, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
+    if need > memory:
+        raise UserError(f"{key}={rows:,} rows of {config.block_size} tokens needs at least "
+                        f"{need / 1e9:,.0f} GB for its token ids and logits, more than the "
+                        f"{memory / 1e9:,.0f} GB of {where}: lower {key} (and raise "
+                        "gradient_accumulation_steps for as many tokens a step)")
+
+
 def prepare_model(model, config, runtime, saved_run):
     """Choose what trains (setup_finetune; a resumed LoRA run's adapters from saved_run), seed
     this process's own random numbers, and move the model to the device: under FSDP sharded,
@@ -457,6 +479,9 @@ def prepare_model(model, config, runtime, saved_run):
     trainable_count, total = setup_finetune(model, config.finetune, config.freeze_layers,
                                             checkpoint.lora_settings(dataclasses.asdict(config)),
                                             saved_run and saved_run.get("adapters"), config.trainable)
+    if trainable_count == 0:  # its backward would fail at the first step
+        raise UserError(f"finetune={config.finetune}, freeze_layers={config.freeze_layers} and "
+                        f"trainable={config.trainable!r} leave no parameter to train: unfreeze some")
     world = runtime.world
     if world.rank > 0:  # rank 0 (and a single process) goes on drawing from where the model left off
         torch.manual_seed(config.seed + world.rank)
@@ -499,9 +524,14 @@ def setup_finetune(model, mode, freeze_layers=0, lora_settings=None, adapters=No
     elif mode == "lora":
         lora.apply(model, **lora_settings, adapters=adapters)
     if patterns:
-        keep_matching(model, [p.strip() for p in patterns.split(",") if p.strip()])
+        keep_matching(model, trainable_patterns(patterns))
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def trainable_patterns(text):
+    """The patterns of a trainable= setting: comma-separated, blanks left out."""
+    return [p.strip() for p in text.split(",") if p.strip()]
 
 
 def keep_matching(model, patterns):
@@ -821,8 +851,8 @@ class StopFlag:
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
-        if self.flag:
-            raise KeyboardInterrupt
+        if self.flag:  # a second one: at once, wherever it lands (in a save, in the exit)
+            quit_at_once(signum, frame)
         self.flag = True
         again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
         print(f"\nstopping after this iteration ({again} again to quit at once)", flush=True)

@@ -65,8 +65,8 @@ gpt2_size = "gpt2"  # part 1's shape: gpt2, gpt2-medium, gpt2-large, gpt2-xl
 tiny = False
 qwen_tokens = 64  # Qwen part: tokens generated per run
 threads = 0  # CPU threads for every contender (torch.set_num_threads); 0 keeps torch's choice
-device = None  # where to run: None (or 'auto') picks cuda, then mps, then cpu
-dtype = None  # the weights' dtype on a GPU (None: its best); a CPU times float32, bfloat16 and int8
+device: str | None = None  # where to run: None (or 'auto') picks cuda, then mps, then cpu
+dtype: str | None = None  # the weights' dtype on a GPU (None: its best); a CPU times float32, bfloat16 and int8
 compile = False  # also time our engine with its compiled one-token step (generate(compile=True))
 # -----------------------------------------------------------------------------
 

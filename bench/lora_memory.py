@@ -33,7 +33,7 @@ n_embd = 1024
 vocab_size = 50257
 block_size = 1024
 tokens = 128  # the length of the one sequence each step trains on: activations are not counted
-freeze_layers = None  # finetune='freeze' as train.py does it: the embeddings and this many blocks; None: half
+freeze_layers: int | None = None  # finetune='freeze' as train.py does it: the embeddings and this many blocks; None: half
 lora_rank = 8  # LoRA as train.py's defaults
 lora_alpha = 16.0
 lora_targets = "c_attn,c_proj,c_fc"

@@ -78,6 +78,51 @@ def sync_folder(folder):
             os.close(fd)
 
 
+def check_out_dir(path, flag="out_dir"):
+    """Refuse, before anything is written, a folder to write into (a run's out_dir, a preparer's
+    --out; flag: the setting that gave it) that nothing could be written into: an empty string,
+    a file, a folder under a file, a link that leads nowhere (or round a loop of links), a name
+    longer than its disk takes, a read-only folder (or one on a read-only disk). A folder that
+    does not exist yet is not created here: the nearest one above it that exists must be
+    writable. Writability is tried, not asked (a probe file is made and removed), so that root
+    and read-only mounts answer truly."""
+    if not isinstance(path, str) or not path.strip():
+        raise UserError(f"{flag} must be a folder's path, got {path!r}")
+    whole = existing = os.path.abspath(path)
+    missing = []  # the names below existing, which the run would make
+    while True:
+        try:
+            os.stat(existing)
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            if os.path.islink(existing):
+                where = "" if existing == whole else f" is under {existing}, which"
+                raise UserError(f"{flag}={path}{where} is a link to {os.readlink(existing)}, which "
+                                f"does not exist: choose another {flag}, or make the folder") from None
+            existing, name = os.path.split(existing)
+            missing.append(name)
+        except OSError as e:  # a loop of links, a name too long, a folder that cannot be searched
+            raise UserError(f"{flag}={path} cannot be used: {e.strerror}; choose another {flag}") from None
+    if not os.path.isdir(existing):
+        where = "is a file, not a folder" if existing == whole else f"is under {existing}, which is a file"
+        raise UserError(f"{flag}={path} {where}: choose another {flag}")
+    longest = os.pathconf(existing, "PC_NAME_MAX")
+    for name in missing:
+        if len(os.fsencode(name)) > longest:
+            raise UserError(f"{flag}={path} cannot be made: the name {name[:16]}... is "
+                            f"{len(os.fsencode(name))} bytes, more than the {longest} its disk "
+                            f"takes; choose another {flag}")
+    import tempfile
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        where = "" if existing == whole else f" (it would be made in {existing})"
+        raise UserError(f"{flag}={path} cannot be written{where}: {e.strerror}; choose another "
+                        f"{flag}") from None
+
+
 # the files that make a folder a model's or a dataset's, which no script writes over (or beside)
 # unless it made them, or is told to
 MODEL_FILES = ("ckpt.pt", "config.json", "model.safetensors", "model.safetensors.index.json",

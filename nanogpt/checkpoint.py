@@ -79,32 +79,6 @@ def refused_pickle(path, reason, origin=None):
             "the model to safetensors")
 
 
-def check_out_dir(path):
-    """Refuse, before anything is written, an out_dir that no run could write its checkpoint
-    into: an empty string, a file, a folder under a file, a read-only folder (or one on a
-    read-only disk). A folder that does not exist yet is not created here: the nearest one above
-    it that exists must be writable. Writability is tried, not asked (a probe file is made and
-    removed), so that root and read-only mounts answer truly."""
-    if not isinstance(path, str) or not path.strip():
-        raise UserError(f"out_dir must be a folder's path, got {path!r}")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"out_dir={path} is a file, not a folder: choose another out_dir")
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"out_dir={path} is under {existing}, which is a file: choose another out_dir")
-    import tempfile
-    try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        where = "" if existing == os.path.abspath(path) else f" (it would be made in {existing})"
-        raise UserError(f"out_dir={path} cannot be written{where}: {e.strerror}; choose another "
-                        "out_dir") from None
-
-
 def model_config(args, source=None):
     """A model's config (model.GPTConfig, or llama.LlamaConfig where model_args' family is
     "llama") from model_args (a checkpoint's, config.json's, or the flags'), checked."""

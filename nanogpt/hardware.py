@@ -151,11 +151,19 @@ def setup(device, dtype, training=True):
     (training=False) for decoding.
     Returns (device, device_type, dtype name, autocast context)."""
     dev = default_device() if device in (None, "auto") else device
-    device_type = "cuda" if dev.startswith("cuda") else dev.split(":")[0]
+    wrong = f"device must be cpu, cuda, cuda:N or mps, got {dev!r}"
+    try:
+        parsed = torch.device(dev)
+    except RuntimeError:  # not a device's name at all (cpu:abc, tpu)
+        raise UserError(wrong) from None
+    device_type = parsed.type
     if device_type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"device must be cpu, cuda, cuda:N or mps, got {dev!r}")
+        raise UserError(wrong)
     if device_type == "cuda" and not torch.cuda.is_available():
         raise UserError("device is cuda but no CUDA GPU is available: use --device=cpu")
+    if device_type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device {dev}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                        "numbered from 0")
     if device_type == "mps" and not torch.backends.mps.is_available():
         raise UserError("device is mps but MPS is not available: use --device=cpu")
     precision = check_dtype(default_dtype(device_type, training) if dtype in (None, "auto") else dtype)

@@ -15,10 +15,15 @@ from nanogpt.atomic import atomic_write, could_not_write
 from nanogpt.errors import UserError
 
 
+# the numbers of a record that the plot draws
+PLOTTED = ("loss", "train_loss", "val_loss", "hellaswag_acc_norm")
+
+
 class RunLog:
     """resume=False: a new run, whose first record replaces the metrics.jsonl of any earlier run
     in out_dir (and only then: a run that fails before its first record leaves it as it was);
-    resume=True appends to it. Nothing is written, and wandb not started, before that record."""
+    resume=True appends to it, once it is checked (check_resumable). Nothing is written, and
+    wandb not started, before that record."""
 
     def __init__(self, out_dir, wandb_config=None, resume=False):
         self.out_dir = out_dir
@@ -26,6 +31,22 @@ class RunLog:
         self.plot_path = os.path.join(out_dir, "loss.png")
         self.started = resume
         self.wandb_config, self.wandb = wandb_config, None
+        if resume:
+            self.check_resumable()
+
+    def check_resumable(self):
+        """Refuse, before a resumed run trains, a metrics.jsonl it cannot go on: a link (the run
+        would append wherever it leads, outside out_dir), something not a file, or a line that
+        is not a record, which drawing the plot at the next evaluation would fail on."""
+        path = self.metrics_path
+        if os.path.islink(path):
+            raise UserError(f"{path} is a link (to {os.readlink(path)}): a run appends its metrics "
+                            "to a file of its own in out_dir; put the file in place of the link")
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise UserError(f"{path} is not a file: a run appends its metrics to a file there; "
+                            "move it away")
+        if os.path.exists(path):
+            self.read()
 
     def log(self, record):
         """Append one record, e.g. {"iter": 10, "loss": 2.3, "lr": 1e-3}."""
@@ -58,8 +79,24 @@ class RunLog:
                 raise UserError(could_not_write(self.metrics_path, e)) from None
 
     def read(self):
-        with open(self.metrics_path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        """The records of metrics.jsonl; a line that is not one (an edit, a disk that failed
+        part way through a line) is a UserError naming it."""
+        records = []
+        with open(self.metrics_path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep
+                    record = None
+                if not is_record(record):
+                    raise UserError(f"{self.metrics_path}, line {n}: not a record of a run (a JSON "
+                                    f"object with its iter and numbers): "
+                                    f"{line.decode('utf-8', 'replace').strip()[:60]!r}; mend or "
+                                    "delete that line (the run's checkpoint does not need it)")
+                records.append(record)
+        return records
 
     def plot(self):
         # a Figure of its own, drawn to a file by the Agg canvas: no screen, no pyplot state
@@ -93,3 +130,11 @@ class RunLog:
     def finish(self):
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def is_record(record):
+    """Whether record is one that RunLog.log writes: a dict with an int iter whose plotted
+    values are numbers (an evaluation's val_loss with its train_loss)."""
+    return (isinstance(record, dict) and type(record.get("iter")) is int
+            and all(type(record[k]) in (int, float) for k in PLOTTED if k in record)
+            and ("val_loss" not in record or "train_loss" in record))

@@ -325,6 +325,7 @@ def world(trained, char_dataset, tmp_path_factory):
     (root / "config_raises.py").write_text("n_layer = 1 // 0\n")
     (root / "config_unknown.py").write_text("n_layers = 4\n")
     (root / "config_latin1.py").write_bytes(b"# caf\xe9\nn_layer = 4\n")
+    escapes_world(root)
     readonly = root / "readonly"
     readonly.mkdir()
     # a read-only disk holding a run: a tmpfs, filled, then remounted read-only
@@ -338,6 +339,29 @@ def world(trained, char_dataset, tmp_path_factory):
     yield root, mounted
     if mounted:
         subprocess.run(["umount", str(readonly)], check=True)
+
+
+def escapes_world(root):
+    """What issue 31's escape cases need: links that lead nowhere or round a loop (beside root,
+    ROOT_links/, as a link that leads nowhere cannot be hashed), and runs whose metrics.jsonl
+    cannot be resumed: a link to a file outside out_dir, a line that is not JSON, a line that is
+    JSON but not a record."""
+    links = root.parent / f"{root.name}_links"
+    links.mkdir()
+    os.symlink(links / "nowhere", links / "dangling")
+    os.symlink(links / "loop_b", links / "loop_a")
+    os.symlink(links / "loop_a", links / "loop_b")
+    (root / "outside.jsonl").write_text('{"iter": 0, "loss": 4.0}\n')
+    for how, line in (("link", None), ("not_json", "{not json"), ("a_list", "[1, 2]"),
+                      ("loss_a_word", '{"iter": 30, "loss": "low"}')):
+        shutil.copytree(root / "run", root / f"metrics_{how}")
+        metrics = root / f"metrics_{how}" / "metrics.jsonl"
+        if line is None:
+            os.remove(metrics)
+            os.symlink(root / "outside.jsonl", metrics)
+        else:
+            with open(metrics, "a") as f:
+                f.write(line + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -383,7 +407,7 @@ TRAIN_CASES = [
     ("train: lora_dropout 1", ["--lora_dropout=1.0"], ["lora_dropout must be in [0, 1)"]),
     ("train: finetune unknown", ["--finetune=half"], ["finetune must be 'full', 'freeze' or 'lora'"]),
     ("train: lora from scratch", ["--finetune=lora"], ["finetune=lora trains adapters on a pretrained model"]),
-    ("train: compile a string", ["--compile=yes"], ["compile must be True or False"]),
+    ("train: compile a string", ["--compile=yes"], ["compile must be a bool", "'yes'"]),
     ("train: eval_batch_size 0", ["--eval_batch_size=0"], ["eval_batch_size must be a whole number of at least 1"]),
     ("train: eval_batch_size a string", ["--eval_batch_size=big"], ["eval_batch_size must be", "'big'"]),
     ("train: eval_batch_size a float", ["--eval_batch_size=2.5"], ["eval_batch_size must be", "2.5"]),
@@ -605,7 +629,7 @@ PREPARE_CASES = [
     ("text: out a file", "data/text/prepare.py", ["--input={root}/text_snow.txt", "--out={root}/a_file",
                                                   "--tokenizer=char"], ["a_file is a file"]),
     ("text: out under a file", "data/text/prepare.py", ["--input={root}/text_snow.txt", "--out={root}/a_file/d",
-                                                        "--tokenizer=char"], ["is under", "a_file, a file"]),
+                                                        "--tokenizer=char"], ["is under", "a_file, which is a file"]),
     ("chat data: no input", "data/chat/prepare.py", ["--out={root}/new_data", "--tokenizer={root}/run"], ["input"]),
     ("chat data: a bad line", "data/chat/prepare.py", ["--input={root}/chats_bad.jsonl", "--out={root}/new_data",
                                                        "--tokenizer={root}/run"], ["line"]),
@@ -654,7 +678,7 @@ BENCH_CASES = [
     ("generation: prompt past the context", "bench/generation.py", ["--prompt_tokens=2000", "--parts=gpt2"],
      ["prompt_tokens"]),
 ]
-# out_dir for train.py: checked by checkpoint.check_out_dir, which train.py calls
+# out_dir for train.py: checked by atomic.check_out_dir, which train.py calls
 OUT_DIR_CASES = [
     ("train: out_dir a file", ["--out_dir={root}/a_file"], ["out_dir=", "a_file is a file, not a folder"]),
     ("train: out_dir empty", ["--out_dir="], ["out_dir must be a folder's path"]),
@@ -662,6 +686,82 @@ OUT_DIR_CASES = [
     ("train: out_dir read-only", ["--out_dir={root}/readonly/out"], ["cannot be written", "Read-only file system"]),
     ("train: resume in a read-only out_dir", ["--out_dir={root}/readonly/run", "--init_from=resume",
                                               "--max_iters=40"], ["cannot be written", "Read-only file system"]),
+]
+
+
+# -----------------------------------------------------------------------------
+# issue 31's escapes, by class (the terminal's and the signals' cases need a closed pipe, a full
+# disk or a signal: test_escapes.py). {root}_links is escapes_world's folder beside root.
+LONG = "x" * 300  # a name longer than any disk takes
+ESCAPE_TRAIN_CASES = [  # run as TRAIN_CASES are
+    # out_dir and outputs
+    ("train: out_dir a link to nowhere", ["--out_dir={root}_links/dangling"], ["is a link to", "which does not exist"]),
+    ("train: out_dir under a link to nowhere", ["--out_dir={root}_links/dangling/out"],
+     ["is under", "dangling, which is a link to", "which does not exist"]),
+    ("train: out_dir a loop of links", ["--out_dir={root}_links/loop_a"], ["Too many levels of symbolic links"]),
+    ("train: out_dir under a loop of links", ["--out_dir={root}_links/loop_a/out"], ["Too many levels of symbolic links"]),
+    ("train: out_dir a 300-character name", [f"--out_dir={{root}}/{LONG}"], ["File name too long"]),
+    ("train: out_dir a 300-character name in a new folder", [f"--out_dir={{root}}/new_out/{LONG}"],
+     ["cannot be made", "is 300 bytes, more than the"]),
+    ("train: resume, metrics.jsonl a link outside", ["--out_dir={root}/metrics_link", "--init_from=resume"],
+     ["metrics.jsonl is a link (to", "outside.jsonl"]),
+    ("train: resume, metrics.jsonl a line not JSON", ["--out_dir={root}/metrics_not_json", "--init_from=resume"],
+     ["metrics.jsonl, line 8: not a record", "'{not json'"]),
+    ("train: resume, metrics.jsonl a line a list", ["--out_dir={root}/metrics_a_list", "--init_from=resume"],
+     ["metrics.jsonl, line 8: not a record"]),
+    ("train: resume, metrics.jsonl a loss a word", ["--out_dir={root}/metrics_loss_a_word", "--init_from=resume"],
+     ["metrics.jsonl, line 8: not a record"]),
+    # sizes
+    ("train: batch_size 10**9", ["--batch_size=1000000000"], ["batch_size=1,000,000,000 rows", "GB", "lower batch_size"]),
+    ("train: eval_batch_size 10**12", ["--eval_batch_size=1000000000000"], ["eval_batch_size=1,000,000,000,000 rows", "GB"]),
+    ("train: batch_size 10**9 fine-tuning a model folder", ["--init_from={root}/hf", "--batch_size=1000000000"],
+     ["batch_size=1,000,000,000 rows", "GB"]),
+    ("train: batch_size 10**9 resumed", ["--out_dir={root}/run", "--init_from=resume", "--batch_size=1000000000"],
+     ["batch_size=1,000,000,000 rows", "GB"]),
+    ("train: trainable only commas", ["--trainable=,,,"], ["trainable=',,,' names no pattern"]),
+    ("train: trainable blanks", ["--trainable= , "], ["names no pattern"]),
+    ("train: trainable only what freeze froze", ["--finetune=freeze", "--freeze_layers=2",
+                                                 "--trainable=transformer.wte.weight"], ["leave no parameter to train"]),
+    # knobs whose default is None: their declared types
+    ("train: device an int", ["--device=5"], ["device must be a str or None", "got 5"]),
+    ("train: device cpu:abc", ["--device=cpu:abc"], ["device must be cpu, cuda, cuda:N or mps", "'cpu:abc'"]),
+    ("train: dtype a list", ["--dtype=[1]"], ["dtype must be a str or None", "[1]"]),
+    ("train: backend a number", ["--backend=1.5"], ["backend must be a str or None"]),
+    ("train: compile a number", ["--compile=1"], ["compile must be a bool or None"]),
+    ("train: peak_flops a word", ["--peak_flops=fast"], ["peak_flops must be a float or None", "'fast'"]),
+    ("train: peak_flops nan", ["--peak_flops=nan"], ["peak_flops must be a finite number"]),
+    ("train: eval_batch_size a list", ["--eval_batch_size=[8]"], ["eval_batch_size must be an int or None"]),
+    ("train: learning_rate a 1 and 400 zeros", [f"--learning_rate=1{'0' * 400}"], ["learning_rate is a number of 401 digits"]),
+    ("train: learning_rate 1e400", ["--learning_rate=1e400"], ["learning_rate must be a finite number"]),
+]
+ESCAPE_CASES = [
+    # out_dir and outputs, checked before the text is tokenised
+    ("text: out a link to nowhere", "data/text/prepare.py",
+     ["--input={root}/text_snow.txt", "--tokenizer=char", "--out={root}_links/dangling"], ["--out=", "is a link to"]),
+    ("text: out a loop of links", "data/text/prepare.py",
+     ["--input={root}/text_snow.txt", "--tokenizer=char", "--out={root}_links/loop_a"], ["Too many levels of symbolic links"]),
+    ("text: out a 300-character name", "data/text/prepare.py",
+     ["--input={root}/text_snow.txt", "--tokenizer=char", f"--out={{root}}/{LONG}"], ["File name too long"]),
+    ("chat data: out a link to nowhere", "data/chat/prepare.py",
+     ["--input={root}/chats_bad.jsonl", "--tokenizer={root}/run", "--out={root}_links/dangling"], ["is a link to"]),
+    # knobs whose default is None: their declared types
+    ("sample: device an int", "sample.py", [*SAMPLE, "--out_dir={root}/run", "--device=5"], ["device must be a str or None"]),
+    ("sample: device cpu:abc", "sample.py", [*SAMPLE, "--out_dir={root}/run", "--device=cpu:abc"],
+     ["device must be cpu, cuda, cuda:N or mps"]),
+    ("sample: dtype a list", "sample.py", [*SAMPLE, "--out_dir={root}/run", "--dtype=[1]"], ["dtype must be a str or None"]),
+    ("sample: quantize a number", "sample.py", [*SAMPLE, "--out_dir={root}/run", "--quantize=8"],
+     ["quantize must be a str or None"]),
+    ("chat: device a tuple", "chat.py", ["--out_dir={root}/run", "--prompt=ROMEO:", "--device=(1,)"],
+     ["device must be a str or None"]),
+    ("serve: dtype a number", "serve.py", ["--out_dir={root}/run", "--dtype=16"], ["dtype must be a str or None"]),
+    ("train_step: dtype a number", "bench/train_step.py", ["--dtype=32"], ["dtype must be a str or None"]),
+    ("generation: device a list", "bench/generation.py", ["--device=['cpu']"], ["device must be a str or None"]),
+    ("lora_memory: freeze_layers a word", "bench/lora_memory.py", ["--freeze_layers=half"],
+     ["freeze_layers must be an int or None"]),
+    ("fsdp_memory: processes None", "bench/fsdp_memory.py", ["--processes=None"], ["processes cannot be None"]),
+    ("fsdp_memory: tokens None", "bench/fsdp_memory.py", ["--tokens=None"], ["tokens cannot be None"]),
+    ("chat_demo: conversations None", "data/chat_demo/prepare.py", ["--out={root}/new_demo", "--conversations=None"],
+     ["conversations cannot be None"]),
 ]
 
 
@@ -691,6 +791,9 @@ def all_cases():
         cases.append((what, script, args, words, ()))
     for what, args, words in OUT_DIR_CASES:
         cases.append((what, "train.py", [*TRAIN, "--dataset={root}/data", *args], words, ()))
+    for what, args, words in ESCAPE_TRAIN_CASES:
+        cases.append((what, "train.py", [*TRAIN, "--dataset={root}/data", new_out, *args], words, ()))
+    cases += [(what, script, args, words, ()) for what, script, args, words in ESCAPE_CASES]
     return cases
 
 
@@ -741,6 +844,13 @@ def test_prepare_char_tokenizer_error_is_the_first_line(world, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_table_covers_every_escape_class():
+    ids = [c[0] for c in ESCAPE_TRAIN_CASES + ESCAPE_CASES]
+    for kind, least in (("link", 4), ("300-character", 3), ("metrics.jsonl", 4), ("batch_size", 4),
+                        ("trainable", 3), ("device", 5), ("dtype", 4), ("None", 3)):
+        assert sum(kind in i for i in ids) >= least, kind
+
+
 @pytest.mark.parametrize("where, words", [
     ("a_file", ["is a file, not a folder"]),
     ("", ["out_dir must be a folder's path"]),
@@ -749,9 +859,9 @@ def test_prepare_char_tokenizer_error_is_the_first_line(world, tmp_path):
     ("readonly/run", ["cannot be written", "Read-only file system"]),
 ])
 def test_check_out_dir_refuses_what_no_run_can_write_into(where, words, world):
-    """checkpoint.check_out_dir itself (train.py's out_dir cases above run once train.py calls
+    """atomic.check_out_dir itself (train.py's out_dir cases above run once train.py calls
     it): one line, and nothing made, not even the probe file."""
-    from nanogpt.checkpoint import check_out_dir
+    from nanogpt.atomic import check_out_dir
     from nanogpt.errors import UserError
     root, mounted = world
     if where.startswith("readonly") and not mounted:

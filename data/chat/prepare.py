@@ -27,6 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, wherever we run from
 
 from configurator import configure, run  # noqa: E402
+from nanogpt.atomic import check_out_dir  # noqa: E402
 from nanogpt.dataset import check_dataset_folder, read_text, write_dataset  # noqa: E402
 from nanogpt.errors import UserError  # noqa: E402
 
@@ -157,6 +158,7 @@ def main():
     source, out, tokenizer_name = cfg["input"], cfg["out"], cfg["tokenizer"]
     if not source or not out or not tokenizer_name:
         raise UserError("give --input=FILE.jsonl, --tokenizer=MODEL and --out=FOLDER (e.g. data/mychat)")
+    check_out_dir(out, "--out")  # a file, a link to nowhere, read-only: before the tokenising
     check_dataset_folder(out, cfg["overwrite"])
     conversations = read_conversations(source)
     from nanogpt.checkpoint import load_tokenizer  # torch is imported only here

@@ -30,6 +30,7 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)  # the repo root, wherever we run from
 
 from configurator import configure, run  # noqa: E402
+from nanogpt.atomic import check_out_dir  # noqa: E402
 from nanogpt.dataset import check_dataset_folder, read_text, write_dataset  # noqa: E402
 from nanogpt.errors import UserError  # noqa: E402
 from nanogpt.tokenizer import CharTokenizer, TiktokenTokenizer, from_spec  # noqa: E402
@@ -138,17 +139,6 @@ def encode(tok, text, eot, processes, desc):
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.uint32)
 
 
-def check_out(folder):
-    """Refuse an --out that cannot become a dataset folder (a file, or a path under a file)
-    before the text is tokenised."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        where = "is a file" if existing == os.path.abspath(folder) else f"is under {existing}, a file"
-        raise UserError(f"--out={folder} {where}: give a folder for the dataset")
-
-
 def dataset_name(folder):
     """What --dataset takes for folder: its name if it is under the repo's data/, else its path."""
     folder = os.path.abspath(folder)
@@ -165,7 +155,7 @@ def main():
         raise UserError(f"documents must be 'stream' or 'lines', got {documents!r}")
     if num_proc < 0:
         raise UserError(f"num_proc must be 0 (one per CPU core) or more, got {num_proc}")
-    check_out(out)
+    check_out_dir(out, "--out")  # a file, a link to nowhere, read-only: before the text is tokenised
     check_dataset_folder(out, cfg["overwrite"])
     text = read_text(source)
     if not text.strip():
