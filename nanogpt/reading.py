@@ -92,8 +92,8 @@ def read_json(path, fix, name=None, limit=MAX_BYTES):
     file and ending with fix, what to do (e.g. "download the model again")."""
     value = parse_json(read_bytes(path, name, limit), name or path, fix)
     if not isinstance(value, dict):
-        raise UserError(f"{name or path} does not hold a JSON object (it holds a JSON "
-                        f"{type(value).__name__}): {fix}")
+        raise UserError(f"{name or path} holds a JSON {type(value).__name__}, not an object"
+                        f"{'; ' + fix if fix else ''}")
     return value
 
 

@@ -457,7 +457,7 @@ FOLDER_CASES = [
     ("ckpt/empty_file", ["is unreadable or corrupt"]),
     ("ckpt/truncated", ["is unreadable or corrupt"]),
     ("ckpt/garbage", ["is unreadable or corrupt"]),
-    ("hf_bad/config_a_list", ["config.json does not hold a JSON object"]),
+    ("hf_bad/config_a_list", ["config.json holds a JSON list, not an object"]),
     ("hf_bad/config_not_json", ["config.json is not readable JSON"]),
     ("hf_bad/config_n_layer_str", ["n_layer must be a positive integer, got '2'"]),
     ("hf_bad/config_n_embd_negative", ["n_embd must be a positive integer, got -32"]),
