@@ -889,6 +889,22 @@ def escape_cases():
     return cases + INPUT_ESCAPES
 
 
+def test_reading_refuses_a_socket_and_a_file_larger_than_its_kind_unread(tmp_path):
+    """The two kinds the table does not make: a socket, and a file past reading.MAX_BYTES
+    (sparse, so it takes no room), refused from its size before a byte of it is read."""
+    import socket
+    from nanogpt import reading
+    from nanogpt.errors import UserError
+    huge = tmp_path / "config.json"
+    with open(huge, "wb") as f:
+        f.truncate(reading.MAX_BYTES + 1)
+    with pytest.raises(UserError, match=f"{huge}: it holds {reading.MAX_BYTES + 1:,} bytes, more than"):
+        reading.read_json(str(huge), "download it again")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / "sock"))
+        with pytest.raises(UserError, match="sock: it is a socket, not a regular file"):
+            reading.read_bytes(str(tmp_path / "sock"))
+
 def all_cases():
     """[(id, script, args, words, marks)] of every case."""
     cases = [(i, s, a, w, ()) for i, s, a, w in knob_cases()]
