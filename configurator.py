@@ -32,6 +32,7 @@ import sys
 import typing
 
 from nanogpt.errors import UserError
+from nanogpt.reading import read_text
 
 
 def quit_at_once(signum, frame):
@@ -322,13 +323,7 @@ def _did_you_mean(key, defaults, prefix=""):
 
 def _apply_file(namespace, defaults, path, skip_unknown, nullable, declared):
     """Set the keys of the config file at path; returns the keys it set."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            source = f.read()
-    except OSError as e:
-        raise UserError(f"cannot read config file {path!r}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"config file {path!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    source = read_text(path, f"config file {path!r}")
     try:
         tree = ast.parse(source, path)
     except SyntaxError as e:

@@ -31,6 +31,7 @@ from nanogpt import checkpoint
 from nanogpt import hf
 from nanogpt.atomic import MODEL_FILES, check_not_foreign
 from nanogpt.errors import UserError
+from nanogpt.reading import read_json
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the run whose out_dir/ckpt.pt to export
@@ -95,9 +96,8 @@ def is_export_of(folder, model, tokenizer):
     """Whether folder's config.json is the one exporting model (with tokenizer) writes: an export
     of this run's model, earlier, which a new export may replace."""
     try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError):
+        config = read_json(os.path.join(folder, "config.json"), "")
+    except UserError:
         return False
     return config == json.loads(json.dumps(hf.export_config(model.config, tokenizer)))
 

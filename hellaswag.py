@@ -17,7 +17,6 @@ hellaswag_interval steps with the same functions:
     # {"acc": ..., "acc_norm": ..., "examples": n}
 """
 
-import json
 import math
 import os
 from contextlib import nullcontext
@@ -30,6 +29,7 @@ from tqdm import tqdm
 from nanogpt.atomic import atomic_write
 from configurator import configure, run
 from nanogpt.errors import UserError
+from nanogpt.reading import parse_json, read_bytes
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 EXAMPLES = 10042  # in the validation file: the published scores are over all of them
@@ -53,10 +53,7 @@ def parse_examples(data, source):
     for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            example = json.loads(line)
-        except ValueError:
-            raise UserError(f"{source}, line {number} is not JSON: not a HellaSwag file") from None
+        example = parse_json(line, f"{source}, line {number}", "not a HellaSwag file")
         ok = (isinstance(example, dict) and isinstance(example.get("ctx"), str)
               and isinstance(example.get("endings"), list) and len(example["endings"]) == 4
               and all(isinstance(e, str) for e in example["endings"])
@@ -74,15 +71,10 @@ def load_examples(path="", cache_dir=""):
     """The examples of a local file (path), or of the validation file: downloaded into
     cache_dir the first time and checked, read from there after."""
     if path:
-        try:
-            with open(path, "rb") as f:
-                return parse_examples(f.read(), path)
-        except OSError as e:
-            raise UserError(f"cannot read --input={path}: {e.strerror}") from None
+        return parse_examples(read_bytes(path, f"--input={path}"), path)
     cached = os.path.join(cache_dir or CACHE, "hellaswag_val.jsonl")
     if os.path.exists(cached):
-        with open(cached, "rb") as f:
-            examples = parse_examples(f.read(), cached)
+        examples = parse_examples(read_bytes(cached), cached)
         if len(examples) != EXAMPLES:
             raise UserError(f"{cached} holds {len(examples):,} examples, not {EXAMPLES:,}: it is "
                             "damaged; delete it to download it again")

@@ -12,7 +12,6 @@ The checkpoint carries its tokenizer, so no data folder is needed.
 `python sample.py --help` lists every setting.
 """
 
-import json
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ from nanogpt import checkpoint
 from nanogpt import engine
 from nanogpt.errors import UserError
 from nanogpt.quantize import fast_cpu_linears, quantize_int8
+from nanogpt.reading import parse_json, read_bytes
 
 # -----------------------------------------------------------------------------
 init_from = "resume"  # 'resume' loads out_dir/ckpt.pt; or gpt2 ... gpt2-xl, a hub id, a folder, a nanoGPT ckpt.pt
@@ -52,11 +52,7 @@ def read_prompts(text):
     if not text.startswith("FILE:"):
         return [text]
     path = text[len("FILE:"):]
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise UserError(f"cannot read prompt file {path!r}: {e.strerror}") from None
+    data = read_bytes(path, f"prompt file {path!r}")
     if b"\0" in data:
         raise UserError(f"prompt file {path!r} is binary (it holds NUL bytes, first at byte "
                         f"{data.index(0)}), not text: give a UTF-8 text file")
@@ -73,10 +69,7 @@ def read_prompts(text):
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            try:
-                prompts.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {n}: not JSON ({e.msg})") from None
+            prompts.append(parse_json(line, f"{path}, line {n}"))
             if not isinstance(prompts[-1], str):
                 raise UserError(f"{path}, line {n}: each line must be a JSON string (a prompt)")
     if not prompts:

@@ -16,6 +16,7 @@ import os
 import shutil
 
 from nanogpt.errors import UserError
+from nanogpt.reading import read_bytes
 
 
 def atomic_write(path, write):
@@ -215,9 +216,8 @@ def is_marked(path):
     if os.path.islink(path) or not os.path.isdir(path):
         return False
     try:
-        with open(os.path.join(path, MARKER), encoding="utf-8") as f:
-            return f.read(len(MARKER_TEXT) + 1) == MARKER_TEXT
-    except (OSError, UnicodeDecodeError):
+        return read_bytes(os.path.join(path, MARKER), limit=len(MARKER_TEXT)) == MARKER_TEXT.encode()
+    except UserError:  # missing, or not a file (a FIFO would block an open())
         return False
 
 

@@ -35,6 +35,7 @@ from nanogpt import hardware
 from nanogpt import hf
 from nanogpt import integrity
 from nanogpt import lora
+from nanogpt import reading
 from nanogpt.atomic import atomic_write
 from nanogpt.errors import UserError
 from model import build, config_class
@@ -57,6 +58,7 @@ def load_checkpoint(path, origin=None):
     the file comes from (a hub model, a run's LoRA base), for the message that refuses it."""
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path} (train one first, or check --out_dir)")
+    reading.check_regular(path, f"checkpoint {path}")  # torch.load would wait on a FIFO for ever
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -333,7 +335,7 @@ class PlainUnpickler(pickle.Unpickler):
 def read_meta_pkl(path, origin=None):
     """The itos vocabulary ({id: character}) of a nanoGPT meta.pkl."""
     try:
-        with open(path, "rb") as f:
+        with reading.open_regular(path, limit=reading.MAX_BYTES) as f:
             meta = PlainUnpickler(f).load()
     except pickle.UnpicklingError as e:
         if str(e).startswith("it names "):
@@ -366,7 +368,7 @@ def run_path(source):
     source is not a run (a Hugging Face folder, a hub id, a GPT-2 size)."""
     if os.path.isfile(source) or source.endswith(".pt"):
         return os.path.abspath(source)
-    if os.path.isfile(os.path.join(source, "ckpt.pt")):
+    if os.path.exists(os.path.join(source, "ckpt.pt")):  # a file, or what load_checkpoint refuses
         return os.path.abspath(os.path.join(source, "ckpt.pt"))
     return None
 

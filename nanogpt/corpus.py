@@ -36,6 +36,7 @@ from tqdm import tqdm
 from nanogpt.atomic import atomic_write
 from nanogpt.dataset import check_dataset_folder, json_bytes, shard_name, token_dtype, write_meta, write_shard
 from nanogpt.errors import UserError
+from nanogpt.reading import check_regular, open_regular, parse_json, read_bytes, read_json
 
 BATCH_CHARS = 1 << 20  # characters of text a worker encodes at once: worth a trip to another process
 ROWS = 1024  # parquet rows read at once
@@ -64,7 +65,7 @@ def local_files(patterns):
             if not path.endswith(KINDS):
                 raise UserError(f"{path} is not a corpus file: give .parquet, .jsonl (a JSON object a "
                                 "line) or .txt (a document a file) files")
-            files.append(Source(os.path.abspath(path), os.path.getsize(path), lambda p=path: p))
+            files.append(Source(os.path.abspath(path), check_regular(path), lambda p=path: p))
     return files
 
 
@@ -170,8 +171,7 @@ def read_documents(path, column, skip=0):
     if path.endswith(".parquet"):
         yield from read_parquet(path, column, skip)
     elif path.endswith(".txt"):
-        with open(path, encoding="utf-8", errors="replace", newline="") as f:
-            text = f.read() if skip == 0 else ""
+        text = read_bytes(path, limit=None).decode("utf-8", errors="replace") if skip == 0 else ""
         if text:
             yield np.zeros(1, dtype=np.int64), [text], 1.0
     else:
@@ -208,16 +208,13 @@ def read_parquet(path, column, skip):
 
 
 def read_jsonl(path, column, skip):
-    size = max(os.path.getsize(path), 1)
     numbers, texts = [], []
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
+        size = max(os.fstat(f.fileno()).st_size, 1)
         for row, line in enumerate(f):
             if row < skip or not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise UserError(f"{path}, line {row + 1}: not JSON ({str(e)[:80]})") from None
+            record = parse_json(line, f"{path}, line {row + 1}")
             if not isinstance(record, dict) or column not in record:
                 keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
                 raise UserError(f"{path}, line {row + 1} has no field {column!r} (it has: {keys}): "
@@ -323,12 +320,13 @@ def tokenized(chunks, spec, dtype, processes):
 # -----------------------------------------------------------------------------
 # Writing shards, resumably
 
-def read_json(path):
+def read_saved(path):
+    """progress.json or meta.json as this module saved it, or None if it is missing or torn
+    (as if there were none)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None  # missing or torn: as if there were none
+        return read_json(path, "")
+    except UserError:
+        return None
 
 
 class ShardWriter:
@@ -376,7 +374,7 @@ def resume_state(folder, settings):
     progress.json, or None when it is complete. A folder prepared with other settings is
     refused: its shards would be mixed with these."""
     for name in ("progress.json", "meta.json"):
-        saved = read_json(os.path.join(folder, name))
+        saved = read_saved(os.path.join(folder, name))
         if isinstance(saved, dict) and "settings" in saved:
             if saved["settings"] != settings:
                 differ = sorted(k for k in settings if saved["settings"].get(k) != settings[k])
@@ -400,7 +398,7 @@ def prepare(files, column, folder, tokenizer, shard_tokens=10**8, val_tokens=10*
     state = resume_state(folder, settings)
     if state is None:
         print(f"{folder} is prepared already: nothing to do")
-        return read_json(os.path.join(folder, "meta.json"))
+        return read_saved(os.path.join(folder, "meta.json"))
     writer = ShardWriter(folder, dtype, shard_tokens, settings, state)
     file_index, row, written = state["next"]
     done = state["tokens"]["val"] + state["tokens"]["train"]

@@ -28,6 +28,7 @@ import os
 
 import numpy as np
 
+from nanogpt import reading
 from nanogpt.atomic import atomic_write, check_not_foreign, sync_folder, write_beside
 from nanogpt.errors import UserError
 
@@ -35,14 +36,8 @@ REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the re
 
 
 def read_text(path):
-    """The text of a UTF-8 file exactly as it is on disk (newline="" keeps \\r)."""
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            return f.read()
-    except OSError as e:
-        raise UserError(f"cannot read --input={path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"--input={path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    """The text of a preparer's UTF-8 input exactly as it is on disk (\\r stays), of any size."""
+    return reading.read_text(path, f"--input={path}", limit=None)
 
 
 MASKS = ("train.mask.bin", "val.mask.bin")
@@ -139,11 +134,10 @@ def check_dataset_folder(folder, overwrite=False):
 def written_here(meta_path):
     """Whether the meta.json at meta_path is write_dataset's (a whole one, or INCOMPLETE)."""
     try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
+        meta = reading.read_json(meta_path, "")
+    except UserError:
         return False
-    return isinstance(meta, dict) and ("train_tokens" in meta or meta == INCOMPLETE)
+    return "train_tokens" in meta or meta == INCOMPLETE
 
 
 def dataset_dir(name):
@@ -160,17 +154,7 @@ def open_dataset(name, block_size=None, vocab_size=None):
     model's vocabulary; one pass over each split)."""
     folder = dataset_dir(name)
     meta_path = os.path.join(folder, "meta.json")
-    meta = {}
-    if os.path.exists(meta_path):
-        try:
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise UserError(f"{meta_path} is not readable JSON ({str(e)[:100]}): prepare the "
-                            "dataset again") from None
-        if not isinstance(meta, dict):
-            raise UserError(f"{meta_path} holds a JSON {type(meta).__name__}, not an object of "
-                            "the dataset's settings: prepare the dataset again")
+    meta = reading.read_json(meta_path, "prepare the dataset again") if os.path.exists(meta_path) else {}
     if meta == INCOMPLETE:
         raise UserError(f"{meta_path}: the dataset's files were being replaced when its "
                         "preparation stopped, so they may be of two datasets: prepare it again")
@@ -206,8 +190,9 @@ def open_dataset(name, block_size=None, vocab_size=None):
                             "lower --block_size")
         mask_path = os.path.join(folder, f"{split}.mask.bin")
         if "shards" not in meta and os.path.exists(mask_path):  # shards have no loss masks
-            if os.path.getsize(mask_path) != len(splits[split]):
-                raise UserError(f"{mask_path} has {os.path.getsize(mask_path):,} bytes for "
+            size = reading.check_regular(mask_path)
+            if size != len(splits[split]):
+                raise UserError(f"{mask_path} has {size:,} bytes for "
                                 f"{len(splits[split]):,} tokens (one each): prepare the dataset again")
             splits[f"{split}.mask"] = np.memmap(mask_path, dtype=np.uint8, mode="r")
         if vocab_size is not None:
@@ -225,7 +210,7 @@ def open_ids(path, name, split, dtype):
     if not os.path.exists(path):
         raise UserError(f"dataset {name!r} lacks {path}, which its meta.json lists: prepare "
                         "the dataset again (a sharded one goes on where it stopped)")
-    size = os.path.getsize(path)
+    size = reading.check_regular(path)
     if size == 0:
         raise UserError(f"{split}.bin of {name!r} is empty ({path}): prepare the dataset "
                         "again, from more text")

@@ -28,12 +28,14 @@ import torch
 from torch import nn
 
 from nanogpt.errors import UserError
+from nanogpt.reading import open_regular, parse_json, read_json, read_text
 from nanogpt.tokenizer import HFTokenizer, TiktokenTokenizer
 
 # OpenAI's GPT-2 sizes, by the short names nanoGPT uses, and where they live on the hub
 GPT2_SIZES = {name: f"openai-community/{name}"
               for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 GPT2_VOCAB_SIZE = 50257  # tiktoken's "gpt2" encoding
+AGAIN = "download or save it again"  # what to do about a model folder's damaged file
 # what a hub download fetches: the config, the weights, the tokenizer; pytorch_model.bin
 # only when there is no safetensors file, since many repos hold both
 HUB_FILES = ["config.json", "generation_config.json", "model*.safetensors",
@@ -57,6 +59,7 @@ LLAMA_DEFAULTS = {"llama": dict(max_position_embeddings=2048, num_key_value_head
 GENERATION_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
                        "min_p": 0.0, "typical_p": 1.0, "repetition_penalty": 1.0,
                        "no_repeat_ngram_size": 0}
+SAFETENSORS_MAX_HEADER = 100_000_000  # bytes: the safetensors library refuses a larger header
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                       "BF16": torch.bfloat16}
 # tiktoken builds its "gpt2" encoding from OpenAI's two GPT-2 files, which are also Hugging
@@ -118,31 +121,19 @@ def download(repo_id, weights=True):
 # -----------------------------------------------------------------------------
 # config.json and the tokenizer
 
-def read_json(path):
-    """A JSON object from a file, or a one-line error naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is unreadable ({type(e).__name__}): download or save it again") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path} does not hold a JSON object")
-    return value
-
-
 def read_config(folder, name):
     """config.json, its eos_token_id replaced by generation_config.json's where that names one:
     those are the ids transformers' generate() stops at (an instruct model's end of turn, say)."""
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
         raise UserError(f"{name} has no config.json: not a Hugging Face model folder")
-    config = read_json(config_path)
+    config = read_json(config_path, AGAIN)
     if not isinstance(config.get("model_type", ""), str):
         raise UserError(f"{config_path}: model_type must be a name such as \"gpt2\" or \"qwen2\", "
                         f"got {config['model_type']!r}")
     generation_path = os.path.join(folder, "generation_config.json")
     if os.path.exists(generation_path):
-        eos = read_json(generation_path).get("eos_token_id")
+        eos = read_json(generation_path, AGAIN).get("eos_token_id")
         if eos is not None:
             config["eos_token_id"] = eos
     return config
@@ -155,7 +146,7 @@ def generation_defaults(folder, name):
     path = os.path.join(folder, "generation_config.json")
     if not os.path.exists(path):
         return {}
-    given = {k: v for k, v in read_json(path).items() if k in GENERATION_DEFAULTS and v is not None}
+    given = {k: v for k, v in read_json(path, AGAIN).items() if k in GENERATION_DEFAULTS and v is not None}
     for key, value in given.items():
         kind = type(GENERATION_DEFAULTS[key])
         ok = isinstance(value, bool) if kind is bool else \
@@ -321,8 +312,7 @@ def folder_tokenizer(folder, name, vocab_size):
     if name in GPT2_SIZES:
         tokenizer = TiktokenTokenizer("gpt2")
     elif os.path.exists(tokenizer_json):
-        with open(tokenizer_json, encoding="utf-8") as f:
-            tokenizer = HFTokenizer(f.read(), *chat_template(folder))
+        tokenizer = HFTokenizer(read_text(tokenizer_json), *chat_template(folder))
         config_path = os.path.join(folder, "config.json")
         if os.path.exists(config_path):
             config = read_config(folder, name)
@@ -330,7 +320,7 @@ def folder_tokenizer(folder, name, vocab_size):
                 llama_special_tokens(tokenizer, config)
     elif os.path.exists(vocab_txt):
         settings_path = os.path.join(folder, "tokenizer_config.json")
-        settings = read_json(settings_path) if os.path.exists(settings_path) else {}
+        settings = read_json(settings_path, AGAIN) if os.path.exists(settings_path) else {}
         tokenizer = HFTokenizer.from_bert_vocab(vocab_txt, lowercase=settings.get("do_lower_case", True))
     elif vocab_size == GPT2_VOCAB_SIZE:
         tokenizer = TiktokenTokenizer("gpt2")  # e.g. a GPT-2 fine-tune saved without its tokenizer
@@ -347,15 +337,14 @@ def chat_template(folder):
     (a string, or a list of named ones: the "default"), or chat_template.jinja, with the
     special tokens' texts the template may use; (None, None) without one."""
     settings_path = os.path.join(folder, "tokenizer_config.json")
-    settings = read_json(settings_path) if os.path.exists(settings_path) else {}
+    settings = read_json(settings_path, AGAIN) if os.path.exists(settings_path) else {}
     template = settings.get("chat_template")
     if isinstance(template, list):
         template = next((t.get("template") for t in template
                          if isinstance(t, dict) and t.get("name") == "default"), None)
     jinja_path = os.path.join(folder, "chat_template.jinja")
     if template is None and os.path.exists(jinja_path):
-        with open(jinja_path, encoding="utf-8") as f:
-            template = f.read()
+        template = read_text(jinja_path)
     if not isinstance(template, str):
         return None, None
     return template, special_tokens(folder, settings)
@@ -368,7 +357,7 @@ def special_tokens(folder, settings):
     sources = [settings]
     map_path = os.path.join(folder, "special_tokens_map.json")
     if "added_tokens_decoder" not in settings and os.path.exists(map_path):
-        sources.append(read_json(map_path))
+        sources.append(read_json(map_path, AGAIN))
     special = {}
     for source in sources:
         for key in SPECIAL_TOKEN_NAMES:
@@ -407,10 +396,16 @@ def weight_files(folder, name):
     if os.path.exists(single):
         return [single]
     if os.path.exists(index):  # a big model split into shards
-        weight_map = read_json(index).get("weight_map")
+        weight_map = read_json(index, AGAIN).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise UserError(f"{index} has no weight_map naming the shards")
-        shards = [os.path.join(folder, str(shard)) for shard in sorted(set(weight_map.values()))]
+        for shard in weight_map.values():
+            # the shards are files beside the index: a path elsewhere (../other/model.safetensors,
+            # /abs/path) would load another folder's weights as this model's
+            if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
+                raise UserError(f"{index} names the shard {shard!r}, which is not the name of a file "
+                                f"in its folder (the shards lie beside it): {AGAIN}")
+        shards = [os.path.join(folder, shard) for shard in sorted(set(weight_map.values()))]
         missing = [s for s in shards if not os.path.exists(s)]
         if missing:
             raise UserError(f"{name}: {index} names the shard {missing[0]}, which is missing")
@@ -477,39 +472,66 @@ def safetensors_tensors(path):
     size, a JSON header giving each tensor's dtype, shape and byte range, then the bytes.
     (safetensors' safe_open maps the file into memory instead, and every page it touches counts
     as resident too, so the weights would be held twice.)"""
-    size = os.path.getsize(path)
-    try:
-        with open(path, "rb") as f:
-            header_size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_size)) if 8 + header_size <= size else None
-        header.pop("__metadata__", None)
-        entries = [(name, info["dtype"], [int(n) for n in info["shape"]],
-                    *(int(o) for o in info["data_offsets"])) for name, info in header.items()]
-        if not all(isinstance(dtype, str) and isinstance(info["shape"], list) and
-                   len(info["data_offsets"]) == 2 for (_, dtype, *_), info in zip(entries, header.values())):
-            raise ValueError("a tensor's dtype, shape or data_offsets is of the wrong kind")
-    except (ValueError, AttributeError, KeyError, TypeError, UnicodeDecodeError, OverflowError):
-        raise UserError(f"{path} is not a safetensors file (its header is unreadable): "
-                        "download or save it again") from None
+    with open_regular(path) as f:
+        data_start, entries = safetensors_header(f, path)
+    # one buffer, reused, for the tensors that cannot be read in place (a fresh one for each
+    # fragments the heap, which then holds on to memory); only the pages written to take memory
+    largest = max((end - begin for *_, begin, end in entries), default=0)
+    buffer = torch.empty(largest, dtype=torch.uint8)
+    with open_regular(path) as f:
+        for name, dtype, shape, begin, end in sorted(entries, key=lambda e: e[3]):
+            yield name, shape, functools.partial(read_tensor, f, buffer, data_start + begin,
+                                                 end - begin, SAFETENSORS_DTYPES[dtype], shape)
+
+
+def safetensors_header(f, path):
+    """(where the tensors' bytes start, [(name, dtype, shape, begin, end), ...]) of the open
+    safetensors file f (at path), checked as the safetensors library checks a file before it
+    reads one: a header of at most its 100 MB, shapes and byte ranges of whole numbers, each
+    tensor's bytes as many as its dtype and shape take, and the tensors' bytes one after another
+    from the end of the header to the end of the file, none overlapping another's, no byte
+    unused. The format has no checksum: bytes changed within a tensor go unnoticed."""
+    size = os.fstat(f.fileno()).st_size
+    header_size = int.from_bytes(f.read(8), "little")
+    if size < 8 or header_size > min(SAFETENSORS_MAX_HEADER, size - 8):
+        raise UserError(f"{path} is not a safetensors file (its header would be {header_size:,} "
+                        f"bytes, in a file of {size:,}); {AGAIN}")
+    header = parse_json(f.read(header_size), f"{path} is not a safetensors file: its header", AGAIN)
+    if not isinstance(header, dict):
+        raise UserError(f"{path} is not a safetensors file: its header is a JSON "
+                        f"{type(header).__name__}, not an object; {AGAIN}")
+    header.pop("__metadata__", None)
+    entries = []
+    for name, info in header.items():
+        info = info if isinstance(info, dict) else {}
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not (isinstance(dtype, str) and isinstance(shape, list) and isinstance(offsets, list)
+                and len(offsets) == 2
+                and all(isinstance(n, int) and not isinstance(n, bool) for n in shape + offsets)):
+            raise UserError(f"{path} is not a safetensors file: its header's entry {name!r} is not "
+                            f"a tensor's dtype, shape and data_offsets (whole numbers); {AGAIN}")
+        entries.append((name, dtype, shape, *offsets))
     data_start = 8 + header_size
     needed = data_start + max((end for *_, end in entries), default=0)
     if needed > size:
         raise UserError(f"{path} is truncated: it has {size:,} bytes and its header needs "
-                        f"{needed:,}; download or save it again")
+                        f"{needed:,}; {AGAIN}")
     for name, dtype, shape, begin, end in entries:
         if dtype not in SAFETENSORS_DTYPES:
             raise UserError(f"tensor {name} of {path} has dtype {dtype}, not a float type")
         if begin < 0 or min(shape, default=1) < 0 or \
                 end - begin != math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize:
             raise UserError(f"{path} is corrupt: the bytes of tensor {name} do not match its shape")
-    # one buffer, reused, for the tensors that cannot be read in place (a fresh one for each
-    # fragments the heap, which then holds on to memory); only the pages written to take memory
-    largest = max((end - begin for *_, begin, end in entries), default=0)
-    buffer = torch.empty(largest, dtype=torch.uint8)
-    with open(path, "rb") as f:
-        for name, dtype, shape, begin, end in sorted(entries, key=lambda e: e[3]):
-            yield name, shape, functools.partial(read_tensor, f, buffer, data_start + begin,
-                                                 end - begin, SAFETENSORS_DTYPES[dtype], shape)
+    reached = 0  # the bytes the tensors before this one (in the file's order) end at
+    for name, *_, begin, end in sorted(entries, key=lambda e: e[3:]):
+        if begin != reached:
+            how = "overlap another tensor's" if begin < reached else f"leave {begin - reached:,} bytes unused before them"
+            raise UserError(f"{path} is corrupt: the bytes of tensor {name} {how}; {AGAIN}")
+        reached = end
+    if data_start + reached != size:
+        raise UserError(f"{path} is corrupt: its last {size - data_start - reached:,} bytes belong "
+                        f"to no tensor; {AGAIN}")
+    return data_start, entries
 
 
 BLOCK_BYTES = 1 << 24  # 16 MiB: what read_tensor converts at a time

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as torch_dist
 
 from nanogpt.errors import UserError
+from nanogpt.reading import open_regular
 
 
 def named_tensors(obj, name):
@@ -101,17 +102,17 @@ def verify_checksums(path, run, parts=("weights", "optimizer")):
 def file_crc(path):
     """[size, crc32] of a file, read in 16 MiB pieces."""
     crc = 0
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while piece := f.read(1 << 24):
             crc = zlib.crc32(piece, crc)
-    return [os.path.getsize(path), crc]
+        return [os.fstat(f.fileno()).st_size, crc]
 
 
 def sampled_crc(path, chunks=16, chunk=1 << 16):
     """[size, crc32 of `chunks` chunks of the file spread evenly, its start and end included]."""
-    size = os.path.getsize(path)
     crc = 0
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         for i in range(chunks):
             f.seek(max(0, (size - chunk) * i // max(chunks - 1, 1)))
             crc = zlib.crc32(f.read(chunk), crc)

@@ -25,6 +25,7 @@ import torch.distributed as torch_dist
 
 from nanogpt import checkpoint
 from nanogpt import integrity
+from nanogpt import reading
 from nanogpt.atomic import replace_folder
 from nanogpt.distributed import (Distributed, by_position, collective_device, named_optimizer_state,
                                  set_named_optimizer_state)
@@ -166,11 +167,11 @@ class MetadataUnpickler(pickle.Unpickler):
 def check_metadata(folder):
     """Refuse a sharded checkpoint whose index is missing, damaged, or names code."""
     path = os.path.join(folder, ".metadata")
+    if not os.path.exists(path):
+        raise UserError(f"{folder} has no .metadata: not a complete sharded checkpoint")
     try:
-        with open(path, "rb") as f:
+        with reading.open_regular(path) as f:
             MetadataUnpickler(f).load()
-    except FileNotFoundError:
-        raise UserError(f"{folder} has no .metadata: not a complete sharded checkpoint") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
             KeyError, MemoryError, UnicodeDecodeError, OverflowError, ImportError) as e:
         raise UserError(checkpoint.refused_pickle(path, str(e), "the index of a sharded checkpoint")

@@ -24,11 +24,13 @@ a tojson that keeps non-ASCII) and variables (messages, add_generation_prompt,
 tools, the special tokens' texts), so the prompt ids are the same.
 """
 
+import io
 import json
 import unicodedata
 from datetime import datetime
 
 from nanogpt.errors import UserError
+from nanogpt.reading import read_text
 
 
 class CharTokenizer:
@@ -127,8 +129,7 @@ class HFTokenizer:
 
     @classmethod
     def from_file(cls, path):
-        with open(path, encoding="utf-8") as f:
-            return cls(f.read())
+        return cls(read_text(path))
 
     @classmethod
     def from_bert_vocab(cls, path, lowercase=True):
@@ -136,8 +137,10 @@ class HFTokenizer:
         number), set up as transformers' BertTokenizer is: the GPT-2-architecture Chinese models
         on the hub (e.g. uer/gpt2-chinese-*) ship only this."""
         from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-        with open(path, encoding="utf-8") as f:
-            vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+        # a line ends at \n, \r\n or \r, as a file read as text splits it (str.splitlines would
+        # split at other characters too, which a token may be)
+        lines = io.StringIO(read_text(path), newline=None)
+        vocab = {line.rstrip("\n"): i for i, line in enumerate(lines)}
         tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
         # BERT's cleanup: lowercase (optional), split off punctuation and every CJK character
         tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -258,6 +259,8 @@ _known = {}  # path: (its stat, its sha256): a file is hashed again only when it
 
 def _sha256(path):
     st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or a device a test made: its kind (reading one would block)
+        return f"not a file ({stat.S_IFMT(st.st_mode):o})"
     key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if _known.get(path, (None,))[0] != key:
         with open(path, "rb") as f:

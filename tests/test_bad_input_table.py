@@ -131,6 +131,7 @@ def safetensors_with(header, data, path):
 
 def damaged_hf_folders(root, good):
     """Folders root/<how>, each a copy of the good export damaged one way."""
+    from safetensors.torch import load_file, save as save_safetensors
     with open(os.path.join(good, "model.safetensors"), "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         header, data = json.loads(f.read(size)), f.read()
@@ -192,8 +193,12 @@ def damaged_hf_folders(root, good):
     variant("header_offsets_reversed", header_change=lambda h: h[wte].update(
         data_offsets=h[wte]["data_offsets"][::-1]))
     variant("header_shape_swapped", header_change=lambda h: h[wte].update(shape=h[wte]["shape"][::-1]))
-    variant("header_unknown_tensor", header_change=lambda h: h.update({"transformer.h.7.foo": h[wte]}))
-    variant("header_tensor_missing", header_change=lambda h: h.pop("transformer.ln_f.weight") and None)
+    # whole safetensors files (as the library writes them) with a tensor too many, or one too few
+    tensors = load_file(os.path.join(good, "model.safetensors"))
+    variant("header_unknown_tensor", files={"model.safetensors": save_safetensors(
+        {**tensors, "transformer.h.7.foo": tensors[wte].clone()})})
+    variant("header_tensor_missing", files={"model.safetensors": save_safetensors(
+        {k: v for k, v in tensors.items() if k != "transformer.ln_f.weight"})})
     variant("safetensors_empty", files={"model.safetensors": b""})
     variant("safetensors_truncated", files={"model.safetensors": open(
         os.path.join(good, "model.safetensors"), "rb").read()[:5000]})
@@ -304,6 +309,7 @@ def world(trained, char_dataset, tmp_path_factory):
     damaged_hf_folders(root / "hf_bad", str(root / "hf"))
     nanogpt_runs(root / "nano", str(root / "run" / "ckpt.pt"))
     lora_runs(root, root / "hf")
+    escapes_world(root)
     prompts = root / "prompts"
     prompts.mkdir()
     (prompts / "binary.bin").write_bytes(bytes(range(256)) * 4)
@@ -476,8 +482,8 @@ FOLDER_CASES = [
     ("ckpt/empty_file", ["is unreadable or corrupt"]),
     ("ckpt/truncated", ["is unreadable or corrupt"]),
     ("ckpt/garbage", ["is unreadable or corrupt"]),
-    ("hf_bad/config_a_list", ["config.json does not hold a JSON object"]),
-    ("hf_bad/config_not_json", ["config.json is unreadable"]),
+    ("hf_bad/config_a_list", ["config.json holds a JSON list, not an object"]),
+    ("hf_bad/config_not_json", ["config.json is not readable JSON"]),
     ("hf_bad/config_n_layer_str", ["n_layer must be a positive integer, got '2'"]),
     ("hf_bad/config_n_embd_negative", ["n_embd must be a positive integer, got -32"]),
     ("hf_bad/config_vocab_zero", ["vocab_size must be a positive integer, got 0"]),
@@ -508,7 +514,7 @@ FOLDER_CASES = [
     ("hf_bad/index_missing_shard", ["names the shard", "model-00001-of-00002.safetensors", "missing"]),
     ("hf_bad/index_no_weight_map", ["has no weight_map"]),
     ("hf_bad/index_weight_map_list", ["has no weight_map"]),
-    ("hf_bad/index_not_json", ["model.safetensors.index.json is unreadable"]),
+    ("hf_bad/index_not_json", ["model.safetensors.index.json is not readable JSON"]),
     ("hf_bad/no_weights", ["has no weights"]),
     ("hf_bad/bin_pickled_code", ["refused", "calls code", "system", "the weights of the model folder"]),
     ("hf_bad/bin_garbage", ["is unreadable or corrupt"]),
@@ -554,7 +560,7 @@ SAMPLE_CASES = [
     ("sample: start a latin-1 file", ["--start=FILE:{root}/prompts/latin1.txt"], ["is not UTF-8 text", "byte 10"]),
     ("sample: start an empty file", ["--start=FILE:{root}/prompts/empty.txt"], ["holds no prompt"]),
     ("sample: start a folder", ["--start=FILE:{root}/prompts"], ["cannot read prompt file"]),
-    ("sample: jsonl not JSON", ["--start=FILE:{root}/prompts/bad.jsonl"], ["line 2: not JSON"]),
+    ("sample: jsonl not JSON", ["--start=FILE:{root}/prompts/bad.jsonl"], ["line 2 is not readable JSON"]),
     ("sample: jsonl not strings", ["--start=FILE:{root}/prompts/numbers.jsonl"], ["must be a JSON string"]),
     ("sample: start outside the vocabulary", ["--start=snow \u2603"], ["outside the vocabulary"]),
     ("sample: num_samples 0", ["--num_samples=0"], ["num_samples must be >= 1"]),
@@ -692,7 +698,7 @@ OUT_DIR_CASES = [
 # -----------------------------------------------------------------------------
 # issue 31's escapes, by class (the terminal's and the signals' cases need a closed pipe, a full
 # disk or a signal: test_escapes.py). {root}_links is escapes_world's folder beside root.
-LONG = "x" * 300  # a name longer than any disk takes
+LONG_NAME = "x" * 300  # a name longer than any disk takes
 ESCAPE_TRAIN_CASES = [  # run as TRAIN_CASES are
     # out_dir and outputs
     ("train: out_dir a link to nowhere", ["--out_dir={root}_links/dangling"], ["is a link to", "which does not exist"]),
@@ -700,8 +706,8 @@ ESCAPE_TRAIN_CASES = [  # run as TRAIN_CASES are
      ["is under", "dangling, which is a link to", "which does not exist"]),
     ("train: out_dir a loop of links", ["--out_dir={root}_links/loop_a"], ["Too many levels of symbolic links"]),
     ("train: out_dir under a loop of links", ["--out_dir={root}_links/loop_a/out"], ["Too many levels of symbolic links"]),
-    ("train: out_dir a 300-character name", [f"--out_dir={{root}}/{LONG}"], ["File name too long"]),
-    ("train: out_dir a 300-character name in a new folder", [f"--out_dir={{root}}/new_out/{LONG}"],
+    ("train: out_dir a 300-character name", [f"--out_dir={{root}}/{LONG_NAME}"], ["File name too long"]),
+    ("train: out_dir a 300-character name in a new folder", [f"--out_dir={{root}}/new_out/{LONG_NAME}"],
      ["cannot be made", "is 300 bytes, more than the"]),
     ("train: resume, metrics.jsonl a link outside", ["--out_dir={root}/metrics_link", "--init_from=resume"],
      ["metrics.jsonl is a link (to", "outside.jsonl"]),
@@ -741,7 +747,7 @@ ESCAPE_CASES = [
     ("text: out a loop of links", "data/text/prepare.py",
      ["--input={root}/text_snow.txt", "--tokenizer=char", "--out={root}_links/loop_a"], ["Too many levels of symbolic links"]),
     ("text: out a 300-character name", "data/text/prepare.py",
-     ["--input={root}/text_snow.txt", "--tokenizer=char", f"--out={{root}}/{LONG}"], ["File name too long"]),
+     ["--input={root}/text_snow.txt", "--tokenizer=char", f"--out={{root}}/{LONG_NAME}"], ["File name too long"]),
     ("chat data: out a link to nowhere", "data/chat/prepare.py",
      ["--input={root}/chats_bad.jsonl", "--tokenizer={root}/run", "--out={root}_links/dangling"], ["is a link to"]),
     # knobs whose default is None: their declared types
@@ -764,6 +770,240 @@ ESCAPE_CASES = [
      ["conversations cannot be None"]),
 ]
 
+
+# Escapes (issue 31), read through nanogpt/reading.py: files that are not regular files (a FIFO,
+# whose open() waits for a writer for ever; a folder; a device that never ends), hostile JSON
+# (nested past any recursion limit, a number past Python's 4,300-digit int limit), and model
+# folders whose shard index points outside them or whose safetensors header does not add up.
+# escapes_world(root) builds esc/ in the world; escape_cases() turns the lists into cases.
+
+FIFO, FOLDER, DEVICE = "a FIFO", "a folder", "/dev/zero"
+DEEP = b"[" * 100_000 + b"]" * 100_000  # JSON nested far past Python's recursion limit
+LONG = b"1" * 5000  # a JSON number past Python's int-digit limit
+SHARD = "model-00001-of-00001.safetensors"
+WTE = "transformer.wte.weight"
+
+
+def put(path, what):
+    """Put what at path, in place of whatever is there: bytes (a file), None (nothing), FIFO,
+    FOLDER or DEVICE (a link to /dev/zero)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+    if what == FIFO:
+        os.mkfifo(path)
+    elif what == FOLDER:
+        os.mkdir(path)
+    elif what == DEVICE:
+        os.symlink("/dev/zero", path)
+    elif what is not None:
+        with open(path, "wb") as f:
+            f.write(what)
+
+
+def in_object(value):
+    """A JSON object's bytes holding value (bytes of JSON) under one key."""
+    return b'{"x": ' + value + b"}"
+
+
+# a model folder's files as sample.py reads them, each with what else the folder needs for
+# that file to be read (the shard index instead of model.safetensors, a chat template ...)
+HF_READS = {
+    "config.json": {}, "generation_config.json": {}, "tokenizer.json": {}, "tokenizer_config.json": {},
+    "chat_template.jinja": {}, "special_tokens_map.json": {"chat_template.jinja": b"{{ bos_token }}"},
+    "model.safetensors": {}, "model.safetensors.index.json": {"model.safetensors": None},
+    SHARD: {"model.safetensors": None, "model.safetensors.index.json":
+            json.dumps({"weight_map": {WTE: SHARD}}).encode()},
+    "pytorch_model.bin": {"model.safetensors": None}, "vocab.txt": {"tokenizer.json": None},
+}
+HF_JSON = ["config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+           "model.safetensors.index.json"]
+# (folder, file in it, what the file becomes): a dataset's and a run's files, for train.py
+DATASET_FILES = [("data", "meta.json", FIFO), ("data", "train.bin", FIFO), ("data", "val.bin", FIFO),
+                 ("data", "train.mask.bin", FIFO), ("data", "train.bin", FOLDER),
+                 ("data", "meta.json", DEVICE), ("data", "meta.json", in_object(DEEP))]
+RUN_FILES = [("run", "ckpt.pt", FIFO), ("nano/meta_missing", "meta.pkl", FIFO)]
+
+
+def special_name(folder, name, what):
+    """The esc/ folder of a copy of folder whose file name is what."""
+    kind = {FIFO: "fifo", FOLDER: "folder", DEVICE: "device"}.get(what) or \
+        ("deep" if what.startswith(b'{"x": [') else "long")
+    return f"{folder.replace('/', '_')}_{name}_{kind}"
+
+
+def escapes_world(root):
+    """esc/ in the world: copies of hf/, data/, run/ and nano/ with one file made special or
+    hostile each (HF_READS, HF_JSON, DATASET_FILES, RUN_FILES), the same for the safetensors
+    header and the shard index (MODEL_FOLDER_CASES), and esc/in/: inputs given by path."""
+    esc = root / "esc"
+
+    def variant(folder, files, name):
+        shutil.copytree(root / folder, esc / name, symlinks=True)
+        for file, what in files.items():
+            put(esc / name / file, what)
+
+    for name, needs in HF_READS.items():
+        variant("hf", {**needs, name: FIFO}, special_name("hf", name, FIFO))
+    for name in ("tokenizer.json", "model.safetensors", "chat_template.jinja"):
+        variant("hf", {**HF_READS[name], name: FOLDER}, special_name("hf", name, FOLDER))
+    variant("hf", {"tokenizer.json": DEVICE}, special_name("hf", "tokenizer.json", DEVICE))
+    for name in HF_JSON:
+        for value in (DEEP, LONG):
+            variant("hf", {**HF_READS[name], name: in_object(value)}, special_name("hf", name, in_object(value)))
+    for folder, name, what in DATASET_FILES + RUN_FILES:
+        variant(folder, {name: what}, special_name(folder, name, what))
+    with open(root / "hf" / "model.safetensors", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        data = f.read()
+    for name, change in SAFETENSORS_CHANGES.items():
+        variant("hf", {}, name)
+        safetensors_with(change(json.loads(json.dumps(header)), data), data, str(esc / name / "model.safetensors"))
+    for name, weight_map in ELSEWHERE.items():
+        index = json.dumps({"weight_map": weight_map(str(root))}).encode()
+        variant("hf", {"model.safetensors": None, "model.safetensors.index.json": index}, name)
+    with open(esc / "hf_bytes_after_the_last_tensor" / "model.safetensors", "ab") as f:
+        f.write(bytes(64))
+    inputs = esc / "in"
+    inputs.mkdir()
+    for name in ("fifo.py", "fifo.txt", "fifo.jsonl"):
+        put(inputs / name, FIFO)
+    for name, line in (("deep.jsonl", DEEP), ("long.jsonl", LONG)):
+        put(inputs / name, line + b"\n")
+    put(inputs / "chats_deep.jsonl", b'{"messages": ' + DEEP + b"}\n")
+    put(inputs / "hellaswag_deep.jsonl", in_object(DEEP) + b"\n")
+    put(inputs / "corpus_deep.jsonl", b'{"text": ' + DEEP + b"}\n")
+
+
+def overlapping(header, data):
+    """ln_2's bytes said to be ln_1's (the same shape): both tensors read the same bytes."""
+    header["transformer.h.0.ln_2.weight"]["data_offsets"] = header["transformer.h.0.ln_1.weight"]["data_offsets"]
+    return header
+
+
+def offsets_of(kind):
+    """wte's data_offsets (or shape) written as kind: floats (fractional in form) or strings."""
+    def change(header, data):
+        header[WTE]["data_offsets"] = [kind(o) for o in header[WTE]["data_offsets"]]
+        return header
+    return change
+
+
+def shape_as_floats(header, data):
+    header[WTE]["shape"] = [float(n) for n in header[WTE]["shape"]]
+    return header
+
+
+SAFETENSORS_CHANGES = {
+    "hf_header_overlapping": overlapping,
+    "hf_header_offsets_floats": offsets_of(float),
+    "hf_header_offsets_strings": offsets_of(str),
+    "hf_header_shape_floats": shape_as_floats,
+    "hf_header_deep": lambda header, data: in_object(DEEP),
+    "hf_bytes_after_the_last_tensor": lambda header, data: header,
+}
+# shard indexes naming the weights of another folder (the world's hf/), relatively or absolutely
+ELSEWHERE = {
+    "hf_index_elsewhere_relative": lambda root: {WTE: "../../hf/model.safetensors"},
+    "hf_index_elsewhere_absolute": lambda root: {WTE: os.path.join(root, "hf", "model.safetensors")},
+}
+MODEL_FOLDER_CASES = [
+    ("hf_header_overlapping", ["is corrupt", "ln_2.weight overlap another tensor's"]),
+    ("hf_header_offsets_floats", ["is not a safetensors file", WTE, "whole numbers"]),
+    ("hf_header_offsets_strings", ["is not a safetensors file", WTE, "whole numbers"]),
+    ("hf_header_shape_floats", ["is not a safetensors file", WTE, "whole numbers"]),
+    ("hf_header_deep", ["is not a safetensors file: its header is not readable JSON", "nests deeper"]),
+    ("hf_bytes_after_the_last_tensor", ["is corrupt", "its last 64 bytes belong to no tensor"]),
+    ("hf_index_elsewhere_relative", ["names the shard '../../hf/model.safetensors'", "not the name of a file in its folder"]),
+    ("hf_index_elsewhere_absolute", ["names the shard", "not the name of a file in its folder"]),
+]
+IS = {FIFO: "named pipe (FIFO)", FOLDER: "is a folder", DEVICE: "is a device"}
+# inputs given by path: (id, script, arguments, words)
+INPUT_ESCAPES = [
+    ("esc: config file a FIFO", "train.py", [*TRAIN, "{root}/esc/in/fifo.py"], ["cannot read config file", IS[FIFO]]),
+    ("esc: config file a device", "train.py", [*TRAIN, "/dev/zero"], ["cannot read config file", IS[DEVICE]]),
+    ("esc: prompt file a FIFO", "sample.py", [*SAMPLE, "--out_dir={root}/run", "--start=FILE:{root}/esc/in/fifo.txt"],
+     ["cannot read prompt file", IS[FIFO]]),
+    ("esc: prompt file a device", "sample.py", [*SAMPLE, "--out_dir={root}/run", "--start=FILE:/dev/zero"],
+     ["cannot read prompt file", IS[DEVICE]]),
+    ("esc: prompts nested deep", "sample.py", [*SAMPLE, "--out_dir={root}/run", "--start=FILE:{root}/esc/in/deep.jsonl"],
+     ["deep.jsonl, line 1 is not readable JSON", "nests deeper than 100"]),
+    ("esc: prompts a long number", "sample.py", [*SAMPLE, "--out_dir={root}/run", "--start=FILE:{root}/esc/in/long.jsonl"],
+     ["long.jsonl, line 1 is not readable JSON", "5,000 characters long"]),
+    ("esc: text input a FIFO", "data/text/prepare.py", ["--input={root}/esc/in/fifo.txt", "--out={root}/new_data"],
+     ["cannot read --input=", IS[FIFO]]),
+    ("esc: text input a device", "data/text/prepare.py", ["--input=/dev/zero", "--out={root}/new_data"],
+     ["cannot read --input=", IS[DEVICE]]),
+    ("esc: char input a FIFO", "data/shakespeare_char/prepare.py",
+     ["--input={root}/esc/in/fifo.txt", "--out_dir={root}/new_data"], ["cannot read --input=", IS[FIFO]]),
+    ("esc: chat input a FIFO", "data/chat/prepare.py", ["--input={root}/esc/in/fifo.jsonl", "--out={root}/new_data",
+                                                        "--tokenizer={root}/run"], ["cannot read --input=", IS[FIFO]]),
+    ("esc: chats nested deep", "data/chat/prepare.py", ["--input={root}/esc/in/chats_deep.jsonl", "--out={root}/new_data",
+                                                        "--tokenizer={root}/run"], ["line 1 is not readable JSON", "nests deeper"]),
+    ("esc: hellaswag input a FIFO", "hellaswag.py", ["--input={root}/esc/in/fifo.jsonl", "--model={root}/run", "--device=cpu"],
+     ["cannot read --input=", IS[FIFO]]),
+    ("esc: hellaswag input nested deep", "hellaswag.py", ["--input={root}/esc/in/hellaswag_deep.jsonl",
+                                                          "--model={root}/run", "--device=cpu"],
+     ["line 1 is not readable JSON", "nests deeper"]),
+    ("esc: corpus input a FIFO", "data/fineweb/prepare.py", ["--input={root}/esc/in/fifo.jsonl", "--out={root}/new_data"],
+     ["cannot read", "fifo.jsonl", IS[FIFO]]),
+    ("esc: corpus jsonl nested deep", "data/fineweb/prepare.py", ["--input={root}/esc/in/corpus_deep.jsonl",
+                                                                  "--out={root}/new_data"], ["line 1 is not readable JSON", "nests deeper"]),
+    ("esc: init_from a FIFO .pt", "sample.py", [*SAMPLE, "--init_from={root}/esc/run_ckpt.pt_fifo/ckpt.pt"],
+     ["cannot read checkpoint", IS[FIFO]]),
+    ("esc: resume from a FIFO ckpt.pt", "train.py", [*TRAIN, "--dataset={root}/data", "--init_from=resume",
+                                                     "--out_dir={root}/esc/run_ckpt.pt_fifo"], ["cannot read checkpoint", IS[FIFO]]),
+]
+
+
+def expected(name, what):
+    """The words of the line that refuses a file name that is what."""
+    if isinstance(what, str):
+        return ["cannot read", name, IS[what]]
+    return [name, "is not readable JSON", "nests deeper than 100" if what == in_object(DEEP) else "5,000 characters long"]
+
+
+def escape_cases():
+    """The cases of the lists above: each special or hostile file of a model folder (sample.py,
+    --init_from), of a dataset (train.py, --dataset) and of a run (sample.py, --init_from), the
+    model folders, and the inputs."""
+    cases = []
+    for name, what in [(n, FIFO) for n in HF_READS] + [(n, FOLDER) for n in ("tokenizer.json", "model.safetensors",
+                                                                           "chat_template.jinja")] + \
+            [("tokenizer.json", DEVICE)] + [(n, in_object(v)) for n in HF_JSON for v in (DEEP, LONG)]:
+        folder = special_name("hf", name, what)
+        cases.append((f"esc: sample, init_from={folder}", "sample.py", [*SAMPLE, f"--init_from={{root}}/esc/{folder}"],
+                      expected(name, what)))
+    for source, name, what in DATASET_FILES:
+        folder = special_name(source, name, what)
+        cases.append((f"esc: train, dataset={folder}", "train.py",
+                      [*TRAIN, f"--dataset={{root}}/esc/{folder}", "--out_dir={root}/new_out"], expected(name, what)))
+    for source, name, what in RUN_FILES:
+        folder = special_name(source, name, what)
+        cases.append((f"esc: sample, init_from={folder}", "sample.py", [*SAMPLE, f"--init_from={{root}}/esc/{folder}"],
+                      expected(name, what)))
+    for folder, words in MODEL_FOLDER_CASES:
+        cases.append((f"esc: sample, init_from={folder}", "sample.py", [*SAMPLE, f"--init_from={{root}}/esc/{folder}"],
+                      words))
+    return cases + INPUT_ESCAPES
+
+
+def test_reading_refuses_a_socket_and_a_file_larger_than_its_kind_unread(tmp_path):
+    """The two kinds the table does not make: a socket, and a file past reading.MAX_BYTES
+    (sparse, so it takes no room), refused from its size before a byte of it is read."""
+    import socket
+    from nanogpt import reading
+    from nanogpt.errors import UserError
+    huge = tmp_path / "config.json"
+    with open(huge, "wb") as f:
+        f.truncate(reading.MAX_BYTES + 1)
+    with pytest.raises(UserError, match=f"{huge}: it holds {reading.MAX_BYTES + 1:,} bytes, more than"):
+        reading.read_json(str(huge), "download it again")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / "sock"))
+        with pytest.raises(UserError, match="sock: it is a socket, not a regular file"):
+            reading.read_bytes(str(tmp_path / "sock"))
 
 def all_cases():
     """[(id, script, args, words, marks)] of every case."""
@@ -794,6 +1034,7 @@ def all_cases():
     for what, args, words in ESCAPE_TRAIN_CASES:
         cases.append((what, "train.py", [*TRAIN, "--dataset={root}/data", new_out, *args], words, ()))
     cases += [(what, script, args, words, ()) for what, script, args, words in ESCAPE_CASES]
+    cases += [(what, script, args, words, ()) for what, script, args, words in escape_cases()]
     return cases
 
 

@@ -1,7 +1,10 @@
 """Seeded mutation fuzzing of the loaders: byte flips, truncations and JSON / structure value
 swaps of a real ckpt.pt (written by checkpoint.save_run), a safetensors file's header, a
-config.json and a nanoGPT meta.pkl. Every outcome must be a load or a clean UserError: no other
-exception escapes. Seeded, so a failure repeats; each failure names its mutation."""
+config.json and a nanoGPT meta.pkl; hostile JSON (nested past any limit, numbers of thousands of
+digits) planted in every JSON file a model folder or a dataset has; and safetensors byte ranges
+moved, made fractional or strings, or files with bytes added or cut. Every outcome must be a
+load or a clean UserError, no other exception escaping; a byte range that no longer fits the
+file must be refused. Seeded, so a failure repeats; each failure names its mutation."""
 
 import json
 import pickle
@@ -12,6 +15,7 @@ import pytest
 import torch
 
 from nanogpt import checkpoint
+from nanogpt import dataset
 from nanogpt import hf
 from nanogpt.errors import UserError
 from model import GPT, GPTConfig
@@ -55,9 +59,9 @@ def flip(data, rng, n=None):
     return bytes(out)
 
 
-def swap(obj, rng):
+def swap(obj, rng, values=VALUES):
     """A deep copy of a JSON-like / pickled structure with one randomly chosen value (at any
-    depth) replaced by one of VALUES, or one key deleted; returns (copy, what was done)."""
+    depth) replaced by one of values, or one key deleted; returns (copy, what was done)."""
     paths = []
 
     def walk(node, path):
@@ -79,7 +83,7 @@ def swap(obj, rng):
     if isinstance(parent, dict) and rng.random() < 0.2:
         del parent[path[-1]]
         return out, f"deleted {path}"
-    value = rng.choice(VALUES)
+    value = rng.choice(values)
     parent[path[-1]] = copy_structure(value)
     return out, f"{path} = {value!r}"
 
@@ -223,3 +227,144 @@ def test_a_meta_pkl_whose_unpickling_error_runs_over_lines_is_one_line(originals
     with pytest.raises(UserError) as refused:
         checkpoint.load_tokenizer(str(tmp_path))
     assert "\n" not in str(refused.value) and "meta.pkl" in str(refused.value)
+
+
+# -----------------------------------------------------------------------------
+# Hostile JSON in every JSON file a model folder or a dataset has, and safetensors byte ranges
+# that do not fit the file (nanogpt/reading.py, hf.safetensors_header)
+
+HOSTILE = "\0hostile"  # a string value planted by swap, which hostile_text then replaces
+
+
+def hostile_text(rng):
+    """(JSON text, what it is): a value nested deeper than any real file (past Python's recursion
+    limit, or just around reading.MAX_DEPTH), or a number of up to thousands of digits."""
+    if rng.random() < 0.5:
+        depth = rng.choice([rng.randint(95, 105), rng.randint(900, 1100), 20_000])
+        opener, closer = rng.choice([("[", "]"), ('{"a": ', "}")])
+        return opener * depth + "0" + closer * depth, f"nested {depth} deep"
+    digits = rng.randint(90, 6000)
+    return rng.choice(["", "-"]) + "9" * digits + rng.choice(["", ".5", "e10"]), f"a number of {digits} digits"
+
+
+def plant(text, rng):
+    """JSON text (an object's) with a hostile value in place of one of its values, at any depth."""
+    mutated, what = swap(json.loads(text), rng, values=[HOSTILE])
+    hostile, kind = hostile_text(rng)
+    return json.dumps(mutated).replace(json.dumps(HOSTILE), hostile), f"{what}: {kind}"
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory):
+    """A tiny dataset of CHARS' ids, as a preparer writes it."""
+    folder = tmp_path_factory.mktemp("data") / "d"
+    ids = [i % len(CHARS) for i in range(200)]
+    dataset.write_dataset(str(folder), CharTokenizer(CHARS), ids, ids, "fuzz")
+    return str(folder)
+
+
+def header_and_body(path):
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + size]), raw[8 + size:]
+
+
+def write_safetensors(path, header, body):
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + body)
+
+
+def test_hostile_json_in_any_json_file_gives_one_clean_error(originals, char_data, tmp_path):
+    """config.json, tokenizer_config.json, a generation_config.json, a shard index, the
+    safetensors header and a dataset's meta.json, each with a hostile value planted somewhere."""
+    _, _, hf_folder, _ = originals
+    rng = random.Random(6)
+    escaped = []
+    for i in range(60):
+        case = tmp_path / str(i)
+        target = rng.choice(["config.json", "tokenizer_config.json", "generation_config.json",
+                             "model.safetensors.index.json", "safetensors header", "meta.json"])
+        if target == "meta.json":
+            shutil.copytree(char_data, case)
+            load = lambda: dataset.open_dataset(str(case))  # noqa: E731
+        else:
+            shutil.copytree(hf_folder, case)
+            load = lambda: checkpoint.load_model(str(case))  # noqa: E731
+        if target == "generation_config.json":
+            (case / target).write_text(json.dumps({"temperature": 0.7, "eos_token_id": [0, 1]}))
+        if target == "model.safetensors.index.json":  # the weights as one shard and its index
+            (case / "model.safetensors").rename(case / "model-00001-of-00001.safetensors")
+            header, _ = header_and_body(case / "model-00001-of-00001.safetensors")
+            (case / target).write_text(json.dumps({"metadata": {}, "weight_map": {
+                name: "model-00001-of-00001.safetensors" for name in header if name != "__metadata__"}}))
+        if target == "safetensors header":
+            header, body = header_and_body(case / "model.safetensors")
+            text, what = plant(json.dumps(header), rng)
+            write_safetensors(case / "model.safetensors", text.encode(), body)
+        else:
+            text, what = plant((case / target).read_text(), rng)
+            (case / target).write_text(text)
+        error = outcome(load)
+        if error:
+            escaped.append((f"{target} #{i}: {what}", error))
+        shutil.rmtree(case)
+    assert not escaped, "\n".join(f"{what} -> {error}" for what, error in escaped)
+
+
+def misplace(header, body, rng):
+    """(header, body, what): a safetensors file's tensors' byte ranges changed so that they no
+    longer lie one after another over the whole data, each tensor's size as its shape says."""
+    sized = [name for name, info in header.items()
+             if name != "__metadata__" and info["data_offsets"][1] > info["data_offsets"][0]]
+    name, other = rng.sample(sized, 2)
+    offsets = header[name]["data_offsets"]
+    r = rng.random()
+    if r < 0.25:
+        shift = rng.choice([-1, 1]) * rng.randint(1, 64)
+        header[name]["data_offsets"] = [o + shift for o in offsets]
+        return header, body, f"{name} moved by {shift}"
+    if r < 0.4:
+        header[name]["data_offsets"] = [offsets[0] + 0.5, offsets[1] + 0.5]
+        return header, body, f"{name} at fractional offsets"
+    if r < 0.5:
+        key = rng.choice(["data_offsets", "shape"])
+        header[name][key] = [float(n) for n in header[name][key]]
+        return header, body, f"{name}'s {key} as floats"
+    if r < 0.6:
+        header[name]["data_offsets"] = [str(o) for o in offsets]
+        return header, body, f"{name}'s offsets as strings"
+    if r < 0.7:
+        header[name]["data_offsets"] = offsets[::-1]
+        return header, body, f"{name}'s offsets reversed"
+    if r < 0.8 and header[other]["dtype"] == header[name]["dtype"] and header[other]["shape"] == header[name]["shape"]:
+        header[name]["data_offsets"] = header[other]["data_offsets"]
+        return header, body, f"{name} over {other}'s bytes"
+    if r < 0.9:
+        extra = rng.randint(1, 64)
+        return header, body + bytes(rng.randrange(256) for _ in range(extra)), f"{extra} bytes added at the end"
+    cut = rng.randint(1, 64)
+    return header, body[:-cut], f"{cut} bytes cut from the end"
+
+
+def test_safetensors_byte_ranges_that_do_not_fit_the_file_are_refused(originals, tmp_path):
+    """What the safetensors library refuses (ranges overlapping, leaving bytes unused, running
+    past the file, fractional or not numbers) is refused here too, in one line: such a file
+    would load other bytes as a tensor, or bytes of two tensors as one."""
+    _, _, hf_folder, _ = originals
+    rng = random.Random(7)
+    loaded = []
+    for i in range(60):
+        case = tmp_path / str(i)
+        shutil.copytree(hf_folder, case)
+        header, body = header_and_body(case / "model.safetensors")
+        header, body, what = misplace(header, body, rng)
+        write_safetensors(case / "model.safetensors", header, body)
+        try:
+            checkpoint.load_model(str(case))
+            loaded.append(f"#{i}: {what} -> loaded")
+        except UserError as e:
+            assert "\n" not in str(e), str(e)
+        except Exception as e:  # anything but a UserError escaping fails too
+            loaded.append(f"#{i}: {what} -> {type(e).__name__}: {str(e)[:200]}")
+        shutil.rmtree(case)
+    assert not loaded, "\n".join(loaded)

@@ -17,7 +17,6 @@ which train.py learns to predict, 0 elsewhere (system prompt, user turns, the te
 markup). Every 10th conversation goes to val. An error names the line of the conversation.
 """
 
-import json
 import os
 import sys
 
@@ -30,6 +29,7 @@ from configurator import configure, run  # noqa: E402
 from nanogpt.atomic import check_out_dir  # noqa: E402
 from nanogpt.dataset import check_dataset_folder, read_text, write_dataset  # noqa: E402
 from nanogpt.errors import UserError  # noqa: E402
+from nanogpt.reading import parse_json  # noqa: E402
 
 # -----------------------------------------------------------------------------
 input = ""  # the conversations, one JSON object with "messages" a line
@@ -45,10 +45,7 @@ def read_conversations(path):
     for n, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}, line {n}: not JSON ({e.msg})") from None
+        record = parse_json(line, f"{path}, line {n}")
         messages = record.get("messages") if isinstance(record, dict) else None
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)

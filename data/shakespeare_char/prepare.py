@@ -33,6 +33,7 @@ from nanogpt.atomic import atomic_write  # noqa: E402
 from configurator import configure, run  # noqa: E402
 from nanogpt.dataset import check_dataset_folder, read_text, write_dataset  # noqa: E402
 from nanogpt.errors import UserError  # noqa: E402
+from nanogpt.reading import read_bytes  # noqa: E402
 from nanogpt.tokenizer import CharTokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -52,8 +53,7 @@ GUTENBERG_END = ("*** END OF", "***END OF", "END OF THE PROJECT GUTENBERG", "END
 
 
 def sha256_file(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(read_bytes(path)).hexdigest()
 
 
 def download(url, sha256):
