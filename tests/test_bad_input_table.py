@@ -331,7 +331,7 @@ def world(trained, char_dataset, tmp_path_factory):
     (root / "config_raises.py").write_text("n_layer = 1 // 0\n")
     (root / "config_unknown.py").write_text("n_layers = 4\n")
     (root / "config_latin1.py").write_bytes(b"# caf\xe9\nn_layer = 4\n")
-    escapes_world(root)
+    reading_world(root)
     readonly = root / "readonly"
     readonly.mkdir()
     # a read-only disk holding a run: a tmpfs, filled, then remounted read-only
@@ -775,7 +775,7 @@ ESCAPE_CASES = [
 # whose open() waits for a writer for ever; a folder; a device that never ends), hostile JSON
 # (nested past any recursion limit, a number past Python's 4,300-digit int limit), and model
 # folders whose shard index points outside them or whose safetensors header does not add up.
-# escapes_world(root) builds esc/ in the world; escape_cases() turns the lists into cases.
+# reading_world(root) builds esc/ in the world; escape_cases() turns the lists into cases.
 
 FIFO, FOLDER, DEVICE = "a FIFO", "a folder", "/dev/zero"
 DEEP = b"[" * 100_000 + b"]" * 100_000  # JSON nested far past Python's recursion limit
@@ -833,7 +833,7 @@ def special_name(folder, name, what):
     return f"{folder.replace('/', '_')}_{name}_{kind}"
 
 
-def escapes_world(root):
+def reading_world(root):
     """esc/ in the world: copies of hf/, data/, run/ and nano/ with one file made special or
     hostile each (HF_READS, HF_JSON, DATASET_FILES, RUN_FILES), the same for the safetensors
     header and the shard index (MODEL_FOLDER_CASES), and esc/in/: inputs given by path."""
