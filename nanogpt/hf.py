@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from nanogpt.errors import UserError
-from nanogpt.tokenizer import HFTokenizer, TiktokenTokenizer
+from nanogpt.tokenizer import HFTokenizer, TiktokenTokenizer, check_token_ids
 
 # OpenAI's GPT-2 sizes, by the short names nanoGPT uses, and where they live on the hub
 GPT2_SIZES = {name: f"openai-community/{name}"
@@ -160,9 +160,9 @@ def generation_defaults(folder, name):
         kind = type(GENERATION_DEFAULTS[key])
         ok = isinstance(value, bool) if kind is bool else \
             not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
-        if not ok:
-            raise UserError(f"{name}: generation_config.json's {key} must be {kind.__name__}, "
-                            f"got {value!r}")
+        if not ok or (kind is float and not math.isfinite(value)):  # JSON may hold NaN, Infinity
+            raise UserError(f"{name}: generation_config.json's {key} must be "
+                            f"{'a finite number' if kind is float else kind.__name__}, got {value!r}")
         given[key] = kind(value)
     return given
 
@@ -244,10 +244,11 @@ def llama_args(hf, name, dropout=None):
     if eos is not None and not (isinstance(eos, list) and
                                 all(isinstance(i, int) and not isinstance(i, bool) for i in eos)):
         raise UserError(f"{name}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    check_token_ids(f"{name}: eos_token_id", eos or [], hf["vocab_size"])
     return dict(family="llama", hf_model_type=model_type, n_layer=hf["num_hidden_layers"],
                 n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
                 mlp_hidden=hf["intermediate_size"], block_size=block_size,
-                vocab_size=hf["vocab_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                vocab_size=hf["vocab_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
                 rope_theta=rope_theta, rope_scaling=rope_scaling,
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 qkv_bias=model_type == "qwen2",

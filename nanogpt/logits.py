@@ -13,6 +13,7 @@ the presence and frequency penalties.
 
 import torch
 
+from nanogpt.errors import UserError
 from nanogpt.kvcache import PAD
 
 
@@ -118,41 +119,54 @@ def min_p_filter(logits, p):
     return logits.masked_fill(probs < p * probs.amax(dim=-1, keepdim=True), -float("inf"))
 
 
+def logits_steps(ids, prompt_width, opts, processors=(), stop_tokens=()):
+    """process_logits' steps, in order, for the options that are set: [(the option, as the
+    user set it, a function of the logits)]."""
+    steps = []
+    if opts.repetition_penalty != 1:
+        steps.append((f"repetition_penalty={opts.repetition_penalty}",
+                      lambda x: repetition_penalty(ids, x, opts.repetition_penalty)))
+    if opts.presence_penalty or opts.frequency_penalty:
+        steps.append((f"presence_penalty={opts.presence_penalty}, frequency_penalty={opts.frequency_penalty}",
+                      lambda x: presence_frequency_penalty(ids[:, prompt_width:], x, opts.presence_penalty,
+                                                           opts.frequency_penalty)))
+    if opts.no_repeat_ngram_size:
+        steps.append((f"no_repeat_ngram_size={opts.no_repeat_ngram_size}",
+                      lambda x: no_repeat_ngram(ids, x, opts.no_repeat_ngram_size)))
+    if opts.bad_words_ids:
+        steps.append(("bad_words", lambda x: bad_words(ids, x, opts.bad_words_ids)))
+    if opts.min_new_tokens and ids.size(1) - prompt_width < opts.min_new_tokens and len(stop_tokens):
+        steps.append((f"min_new_tokens={opts.min_new_tokens} (which bans the stop tokens)",
+                      lambda x: ban(x, list(stop_tokens))))
+    if opts.suppress_tokens:
+        steps.append(("suppress_tokens", lambda x: ban(x, list(opts.suppress_tokens))))
+    for processor in processors:
+        steps.append((f"the logits processor {getattr(processor, '__name__', processor)}",
+                      lambda x, processor=processor: processor(ids, x)))
+    if not opts.sampling:
+        return steps  # greedy and beam search rank the tokens: the filters below keep the top ones
+    if opts.temperature != 1:
+        steps.append((f"temperature={opts.temperature}", lambda x: x / opts.temperature))
+    if opts.top_k:
+        steps.append((f"top_k={opts.top_k}", lambda x: top_k_filter(x, opts.top_k)))
+    if opts.top_p < 1:
+        steps.append((f"top_p={opts.top_p}", lambda x: top_p_filter(x, opts.top_p)))
+    if opts.min_p > 0:
+        steps.append((f"min_p={opts.min_p}", lambda x: min_p_filter(x, opts.min_p)))
+    if opts.typical_p < 1:
+        steps.append((f"typical_p={opts.typical_p}", lambda x: typical_filter(x, opts.typical_p)))
+    return steps
+
+
 def process_logits(ids, logits, prompt_width, opts, processors=(), stop_tokens=()):
     """Apply the decoding options to next-token logits, in Hugging Face's order: penalties and
     bans, then the caller's processors (callables (ids, logits) -> logits), then, when
     sampling, temperature -> top-k -> top-p -> min-p -> typical. ids: the tokens so far (rows,
     T), left-padded with PAD; the generated ones start at column prompt_width. stop_tokens:
     what min_new_tokens holds back."""
-    if opts.repetition_penalty != 1:
-        logits = repetition_penalty(ids, logits, opts.repetition_penalty)
-    if opts.presence_penalty or opts.frequency_penalty:
-        logits = presence_frequency_penalty(ids[:, prompt_width:], logits,
-                                            opts.presence_penalty, opts.frequency_penalty)
-    if opts.no_repeat_ngram_size:
-        logits = no_repeat_ngram(ids, logits, opts.no_repeat_ngram_size)
-    if opts.bad_words_ids:
-        logits = bad_words(ids, logits, opts.bad_words_ids)
-    if opts.min_new_tokens and ids.size(1) - prompt_width < opts.min_new_tokens and len(stop_tokens):
-        logits = ban(logits, list(stop_tokens))
-    if opts.suppress_tokens:
-        logits = ban(logits, list(opts.suppress_tokens))
-    for processor in processors:
-        logits = processor(ids, logits)
-    if not opts.sampling:
-        return logits  # greedy and beam search rank the tokens: the filters below keep the top ones
-    if opts.temperature != 1:
-        logits = logits / opts.temperature
-    if opts.top_k:
-        logits = top_k_filter(logits, opts.top_k)
-    if opts.top_p < 1:
-        logits = top_p_filter(logits, opts.top_p)
-    if opts.min_p > 0:
-        logits = min_p_filter(logits, opts.min_p)
-    if opts.typical_p < 1:
-        logits = typical_filter(logits, opts.typical_p)
+    for _, step in logits_steps(ids, prompt_width, opts, processors, stop_tokens):
+        logits = step(logits)
     return logits
-
 
 
 def pick_tokens(logits, opts, generator=None):
@@ -161,3 +175,38 @@ def pick_tokens(logits, opts, generator=None):
     if opts.sampling:
         return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
     return logits.argmax(dim=-1)
+
+
+def next_tokens(ids, logits, prompt_width, opts, processors=(), stop_tokens=(), generator=None):
+    """The next token of each row, (rows,): its logits (the model's) processed (process_logits)
+    and picked (pick_tokens). Logits that leave a row nothing to sample from, which multinomial
+    refuses, are refused with a UserError naming the first step after which they do; the
+    model's own are checked at a row's first new token, where greedy decoding would pick from
+    NaNs silently."""
+    if ids.size(1) == prompt_width:
+        check_model_logits(logits)
+    processed = process_logits(ids, logits, prompt_width, opts, processors, stop_tokens)
+    try:
+        return pick_tokens(processed, opts, generator)
+    except RuntimeError:  # multinomial's: a row with no finite, positive probability?
+        check_model_logits(logits)
+        for what, step in logits_steps(ids, prompt_width, opts, processors, stop_tokens):
+            logits = step(logits)
+            if not pickable(logits):
+                raise UserError(f"no token can be sampled at new token {ids.size(1) - prompt_width + 1}: "
+                                f"after {what}, no token of a row has a finite, positive "
+                                "probability") from None
+        raise
+
+
+def pickable(logits):
+    """Whether every row of logits gives every token a probability (finite, and not all 0)."""
+    return bool(logits.softmax(dim=-1).isfinite().all())
+
+
+def check_model_logits(logits):
+    """Refuse a model's next-token logits that are NaN or infinite, which no decoding can pick
+    from: a damaged model."""
+    if not pickable(logits):
+        raise UserError("the model's next-token logits are not finite numbers (NaN or "
+                        "infinite): its weights or its config are damaged")

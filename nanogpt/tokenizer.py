@@ -221,6 +221,15 @@ def check_spec(spec):
                             f"{repr(spec[key])[:80]}")
 
 
+def check_token_ids(name, ids, vocab_size):
+    """Refuse ids that are not tokens of a vocabulary of vocab_size (a negative one would count
+    from its end, one past it would be dropped unseen)."""
+    for i in ids:
+        if not 0 <= i < vocab_size:
+            raise UserError(f"{name}: {i} is not a token id: the vocabulary has {vocab_size:,} "
+                            f"tokens, 0 ... {vocab_size - 1:,}")
+
+
 def from_spec(spec):
     check_spec(spec)
     kind = spec.get("kind") if isinstance(spec, dict) else None
