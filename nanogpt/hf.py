@@ -344,22 +344,23 @@ def folder_tokenizer(folder, name, vocab_size):
 
 
 def chat_template(folder):
-    """(template, {"bos_token": text, ...}) of a folder: tokenizer_config.json's chat_template
-    (a string, or a list of named ones: the "default"), or chat_template.jinja, with the
-    special tokens' texts the template may use; (None, None) without one."""
+    """(template, {"bos_token": text, ...}, file) of a folder: tokenizer_config.json's
+    chat_template (a string, or a list of named ones: the "default"), or chat_template.jinja,
+    with the special tokens' texts the template may use and the file it is in; (None, None,
+    None) without one."""
     settings_path = os.path.join(folder, "tokenizer_config.json")
     settings = read_json(settings_path) if os.path.exists(settings_path) else {}
-    template = settings.get("chat_template")
+    template, path = settings.get("chat_template"), settings_path
     if isinstance(template, list):
         template = next((t.get("template") for t in template
                          if isinstance(t, dict) and t.get("name") == "default"), None)
     jinja_path = os.path.join(folder, "chat_template.jinja")
     if template is None and os.path.exists(jinja_path):
         with open(jinja_path, encoding="utf-8") as f:
-            template = f.read()
+            template, path = f.read(), jinja_path
     if not isinstance(template, str):
-        return None, None
-    return template, special_tokens(folder, settings)
+        return None, None, None
+    return template, special_tokens(folder, settings), path
 
 
 def special_tokens(folder, settings):
