@@ -136,7 +136,7 @@ def logits_steps(ids, prompt_width, opts, processors=(), stop_tokens=()):
     if opts.bad_words_ids:
         steps.append(("bad_words", lambda x: bad_words(ids, x, opts.bad_words_ids)))
     if opts.min_new_tokens and ids.size(1) - prompt_width < opts.min_new_tokens and len(stop_tokens):
-        steps.append((f"min_new_tokens={opts.min_new_tokens} (which bans the stop tokens)",
+        steps.append((f"min_new_tokens={opts.min_new_tokens}",  # which bans the stop tokens
                       lambda x: ban(x, list(stop_tokens))))
     if opts.suppress_tokens:
         steps.append(("suppress_tokens", lambda x: ban(x, list(opts.suppress_tokens))))
@@ -190,12 +190,14 @@ def next_tokens(ids, logits, prompt_width, opts, processors=(), stop_tokens=(), 
         return pick_tokens(processed, opts, generator)
     except RuntimeError:  # multinomial's: a row with no finite, positive probability?
         check_model_logits(logits)
-        for what, step in logits_steps(ids, prompt_width, opts, processors, stop_tokens):
+        steps = logits_steps(ids, prompt_width, opts, processors, stop_tokens)
+        for i, (what, step) in enumerate(steps):
             logits = step(logits)
             if not pickable(logits):
+                before = ", ".join(earlier for earlier, _ in steps[:i])
                 raise UserError(f"no token can be sampled at new token {ids.size(1) - prompt_width + 1}: "
-                                f"after {what}, no token of a row has a finite, positive "
-                                "probability") from None
+                                f"after {what}{f' (and {before} before it)' if before else ''}, no "
+                                "token of a row has a finite, positive probability") from None
         raise
 
 

@@ -278,6 +278,22 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
     assert client.models.list().data[0].id == NAME
 
 
+def test_decoding_values_that_would_overflow_get_a_400_naming_the_field(server):
+    """Issue 31: a value that is not a number, or that would divide the logits into infinities,
+    is refused before any row is decoded, and the server goes on serving."""
+    url = f"{server[0]}/v1/chat/completions"
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    cases = [("temperature", 1e-300), ("temperature", float("nan")), ("repetition_penalty", 1e-300),
+             ("repetition_penalty", float("inf")), ("presence_penalty", 1e308), ("frequency_penalty", -3.0),
+             ("top_p", float("nan"))]
+    for field, value in cases:  # NaN and Infinity as Python's json writes them, which the server reads
+        response = requests.post(url, data=json.dumps({**chat, field: value}), timeout=10,
+                                 headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, (field, value, response.text)
+        assert response.json()["error"]["param"] == field, (field, value, response.text)
+    assert requests.post(url, json=chat, timeout=10).status_code == 200
+
+
 def test_a_full_queue_answers_429(server):
     # 40 clients at once, for replies of 1,000 tokens (no stop token before) that none waits
     # for: 16 rows and 8 places in the queue take 24 of them, the others are refused at once
