@@ -202,7 +202,8 @@ def next_tokens(ids, logits, prompt_width, opts, processors=(), stop_tokens=(), 
 
 
 def pickable(logits):
-    """Whether every row of logits gives every token a probability (finite, and not all 0)."""
+    """Whether every row of logits is a distribution to draw from: its softmax holds no NaN,
+    which a row of -inf alone gives, or one with an infinity or a NaN in it."""
     return bool(logits.softmax(dim=-1).isfinite().all())
 
 

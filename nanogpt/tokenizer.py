@@ -28,7 +28,6 @@ import functools
 import json
 import math
 import re
-import sys
 import time
 import unicodedata
 from datetime import datetime
@@ -286,8 +285,10 @@ def _generation_tag(rendered, spans):
 # or an exhausted memory
 RENDER_SECONDS = 5
 RENDER_CHARS = 10**7  # characters (or list items): its output and every text it makes on the way
-# an integer longer than Python writes as text could never be printed: * and ** make none
-INT_BITS = math.ceil(sys.int_info.default_max_str_digits * math.log2(10))
+# an integer longer than Python writes as text (sys.int_info.default_max_str_digits) could
+# never be printed: * and ** make none
+INT_DIGITS = 4300
+INT_BITS = math.ceil(INT_DIGITS * math.log2(10))
 
 
 class RenderBound(Exception):
@@ -297,14 +298,13 @@ class RenderBound(Exception):
 def bounded_sandbox():
     """jinja2's ImmutableSandboxedEnvironment (which keeps a template from Python's internals and
     from changing its inputs), with bounds on a render's time and text (RENDER_SECONDS,
-    RENDER_CHARS) and on its integers (INT_BITS). The clock is read wherever a template can go
+    RENDER_CHARS) and on its integers (INT_DIGITS). The clock is read wherever a template can go
     on and on: each iteration of a for loop, each output, call (a macro's too), filter and
     operator. The text is counted where a template can make much of it: each output (within a
     macro or a {% set %} block too), each +, *, ~ and %, and what a filter or a method of a text
     or list returns; a number they are given as a width or a count may not ask for more."""
     import jinja2
     from jinja2 import nodes
-    from jinja2.runtime import Macro
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     from jinja2.visitor import NodeTransformer
 
@@ -373,11 +373,10 @@ def bounded_sandbox():
             if "*" in text:
                 self.check_counts(values)
 
-        def check_int(self, value):
-            if isinstance(value, int) and value.bit_length() > INT_BITS:
-                raise RenderBound(f"it makes an integer of more than "
-                                  f"{sys.int_info.default_max_str_digits:,} digits, which Python "
-                                  "does not write as text")
+        def check_bits(self, bits):
+            if bits > INT_BITS:
+                raise RenderBound(f"it makes an integer of more than {INT_DIGITS:,} digits, which "
+                                  "Python does not write as text")
 
         def each(self, iterable):
             for item in iterable:
@@ -412,17 +411,18 @@ def bounded_sandbox():
         def call_binop(self, context, operator, left, right):
             self.tick()
             if operator == "*" and isinstance(right, int):
-                self.build(size(left) * right)
+                self.build(size(left) * max(right, 0))
             elif operator == "*" and isinstance(left, int):
-                self.build(size(right) * left)
+                self.build(size(right) * max(left, 0))
             elif operator == "+":
                 self.build(size(left) + size(right))
-            elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
-                self.check_int(1 << min(right * (abs(left).bit_length() - 1), INT_BITS + 1))
+            elif operator == "**" and isinstance(left, int) and isinstance(right, int):
+                self.check_bits(right * (abs(left).bit_length() - 1))  # the least the power has
             elif operator == "%" and isinstance(left, str):
                 self.check_format(left, right if isinstance(right, tuple) else (right,))
             result = super().call_binop(context, operator, left, right)
-            self.check_int(result)
+            if isinstance(result, int):
+                self.check_bits(result.bit_length())
             if operator == "%":
                 self.build(size(result))
             return result
