@@ -8,7 +8,8 @@ the scripts' own knobs), values out of range, damaged datasets, damaged checkpoi
 damaged Hugging Face folders (config.json, safetensors headers, shard indexes, pickled weights),
 nanoGPT runs with a bad meta.pkl, for train.py (init_from=<folder>) and sample.py alike; LoRA
 runs whose base is missing, changed, or another LoRA run naming them back; prompts; out_dir;
-the benchmarks."""
+the benchmarks; decoding values that would overflow and model folders that would decode into
+NaN; chat templates that fail, loop or build too much."""
 
 import importlib
 import importlib.util
@@ -22,6 +23,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, assert_user_error, run_cases, run_script, save_tiny_bpe, tiny_bpe
+from test_generation_config import qwen_folder
 
 TRAIN = [*TINY, "--peak_flops=1e12", "--max_iters=25"]
 SAMPLE = ["--device=cpu", "--max_new_tokens=5", "--num_samples=1"]
@@ -700,24 +702,16 @@ def all_cases():
 # (decoding_and_template_folders) and their cases (decoding_and_template_cases), apart from the
 # table above.
 
-def qwen_folder(folder, config=None, generation=None):
-    """A tiny random Qwen2 saved by transformers, with tiny_bpe() as its tokenizer; config and
-    generation: what its config.json and generation_config.json then get (JSON text where
-    given as a string, as a NaN must be)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(0)
-    tokens = tiny_bpe()
-    Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=tokens.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-        tie_word_embeddings=True, eos_token_id=tokens.token_to_id("<|endoftext|>"))).save_pretrained(folder)
-    save_tiny_bpe(folder)
+def qwen(folder, config=None, generation=None):
+    """test_generation_config's tiny Qwen2 folder, its config.json and generation_config.json
+    then updated with config and generation (or replaced by them, where given as JSON text, as a
+    NaN must be)."""
+    qwen_folder(folder)
     for name, change in (("config.json", config), ("generation_config.json", generation)):
         if isinstance(change, str):
             (folder / name).write_text(change)
         elif change is not None:
-            path = folder / name
-            path.write_text(json.dumps({**(json.loads(path.read_text()) if path.exists() else {}), **change}))
+            (folder / name).write_text(json.dumps({**json.loads((folder / name).read_text()), **change}))
 
 
 def weights_times(folder, factor, name=None):
@@ -760,18 +754,18 @@ def decoding_and_template_folders(root, vocab_size):
     ban every token of the run's vocabulary and all but the end of text of a Qwen2's."""
     dec, tpl = root / "dec", root / "tpl"
     eos = tiny_bpe().token_to_id("<|endoftext|>")
-    qwen_folder(dec / "eps_negative", config={"rms_norm_eps": -1e-6})
-    qwen_folder(dec / "eps_zero", config={"rms_norm_eps": 0})
-    qwen_folder(dec / "eos_huge", generation={"eos_token_id": 10**12})
-    qwen_folder(dec / "eos_negative", generation={"eos_token_id": [eos, -1]})
-    qwen_folder(dec / "temperature_nan", generation='{"do_sample": true, "temperature": NaN}')
-    qwen_folder(dec / "top_p_infinite", generation='{"do_sample": true, "top_p": Infinity}')
-    qwen_folder(dec / "penalty_tiny", generation={"repetition_penalty": 1e-300})
-    qwen_folder(dec / "nan_weights")
+    qwen(dec / "eps_negative", config={"rms_norm_eps": -1e-6})
+    qwen(dec / "eps_zero", config={"rms_norm_eps": 0})
+    qwen(dec / "eos_huge", generation={"eos_token_id": 10**12})
+    qwen(dec / "eos_negative", generation={"eos_token_id": [eos, -1]})
+    qwen(dec / "temperature_nan", generation='{"do_sample": true, "temperature": NaN}')
+    qwen(dec / "top_p_infinite", generation='{"do_sample": true, "top_p": Infinity}')
+    qwen(dec / "penalty_tiny", generation={"repetition_penalty": 1e-300})
+    qwen(dec / "nan_weights")
     weights_times(dec / "nan_weights", float("nan"))
-    qwen_folder(dec / "loud")  # logits a million times larger: a tiny temperature overflows them
+    qwen(dec / "loud")  # logits a million times larger: a tiny temperature overflows them
     weights_times(dec / "loud", 1e6, "model.norm.weight")
-    qwen_folder(dec / "good")
+    qwen(dec / "good")
     (root / "suppress_all.py").write_text(f"suppress_tokens = {list(range(vocab_size))}\n")
     (root / "suppress_all_but_eos.py").write_text(
         f"suppress_tokens = {[i for i in range(tiny_bpe().get_vocab_size()) if i != eos]}\n")
