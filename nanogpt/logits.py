@@ -2,7 +2,8 @@
 Logits processing: how the decoding options (engine.DecodingOptions) turn a model's next-token
 logits into the ones a token is picked from, in Hugging Face's order (process_logits): the
 penalties and bans, the caller's own processors, then temperature -> top-k -> top-p -> min-p ->
-typical.
+typical; and how the next token is picked from them (next_tokens), which names the step that
+left a row nothing to pick.
 
 Each function takes the tokens so far, ids (rows, T) with PAD on the left of shorter prompts,
 and the next-token logits (rows, vocab); it returns new logits.
@@ -169,42 +170,45 @@ def process_logits(ids, logits, prompt_width, opts, processors=(), stop_tokens=(
     return logits
 
 
-def pick_tokens(logits, opts, generator=None):
-    """The next token of each row, (rows,), from its processed logits: drawn with generator when
-    opts sample, else the most likely."""
-    if opts.sampling:
-        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
-    return logits.argmax(dim=-1)
-
-
 def next_tokens(ids, logits, prompt_width, opts, processors=(), stop_tokens=(), generator=None):
-    """The next token of each row, (rows,): its logits (the model's) processed (process_logits)
-    and picked (pick_tokens). Logits that leave a row nothing to sample from, which multinomial
-    refuses, are refused with a UserError naming the first step after which they do; the
-    model's own are checked at a row's first new token, where greedy decoding would pick from
-    NaNs silently."""
+    """The next token of each row, (rows,), from its logits (the model's): processed
+    (process_logits), then drawn with generator when opts sample, else the most likely. Logits
+    that leave a row nothing to draw from are refused with a UserError naming the step after
+    which they do (nothing_to_sample); the model's own are checked at a row's first new token,
+    where greedy decoding would pick from NaNs silently."""
     if ids.size(1) == prompt_width:
         check_model_logits(logits)
     processed = process_logits(ids, logits, prompt_width, opts, processors, stop_tokens)
-    try:
-        return pick_tokens(processed, opts, generator)
-    except RuntimeError:  # multinomial's: a row with no finite, positive probability?
-        check_model_logits(logits)
-        steps = logits_steps(ids, prompt_width, opts, processors, stop_tokens)
-        for i, (what, step) in enumerate(steps):
-            logits = step(logits)
-            if not pickable(logits):
-                before = ", ".join(earlier for earlier, _ in steps[:i])
-                raise UserError(f"no token can be sampled at new token {ids.size(1) - prompt_width + 1}: "
-                                f"after {what}{f' (and {before} before it)' if before else ''}, no "
-                                "token of a row has a finite, positive probability") from None
-        raise
+    if not opts.sampling:
+        return processed.argmax(dim=-1)
+    probs = processed.softmax(dim=-1)
+    # asked before multinomial is: its own check of the probabilities fails on a GPU
+    # asynchronously, as a device-side assert that ends the process
+    if probs.isnan().any():
+        raise UserError(nothing_to_sample(ids, logits, prompt_width, opts, processors, stop_tokens))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def nothing_to_sample(ids, logits, prompt_width, opts, processors, stop_tokens):
+    """Why a row of logits is left without a token to sample: the first step of process_logits
+    after which its probabilities are NaN (all its tokens banned, or an infinity among them)."""
+    check_model_logits(logits)
+    at = f"no token can be sampled at new token {ids.size(1) - prompt_width + 1}"
+    steps = logits_steps(ids, prompt_width, opts, processors, stop_tokens)
+    for i, (what, step) in enumerate(steps):
+        logits = step(logits)
+        if not pickable(logits):
+            before = ", ".join(earlier for earlier, _ in steps[:i])
+            return (f"{at}: after {what}{f' (and {before} before it)' if before else ''}, no token "
+                    "of a row has a finite, positive probability")
+    # reached only where a caller's processor gives other logits when run again
+    return f"{at}: no token of a row has a finite, positive probability"
 
 
 def pickable(logits):
     """Whether every row of logits is a distribution to draw from: its softmax holds no NaN,
     which a row of -inf alone gives, or one with an infinity or a NaN in it."""
-    return bool(logits.softmax(dim=-1).isfinite().all())
+    return not bool(logits.softmax(dim=-1).isnan().any())
 
 
 def check_model_logits(logits):
