@@ -291,6 +291,18 @@ def test_decoding_values_that_would_overflow_get_a_400_naming_the_field(server):
                                  headers={"Content-Type": "application/json"})
         assert response.status_code == 400, (field, value, response.text)
         assert response.json()["error"]["param"] == field, (field, value, response.text)
+    # values in range that still overflow these logits: the row ends with the step named, and
+    # a row decoding beside it goes on to its end
+    long = {"model": NAME, "prompt": "To be", "max_tokens": 60, "min_tokens": 60, "stream": True}
+    with requests.post(f"{server[0]}/v1/completions", json=long, stream=True, timeout=30) as beside:
+        events = (json.loads(line[len(b"data: "):]) for line in beside.iter_lines() if line.startswith(b"data: {"))
+        next(events)
+        tiny = {**chat, "temperature": 1.2e-38, "repetition_penalty": 1.2e-38}
+        response = requests.post(url, json=tiny, timeout=10)
+        assert response.status_code == 500 and "no token can be sampled at new token 1: after temperature" \
+            in response.json()["error"]["message"], response.text
+        rest = list(events)
+        assert [e["choices"][0]["finish_reason"] for e in rest if "choices" in e][-1:] == ["length"], rest[-1]
     assert requests.post(url, json=chat, timeout=10).status_code == 200
 
 
