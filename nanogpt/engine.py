@@ -42,6 +42,7 @@ from nanogpt.tokenizer import check_token_ids
 # multiplies them into infinities (one below its smallest normal number is 0 there, or nearly)
 FLOAT32 = torch.finfo(torch.float32)
 
+
 def option(default=MISSING, help=""):
     """A DecodingOptions field: its default, and what it does, which the scripts' --help shows
     for the flag of the same name (decoding_flag_help)."""
