@@ -67,8 +67,9 @@ def sources(ckpt_path):
 
 def started_from(run, path):
     """(source, what) of the model the run of checkpoint path started from: a LoRA run's base,
-    or a fine-tune's init_from; (None, None) for a run from scratch (or one resumed, which
-    does not say). A fine-tune's init_from is a path as the run was given it."""
+    or a fine-tune's init_from, which a resumed run's checkpoint keeps; (None, None) for a run
+    from scratch (or a checkpoint that names none, "resume"). A fine-tune's init_from is a path
+    as the run was given it."""
     base = run.get("base") if isinstance(run, dict) else None
     if isinstance(base, str) and base:
         return base, f"the folder of {path}'s LoRA base"

@@ -285,6 +285,9 @@ class Training:
     windows: object  # windows(split, rows): this process's rows of batches that score a whole split (draw_windows)
     tokenizer_spec: dict | None  # saved with each checkpoint, for sample.py
     base: str | None  # where a LoRA run's base model is, which its checkpoints name
+    # the init_from the run started with, which its checkpoints' config names (a resumed run's
+    # is its checkpoint's): export_hf.py follows it to the folders the run is made of
+    started_from: str
     iter_num: int  # optimizer steps taken
     best_val_loss: float
 
@@ -321,7 +324,9 @@ def build_or_resume(config, passed, runtime):
     # the same seed on every process, which each takes its own rows of the global batch
     sampler = torch.Generator().manual_seed(config.seed)
     iter_num, best_val_loss = 0, float("inf")
+    started_from = config.init_from
     if saved_run is not None:
+        started_from = saved_run["config"].get("init_from", "resume")
         iter_num, best_val_loss = restore(saved_run, model, optimizer, sampler, runtime)
     del saved_run  # free its memory: what the run needs of it is restored
 
@@ -338,9 +343,8 @@ def build_or_resume(config, passed, runtime):
     windows = functools.partial(draw_windows, splits, config.block_size, runtime)
     return config, Training(raw_model=raw_model, model=model, eval_model=eval_model,
                             optimizer=optimizer, scaler=scaler, sampler=sampler, batch=batch,
-                            windows=windows,
-                            tokenizer_spec=tokenizer_spec, base=base, iter_num=iter_num,
-                            best_val_loss=best_val_loss)
+                            windows=windows, tokenizer_spec=tokenizer_spec, base=base,
+                            started_from=started_from, iter_num=iter_num, best_val_loss=best_val_loss)
 
 
 def load_or_build_model(config, meta, passed, device_type, build_on="cpu"):
@@ -813,14 +817,15 @@ def save(config, runtime, training, val_loss):
     if runtime.master:
         os.makedirs(config.out_dir, exist_ok=True)
     model, optimizer = training.raw_model, training.optimizer
+    saved_config = dataclasses.asdict(config) | {"init_from": training.started_from}
     if config.sharded_checkpoint:
-        progress |= dict(model_args=dataclasses.asdict(model.config), config=dataclasses.asdict(config),
+        progress |= dict(model_args=dataclasses.asdict(model.config), config=saved_config,
                          tokenizer=training.tokenizer_spec, base=training.base)
         sharded_ckpt.save_sharded(checkpoint_path(config), model, optimizer, world, progress)
         return
     model_state, optimizer_state = distributed.full_state(model, optimizer, world)
     if runtime.master:
-        checkpoint.save_run(checkpoint_path(config), model, optimizer, dataclasses.asdict(config),
+        checkpoint.save_run(checkpoint_path(config), model, optimizer, saved_config,
                             training.tokenizer_spec, training.base,
                             model_state=model_state, optimizer_state=optimizer_state, **progress)
 

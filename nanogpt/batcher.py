@@ -7,7 +7,7 @@ Orca, Yu et al. 2022, which vLLM and text-generation-inference use).
   (engine.TextStream, which also ends it at a stop string), and whom to tell of its tokens.
 - Batcher: a thread that owns the model. Each step it admits waiting sequences (their prompts
   go through the model together, and their keys and values are copied into the batch's
-  cache), picks a token for every row (logits.process_logits with the row's own options), lets
+  cache), picks a token for every row (logits.next_tokens with the row's own options), lets
   the rows that ended or whose client left go, and runs the others one token on in one forward
   pass.
 
@@ -33,7 +33,8 @@ from torch.nn import functional as F
 
 from nanogpt import engine
 from nanogpt.kvcache import KVCache, LayerCache, attention_bias, cache_and_step, cache_window, float_weight
-from nanogpt.logits import pick_tokens, process_logits
+from nanogpt.errors import UserError
+from nanogpt.logits import next_tokens
 
 
 class Sequence:
@@ -230,9 +231,11 @@ class Batcher:
         """Pick the sequence's next token and tell its client; the reason it ended, or None."""
         options, logits = sequence.options, sequence.logits
         ids = torch.tensor([sequence.prompt + sequence.tokens], device=self.device)
-        processed = process_logits(ids, logits, len(sequence.prompt), options,
-                                   stop_tokens=sorted(sequence.stop_tokens))
-        token = int(pick_tokens(processed, options, sequence.generator)[0])
+        try:
+            token = int(next_tokens(ids, logits, len(sequence.prompt), options,
+                                    stop_tokens=sorted(sequence.stop_tokens), generator=sequence.generator)[0])
+        except UserError as e:  # this row's options or its logits: the other rows go on
+            return f"error: {e}"
         sequence.tokens.append(token)
         if token in sequence.stop_tokens:
             return "stop"

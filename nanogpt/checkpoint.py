@@ -306,7 +306,10 @@ def run_tokenizer(run, path):
     sample.py finds at data/<dataset>/meta.pkl of its repo: look beside the checkpoint, then
     there. Without one, nanoGPT assumes GPT-2's BPE, and so do we, if the vocabulary fits."""
     if run.get("tokenizer") is not None:
-        return from_spec(run["tokenizer"])
+        tokenizer = from_spec(run["tokenizer"])
+        if tokenizer.chat_template is not None:
+            tokenizer.chat_template_file = path  # which its template's errors name
+        return tokenizer
     folder = os.path.dirname(os.path.abspath(path))
     candidates = [os.path.join(folder, "meta.pkl")]
     config = run.get("config")

@@ -21,6 +21,7 @@ neighbours.
 References: Hugging Face transformers, generation/utils.py.
 """
 
+import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Optional, Union
 
@@ -30,11 +31,17 @@ from torch.nn import functional as F
 from nanogpt import hf
 from nanogpt.errors import UserError
 from nanogpt.kvcache import PAD, cache_and_step, cache_window, float_weight, next_logits
-from nanogpt.logits import pick_tokens, process_logits
+from nanogpt.logits import check_model_logits, next_tokens, process_logits
+from nanogpt.tokenizer import check_token_ids
 
 
 # -----------------------------------------------------------------------------
 # Decoding options
+
+# the logits are float32: a temperature or repetition_penalty outside its range divides or
+# multiplies them into infinities (one below its smallest normal number is 0 there, or nearly)
+FLOAT32 = torch.finfo(torch.float32)
+
 
 def option(default=MISSING, help=""):
     """A DecodingOptions field: its default, and what it does, which the scripts' --help shows
@@ -88,10 +95,19 @@ class DecodingOptions:
                                         "(much faster), False crops per token as nanoGPT")
 
     def __post_init__(self):
+        # a NaN passes every comparison below, and an infinity some: a model folder's
+        # generation_config.json, a served request or a caller may give either
+        for f in fields(self):
+            if f.type is float and not math.isfinite(getattr(self, f.name)):
+                raise UserError(f"{f.name} must be a finite number, got {getattr(self, f.name)}")
         if self.max_new_tokens < 0:
             raise UserError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise UserError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not (self.temperature == 0 or FLOAT32.tiny <= self.temperature <= FLOAT32.max):
+            raise UserError(f"temperature must be 0 (greedy) or in float32's range, "
+                            f"[{FLOAT32.tiny:.3g}, {FLOAT32.max:.3g}], which the logits are "
+                            f"divided in, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
             raise UserError(f"top_k must be >= 0 (0 or None keeps all tokens), got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -101,6 +117,13 @@ class DecodingOptions:
         if self.repetition_penalty <= 0:
             raise UserError("repetition_penalty must be > 0 (1 is none), "
                             f"got {self.repetition_penalty}")
+        if not FLOAT32.tiny <= self.repetition_penalty <= FLOAT32.max:
+            raise UserError(f"repetition_penalty must be in float32's range, [{FLOAT32.tiny:.3g}, "
+                            f"{FLOAT32.max:.3g}], which the logits are divided in, "
+                            f"got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise UserError(f"{name} must be in [-2, 2] (OpenAI's range), got {getattr(self, name)}")
         if self.no_repeat_ngram_size < 0:
             raise UserError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
         if self.num_beams < 1:
@@ -132,6 +155,13 @@ class DecodingOptions:
                             f"num_return_sequences={self.num_return_sequences}: sample "
                             "(temperature > 0) or use beams (num_beams > 1)")
         if self.num_beams > 1:
+            try:  # beam search divides a sequence's score by its length ** length_penalty
+                float(self.max_new_tokens) ** abs(self.length_penalty)
+            except OverflowError:
+                raise UserError(f"length_penalty={self.length_penalty} is too far from 0 for "
+                                f"max_new_tokens={self.max_new_tokens}: beam search divides a "
+                                "score by length ** length_penalty, which would overflow "
+                                "(or be 0)") from None
             if self.num_return_sequences > self.num_beams:
                 raise UserError(f"num_return_sequences ({self.num_return_sequences}) cannot "
                                 f"exceed num_beams ({self.num_beams}): beam search keeps "
@@ -269,18 +299,23 @@ def options_from_flags(flags, passed, tokenizer, prompt_width):
                             "prompt: it counts the prompt and the new tokens together")
         new_tokens = max_length - prompt_width
     suppressed = token_lists(flags["suppress_tokens"], tokenizer, "suppress_tokens")
+    bad_words = token_lists(flags["bad_words"], tokenizer, "bad_words")
+    banned = {i for ids in suppressed for i in ids} | {w[0] for w in bad_words if len(w) == 1}
+    if banned and len(banned) == tokenizer.vocab_size:
+        raise UserError(f"suppress_tokens and bad_words ban all {tokenizer.vocab_size:,} tokens of "
+                        "the vocabulary: no token would be left to pick")
     resolved = dict(max_new_tokens=new_tokens, temperature=temp, num_beams=beams,
                     early_stopping=False if flags["early_stopping"] is None else flags["early_stopping"],
                     num_return_sequences=samples if beams == 1 else flags["num_return_sequences"],
-                    bad_words_ids=token_lists(flags["bad_words"], tokenizer, "bad_words"),
-                    suppress_tokens=tuple(i for ids in suppressed for i in ids))
+                    bad_words_ids=bad_words, suppress_tokens=tuple(i for ids in suppressed for i in ids))
     # every other field is its flag as given
     return DecodingOptions(**resolved, **{f.name: flags[f.name] for f in fields(DecodingOptions)
                                           if f.name not in resolved})
 
 
 def token_lists(words, tokenizer, name):
-    """A flag of words (a string, or a list of strings and token-id lists) as token-id tuples."""
+    """A flag of words (a string, or a list of strings and token-id lists) as token-id tuples,
+    each id one of the tokenizer's."""
     words = [words] if isinstance(words, (str, int)) else words or []
     if not isinstance(words, (list, tuple)):
         raise UserError(f"{name} must be a string, a token id, or a list of them, got {words!r}")
@@ -289,6 +324,7 @@ def token_lists(words, tokenizer, name):
         ids = tokenizer.encode(word) if isinstance(word, str) else [word] if isinstance(word, int) else word
         if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise UserError(f"{name}: {word!r} is not text or token ids")
+        check_token_ids(name, ids, tokenizer.vocab_size)
         out.append(tuple(ids))
     return tuple(out)
 
@@ -402,8 +438,7 @@ def generate(model, prompts, max_new_tokens, stop_tokens=(), stop_strings=(), to
     last_live = torch.tensor(width, device=device)  # the last step at which a row was live
     logits = cache_window(model, cache, ids, width)
     for t in range(width, total):
-        logits = process_logits(ids[:, :t], logits, width, opts, logits_processors, stop_tokens)
-        token = pick_tokens(logits, opts, generator)
+        token = next_tokens(ids[:, :t], logits, width, opts, logits_processors, stop_tokens, generator)
         # an ended row is padded, or (with no pad token) repeats its last token
         ids[:, t] = torch.where(done, ids[:, t - 1] if pad_token_id is None else pad_token_id, token)
         last_live = torch.where(done.all(), last_live, t)
@@ -494,6 +529,7 @@ def beam_search(model, prompts, opts, stop_tokens=(), logits_processors=(), stop
     n_candidates = max(2, 1 + len(stop_tokens)) * K
     offsets = torch.arange(P, device=device)[:, None] * K
 
+    check_model_logits(logits)
     for t in range(width, total):
         log_probs = F.log_softmax(logits, dim=-1)
         log_probs = process_logits(ids[:, :t], log_probs, width, opts, logits_processors, stop_tokens)

@@ -29,7 +29,7 @@ from torch import nn
 
 from nanogpt.errors import UserError
 from nanogpt.reading import open_regular, parse_json, read_json, read_text
-from nanogpt.tokenizer import HFTokenizer, TiktokenTokenizer
+from nanogpt.tokenizer import HFTokenizer, TiktokenTokenizer, check_token_ids
 
 # OpenAI's GPT-2 sizes, by the short names nanoGPT uses, and where they live on the hub
 GPT2_SIZES = {name: f"openai-community/{name}"
@@ -151,9 +151,9 @@ def generation_defaults(folder, name):
         kind = type(GENERATION_DEFAULTS[key])
         ok = isinstance(value, bool) if kind is bool else \
             not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
-        if not ok:
-            raise UserError(f"{name}: generation_config.json's {key} must be {kind.__name__}, "
-                            f"got {value!r}")
+        if not ok or (kind is float and not math.isfinite(value)):  # JSON may hold NaN, Infinity
+            raise UserError(f"{name}: generation_config.json's {key} must be "
+                            f"{'a finite number' if kind is float else kind.__name__}, got {value!r}")
         given[key] = kind(value)
     return given
 
@@ -235,10 +235,11 @@ def llama_args(hf, name, dropout=None):
     if eos is not None and not (isinstance(eos, list) and
                                 all(isinstance(i, int) and not isinstance(i, bool) for i in eos)):
         raise UserError(f"{name}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    check_token_ids(f"{name}: eos_token_id", eos or [], hf["vocab_size"])
     return dict(family="llama", hf_model_type=model_type, n_layer=hf["num_hidden_layers"],
                 n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
                 mlp_hidden=hf["intermediate_size"], block_size=block_size,
-                vocab_size=hf["vocab_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                vocab_size=hf["vocab_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
                 rope_theta=rope_theta, rope_scaling=rope_scaling,
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 qkv_bias=model_type == "qwen2",
@@ -333,21 +334,22 @@ def folder_tokenizer(folder, name, vocab_size):
 
 
 def chat_template(folder):
-    """(template, {"bos_token": text, ...}) of a folder: tokenizer_config.json's chat_template
-    (a string, or a list of named ones: the "default"), or chat_template.jinja, with the
-    special tokens' texts the template may use; (None, None) without one."""
+    """(template, {"bos_token": text, ...}, file) of a folder: tokenizer_config.json's
+    chat_template (a string, or a list of named ones: the "default"), or chat_template.jinja,
+    with the special tokens' texts the template may use and the file it is in; (None, None,
+    None) without one."""
     settings_path = os.path.join(folder, "tokenizer_config.json")
     settings = read_json(settings_path, AGAIN) if os.path.exists(settings_path) else {}
-    template = settings.get("chat_template")
+    template, path = settings.get("chat_template"), settings_path
     if isinstance(template, list):
         template = next((t.get("template") for t in template
                          if isinstance(t, dict) and t.get("name") == "default"), None)
     jinja_path = os.path.join(folder, "chat_template.jinja")
     if template is None and os.path.exists(jinja_path):
-        template = read_text(jinja_path)
+        template, path = read_text(jinja_path), jinja_path
     if not isinstance(template, str):
-        return None, None
-    return template, special_tokens(folder, settings)
+        return None, None, None
+    return template, special_tokens(folder, settings), path
 
 
 def special_tokens(folder, settings):

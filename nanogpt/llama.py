@@ -54,6 +54,9 @@ class LlamaConfig:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.head_size % 2 != 0:
             raise ValueError(f"rotary embeddings need an even head size, got {self.head_size}")
+        if not 0 < self.norm_eps < math.inf:  # under the square root of a mean of squares
+            raise ValueError(f"norm_eps (a config.json's rms_norm_eps) must be a positive number, "
+                             f"got {self.norm_eps}")
         rope_inv_freq(self)  # refuses an unknown rope_scaling
 
     @property

@@ -2,7 +2,8 @@
 Logits processing: how the decoding options (engine.DecodingOptions) turn a model's next-token
 logits into the ones a token is picked from, in Hugging Face's order (process_logits): the
 penalties and bans, the caller's own processors, then temperature -> top-k -> top-p -> min-p ->
-typical.
+typical; and how the next token is picked from them (next_tokens), which names the step that
+left a row nothing to pick.
 
 Each function takes the tokens so far, ids (rows, T) with PAD on the left of shorter prompts,
 and the next-token logits (rows, vocab); it returns new logits.
@@ -13,6 +14,7 @@ the presence and frequency penalties.
 
 import torch
 
+from nanogpt.errors import UserError
 from nanogpt.kvcache import PAD
 
 
@@ -118,46 +120,100 @@ def min_p_filter(logits, p):
     return logits.masked_fill(probs < p * probs.amax(dim=-1, keepdim=True), -float("inf"))
 
 
+def logits_steps(ids, prompt_width, opts, processors=(), stop_tokens=()):
+    """process_logits' steps, in order, for the options that are set: [(the option, as the
+    user set it, a function of the logits)]."""
+    steps = []
+    if opts.repetition_penalty != 1:
+        steps.append((f"repetition_penalty={opts.repetition_penalty}",
+                      lambda x: repetition_penalty(ids, x, opts.repetition_penalty)))
+    if opts.presence_penalty or opts.frequency_penalty:
+        steps.append((f"presence_penalty={opts.presence_penalty}, frequency_penalty={opts.frequency_penalty}",
+                      lambda x: presence_frequency_penalty(ids[:, prompt_width:], x, opts.presence_penalty,
+                                                           opts.frequency_penalty)))
+    if opts.no_repeat_ngram_size:
+        steps.append((f"no_repeat_ngram_size={opts.no_repeat_ngram_size}",
+                      lambda x: no_repeat_ngram(ids, x, opts.no_repeat_ngram_size)))
+    if opts.bad_words_ids:
+        steps.append(("bad_words", lambda x: bad_words(ids, x, opts.bad_words_ids)))
+    if opts.min_new_tokens and ids.size(1) - prompt_width < opts.min_new_tokens and len(stop_tokens):
+        steps.append((f"min_new_tokens={opts.min_new_tokens}",  # which bans the stop tokens
+                      lambda x: ban(x, list(stop_tokens))))
+    if opts.suppress_tokens:
+        steps.append(("suppress_tokens", lambda x: ban(x, list(opts.suppress_tokens))))
+    for processor in processors:
+        steps.append((f"the logits processor {getattr(processor, '__name__', processor)}",
+                      lambda x, processor=processor: processor(ids, x)))
+    if not opts.sampling:
+        return steps  # greedy and beam search rank the tokens: the filters below keep the top ones
+    if opts.temperature != 1:
+        steps.append((f"temperature={opts.temperature}", lambda x: x / opts.temperature))
+    if opts.top_k:
+        steps.append((f"top_k={opts.top_k}", lambda x: top_k_filter(x, opts.top_k)))
+    if opts.top_p < 1:
+        steps.append((f"top_p={opts.top_p}", lambda x: top_p_filter(x, opts.top_p)))
+    if opts.min_p > 0:
+        steps.append((f"min_p={opts.min_p}", lambda x: min_p_filter(x, opts.min_p)))
+    if opts.typical_p < 1:
+        steps.append((f"typical_p={opts.typical_p}", lambda x: typical_filter(x, opts.typical_p)))
+    return steps
+
+
 def process_logits(ids, logits, prompt_width, opts, processors=(), stop_tokens=()):
     """Apply the decoding options to next-token logits, in Hugging Face's order: penalties and
     bans, then the caller's processors (callables (ids, logits) -> logits), then, when
     sampling, temperature -> top-k -> top-p -> min-p -> typical. ids: the tokens so far (rows,
     T), left-padded with PAD; the generated ones start at column prompt_width. stop_tokens:
     what min_new_tokens holds back."""
-    if opts.repetition_penalty != 1:
-        logits = repetition_penalty(ids, logits, opts.repetition_penalty)
-    if opts.presence_penalty or opts.frequency_penalty:
-        logits = presence_frequency_penalty(ids[:, prompt_width:], logits,
-                                            opts.presence_penalty, opts.frequency_penalty)
-    if opts.no_repeat_ngram_size:
-        logits = no_repeat_ngram(ids, logits, opts.no_repeat_ngram_size)
-    if opts.bad_words_ids:
-        logits = bad_words(ids, logits, opts.bad_words_ids)
-    if opts.min_new_tokens and ids.size(1) - prompt_width < opts.min_new_tokens and len(stop_tokens):
-        logits = ban(logits, list(stop_tokens))
-    if opts.suppress_tokens:
-        logits = ban(logits, list(opts.suppress_tokens))
-    for processor in processors:
-        logits = processor(ids, logits)
-    if not opts.sampling:
-        return logits  # greedy and beam search rank the tokens: the filters below keep the top ones
-    if opts.temperature != 1:
-        logits = logits / opts.temperature
-    if opts.top_k:
-        logits = top_k_filter(logits, opts.top_k)
-    if opts.top_p < 1:
-        logits = top_p_filter(logits, opts.top_p)
-    if opts.min_p > 0:
-        logits = min_p_filter(logits, opts.min_p)
-    if opts.typical_p < 1:
-        logits = typical_filter(logits, opts.typical_p)
+    for _, step in logits_steps(ids, prompt_width, opts, processors, stop_tokens):
+        logits = step(logits)
     return logits
 
 
+def next_tokens(ids, logits, prompt_width, opts, processors=(), stop_tokens=(), generator=None):
+    """The next token of each row, (rows,), from its logits (the model's): processed
+    (process_logits), then drawn with generator when opts sample, else the most likely. Logits
+    that leave a row nothing to draw from are refused with a UserError naming the step after
+    which they do (nothing_to_sample); the model's own are checked at a row's first new token,
+    where greedy decoding would pick from NaNs silently."""
+    if ids.size(1) == prompt_width:
+        check_model_logits(logits)
+    processed = process_logits(ids, logits, prompt_width, opts, processors, stop_tokens)
+    if not opts.sampling:
+        return processed.argmax(dim=-1)
+    probs = processed.softmax(dim=-1)
+    # asked before multinomial is: its own check of the probabilities fails on a GPU
+    # asynchronously, as a device-side assert that ends the process
+    if probs.isnan().any():
+        raise UserError(nothing_to_sample(ids, logits, prompt_width, opts, processors, stop_tokens))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
-def pick_tokens(logits, opts, generator=None):
-    """The next token of each row, (rows,), from its processed logits: drawn with generator when
-    opts sample, else the most likely."""
-    if opts.sampling:
-        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
-    return logits.argmax(dim=-1)
+
+def nothing_to_sample(ids, logits, prompt_width, opts, processors, stop_tokens):
+    """Why a row of logits is left without a token to sample: the first step of process_logits
+    after which its probabilities are NaN (all its tokens banned, or an infinity among them)."""
+    check_model_logits(logits)
+    at = f"no token can be sampled at new token {ids.size(1) - prompt_width + 1}"
+    steps = logits_steps(ids, prompt_width, opts, processors, stop_tokens)
+    for i, (what, step) in enumerate(steps):
+        logits = step(logits)
+        if not pickable(logits):
+            before = ", ".join(earlier for earlier, _ in steps[:i])
+            return (f"{at}: after {what}{f' (and {before} before it)' if before else ''}, no token "
+                    "of a row has a finite, positive probability")
+    # reached only where a caller's processor gives other logits when run again
+    return f"{at}: no token of a row has a finite, positive probability"
+
+
+def pickable(logits):
+    """Whether every row of logits is a distribution to draw from: its softmax holds no NaN,
+    which a row of -inf alone gives, or one with an infinity or a NaN in it."""
+    return not bool(logits.softmax(dim=-1).isnan().any())
+
+
+def check_model_logits(logits):
+    """Refuse a model's next-token logits that are NaN or infinite, which no decoding can pick
+    from: a damaged model."""
+    if not pickable(logits):
+        raise UserError("the model's next-token logits are not finite numbers (NaN or "
+                        "infinite): its weights or its config are damaged")

@@ -24,8 +24,12 @@ a tojson that keeps non-ASCII) and variables (messages, add_generation_prompt,
 tools, the special tokens' texts), so the prompt ids are the same.
 """
 
+import functools
 import io
 import json
+import math
+import re
+import time
 import unicodedata
 from datetime import datetime
 
@@ -101,7 +105,7 @@ class TiktokenTokenizer:
 class HFTokenizer:
     """A tokenizer of the `tokenizers` library: a model's tokenizer.json, or a BERT vocab.txt."""
 
-    def __init__(self, json_text, chat_template=None, special_tokens=None):
+    def __init__(self, json_text, chat_template=None, special_tokens=None, chat_template_file=None):
         from tokenizers import Tokenizer, models, processors
         try:
             self.tok = Tokenizer.from_str(json_text)
@@ -112,6 +116,7 @@ class HFTokenizer:
         self.wordpiece = isinstance(self.tok.model, models.WordPiece)
         self.chat_template = chat_template
         self.special_tokens = dict(special_tokens or {})  # {"bos_token": text, ...} for the template
+        self.chat_template_file = chat_template_file  # where the template was read from, for its errors
         # a text's end: GPT-2's end-of-text; BERT vocabularies (the Chinese GPT-2s) wrap each text
         # as [CLS] ... [SEP], as their users and transformers' pipeline do; None in vocabularies
         # without either
@@ -165,7 +170,7 @@ class HFTokenizer:
             raise UserError("this model's tokenizer has no chat template (a base model?): "
                             "give it plain text to continue")
         return render_chat_template(self.chat_template, messages, add_generation_prompt, tools,
-                                    self.special_tokens, with_spans)
+                                    self.special_tokens, with_spans, self.chat_template_file)
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -224,6 +229,15 @@ def check_spec(spec):
                             f"{repr(spec[key])[:80]}")
 
 
+def check_token_ids(name, ids, vocab_size):
+    """Refuse ids that are not tokens of a vocabulary of vocab_size (a negative one would count
+    from its end, one past it would be dropped unseen)."""
+    for i in ids:
+        if not 0 <= i < vocab_size:
+            raise UserError(f"{name}: {i} is not a token id: the vocabulary has {vocab_size:,} "
+                            f"tokens, 0 ... {vocab_size - 1:,}")
+
+
 def from_spec(spec):
     check_spec(spec)
     kind = spec.get("kind") if isinstance(spec, dict) else None
@@ -269,15 +283,173 @@ def _generation_tag(rendered, spans):
     return Generation
 
 
-def render_chat_template(template, messages, add_generation_prompt=False, tools=None,
-                         special_tokens=None, with_spans=False):
-    """A chat template rendered as transformers renders it (see the top of this file); with_spans:
-    (text, [(start, end), ...]), the spans of its {% generation %} blocks (none if it has none).
-    A message's keys whose value is None are left out, as transformers leaves them (OpenAI-style
-    logs write "tool_calls": null, on which templates that test `'tool_calls' in message` fail)."""
+# A chat template is a program that comes with a model: a render is bounded in time and in the
+# text it builds, so that a broken or hostile template ends in one line of error, not in a hang
+# or an exhausted memory
+RENDER_SECONDS = 5
+RENDER_CHARS = 10**7  # characters (or list items): its output and every text it makes on the way
+# an integer longer than Python writes as text (sys.int_info.default_max_str_digits) could
+# never be printed: * and ** make none
+INT_DIGITS = 4300
+INT_BITS = math.ceil(INT_DIGITS * math.log2(10))
+
+
+class RenderBound(Exception):
+    """A render ran past RENDER_SECONDS or RENDER_CHARS."""
+
+
+def bounded_sandbox():
+    """jinja2's ImmutableSandboxedEnvironment (which keeps a template from Python's internals and
+    from changing its inputs), with bounds on a render's time and text (RENDER_SECONDS,
+    RENDER_CHARS) and on its integers (INT_DIGITS). The clock is read wherever a template can go
+    on and on: each iteration of a for loop, each output, call (a macro's too), filter and
+    operator. The text is counted where a template can make much of it: each output (within a
+    macro or a {% set %} block too), each +, *, ~ and %, and what a filter or a method of a text
+    or list returns; a number they are given as a width or a count may not ask for more."""
     import jinja2
+    from jinja2 import nodes
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-    rendered, spans = [], []
+    from jinja2.visitor import NodeTransformer
+
+    def size(value):
+        return len(value) if isinstance(value, (str, list, tuple)) else 0
+
+    class Counted(NodeTransformer):
+        """The template's for loops, outputs and ~ (concatenations), routed through the
+        environment's each, out and joined (names a template cannot write over)."""
+
+        def helper(self, name, node, args):
+            return nodes.Call(nodes.EnvironmentAttribute(name), args, [], None, None).set_lineno(node.lineno)
+
+        def visit_For(self, node):
+            node = self.generic_visit(node)
+            node.iter = self.helper("each", node, [node.iter])
+            return node
+
+        def visit_Output(self, node):
+            node = self.generic_visit(node)
+            node.nodes = [self.helper("out", child, [child]) for child in node.nodes]
+            return node
+
+        def visit_Concat(self, node):
+            node = self.generic_visit(node)
+            return self.helper("joined", node, node.nodes)
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"+", "*", "**", "%"})
+
+        def __init__(self, filters, globals, **options):
+            super().__init__(**options)
+            self.deadline, self.built = time.monotonic() + RENDER_SECONDS, 0
+            self.filters.update(filters)
+            # a filter's first argument is the value it filters; lipsum's is a count
+            self.filters = {name: self.bounded(f, 1) for name, f in self.filters.items()}
+            self.globals.update(globals, lipsum=self.bounded(self.globals["lipsum"], 0))
+
+        def _parse(self, source, name, filename):  # what parse() and compile() compile
+            return Counted().visit(super()._parse(source, name, filename)).set_environment(self)
+
+        def tick(self):
+            if time.monotonic() > self.deadline:
+                raise RenderBound(f"it ran for more than {RENDER_SECONDS} s, the most a render may")
+
+        def build(self, chars):
+            self.built += chars
+            if self.built > RENDER_CHARS:
+                raise RenderBound(f"it built more than {RENDER_CHARS:,} characters, the most a "
+                                  "render may")
+
+        def check_counts(self, values):
+            for value in values:
+                if isinstance(value, int) and abs(value) > RENDER_CHARS:
+                    raise RenderBound(f"it asks for a width or a count of {value}, past the "
+                                      f"{RENDER_CHARS:,} characters a render may build")
+
+        def check_format(self, text, values=()):
+            """A format string's widths (every number in it, to be safe), and the values its
+            * widths take."""
+            for run in re.findall(r"\d+", text):
+                if len(run) > len(str(RENDER_CHARS)) or int(run) > RENDER_CHARS:
+                    raise RenderBound(f"it formats with a width of {run[:20]}"
+                                      f"{'...' if len(run) > 20 else ''}, past the "
+                                      f"{RENDER_CHARS:,} characters a render may build")
+            if "*" in text:
+                self.check_counts(values)
+
+        def check_bits(self, bits):
+            if bits > INT_BITS:
+                raise RenderBound(f"it makes an integer of more than {INT_DIGITS:,} digits, which "
+                                  "Python does not write as text")
+
+        def each(self, iterable):
+            for item in iterable:
+                self.tick()
+                yield item
+
+        def out(self, value):
+            self.tick()
+            self.build(len(str(value)))
+            return value
+
+        def joined(self, *parts):
+            texts = [str(part) for part in parts]
+            self.build(sum(map(len, texts)))
+            return "".join(texts)
+
+        def bounded(self, f, counts_from):
+            """f, a filter or function, on the clock, its numbers from argument counts_from on
+            checked as counts, and what it returns counted."""
+            @functools.wraps(f)  # with the marks jinja2 reads of a filter (pass_context, ...)
+            def bounded_f(*args, **kwargs):
+                self.tick()
+                if f is jinja2.filters.do_format:  # its values are printed, not counts
+                    self.check_format(str(args[0]), args[1:])
+                else:
+                    self.check_counts([*args[counts_from:], *kwargs.values()])
+                result = f(*args, **kwargs)
+                self.build(size(result))
+                return result
+            return bounded_f
+
+        def call_binop(self, context, operator, left, right):
+            self.tick()
+            if operator == "*" and isinstance(right, int):
+                self.build(size(left) * max(right, 0))
+            elif operator == "*" and isinstance(left, int):
+                self.build(size(right) * max(left, 0))
+            elif operator == "+":
+                self.build(size(left) + size(right))
+            elif operator == "**" and isinstance(left, int) and isinstance(right, int):
+                self.check_bits(right * (abs(left).bit_length() - 1))  # the least the power has
+            elif operator == "%" and isinstance(left, str):
+                self.check_format(left, right if isinstance(right, tuple) else (right,))
+            result = super().call_binop(context, operator, left, right)
+            if isinstance(result, int):
+                self.check_bits(result.bit_length())
+            if operator == "%":
+                self.build(size(result))
+            return result
+
+        def call(self, context, obj, /, *args, **kwargs):
+            self.tick()
+            method = getattr(obj, "__wrapped__", obj)  # str.format, which the sandbox wraps
+            of_text = isinstance(getattr(method, "__self__", None), (str, list, tuple))
+            if of_text and method.__name__ in ("format", "format_map"):
+                self.check_format(method.__self__)
+            elif of_text:
+                self.check_counts([*args, *kwargs.values()])
+            result = super().call(context, obj, *args, **kwargs)
+            if of_text:
+                self.build(size(result))
+            return result
+
+    return BoundedSandbox
+
+
+def chat_template_env(rendered, spans):
+    """A bounded sandbox (bounded_sandbox) set up as transformers sets jinja2 up for a chat
+    template (see the top of this file); rendered, spans: _generation_tag's."""
+    import jinja2
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -287,25 +459,50 @@ def render_chat_template(template, messages, add_generation_prompt=False, tools=
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                           sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols",
-                                                    _generation_tag(rendered, spans)])
-    env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception,
-                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return bounded_sandbox()(filters={"tojson": tojson},
+                             globals=dict(raise_exception=raise_exception,
+                                          strftime_now=lambda fmt: datetime.now().strftime(fmt)),
+                             trim_blocks=True, lstrip_blocks=True,
+                             extensions=["jinja2.ext.loopcontrols", _generation_tag(rendered, spans)])
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_chat_template(template):
+    """A chat template's code, compiled once: each render runs it in an environment of its own
+    (chat_template_env), whose filters, helpers and bounds it reads as it runs."""
+    return chat_template_env([], []).compile(template)
+
+
+def render_chat_template(template, messages, add_generation_prompt=False, tools=None,
+                         special_tokens=None, with_spans=False, source=None):
+    """A chat template rendered as transformers renders it (see the top of this file), bounded
+    (bounded_sandbox); with_spans: (text, [(start, end), ...]), the spans of its {% generation %}
+    blocks (none if it has none). A message's keys whose value is None are left out, as
+    transformers leaves them (OpenAI-style logs write "tool_calls": null, on which templates that
+    test `'tool_calls' in message` fail). source: where the template comes from (a file), which
+    its errors name."""
+    import jinja2
     if not isinstance(messages, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
         raise UserError("a conversation is a list of {\"role\": ..., \"content\": ...} messages")
     messages = [{key: value for key, value in m.items() if value is not None} for m in messages]
+    name = "the chat template" + (f" of {source}" if source else "")
+    rendered, spans = [], []
+    env = chat_template_env(rendered, spans)
     try:
-        for piece in env.from_string(template).generate(
+        code = compiled_chat_template(template)
+        for piece in env.template_class.from_code(env, code, env.make_globals(None)).generate(
                 messages=messages, tools=tools, documents=None,
                 add_generation_prompt=add_generation_prompt, **(special_tokens or {})):
             rendered.append(piece)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise UserError(f"{name} is not a jinja template (line {e.lineno}: {e.message})") from None
     except jinja2.exceptions.TemplateError as e:
-        raise UserError(f"the chat template refused the conversation: {e}") from None
+        raise UserError(f"{name} refused the conversation: {e}") from None
+    except RenderBound as e:
+        raise UserError(f"{name} was stopped: {e}") from None
     except Exception as e:  # a template is a program: it fails as programs do (TypeError, ...)
-        raise UserError(f"the chat template failed on the conversation ({type(e).__name__}: {e})") from None
+        raise UserError(f"{name} failed on the conversation ({type(e).__name__}: {e})") from None
     text = "".join(rendered)
     return (text, spans) if with_spans else text
 

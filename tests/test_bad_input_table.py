@@ -8,7 +8,8 @@ the scripts' own knobs), values out of range, damaged datasets, damaged checkpoi
 damaged Hugging Face folders (config.json, safetensors headers, shard indexes, pickled weights),
 nanoGPT runs with a bad meta.pkl, for train.py (init_from=<folder>) and sample.py alike; LoRA
 runs whose base is missing, changed, or another LoRA run naming them back; prompts; out_dir;
-the benchmarks."""
+the benchmarks; decoding values that would overflow and model folders that would decode into
+NaN; chat templates that fail, loop or build too much."""
 
 import importlib
 import importlib.util
@@ -21,7 +22,8 @@ import subprocess
 import pytest
 import torch
 
-from conftest import REPO, TINY, assert_user_error, run_cases, run_script, save_tiny_bpe
+from conftest import REPO, TINY, assert_user_error, run_cases, run_script, save_tiny_bpe, tiny_bpe
+from test_generation_config import qwen_folder
 
 TRAIN = [*TINY, "--peak_flops=1e12", "--max_iters=25"]
 SAMPLE = ["--device=cpu", "--max_new_tokens=5", "--num_samples=1"]
@@ -310,6 +312,7 @@ def world(trained, char_dataset, tmp_path_factory):
     nanogpt_runs(root / "nano", str(root / "run" / "ckpt.pt"))
     lora_runs(root, root / "hf")
     escapes_world(root)
+    decoding_and_template_folders(root, tokenizer.vocab_size)
     prompts = root / "prompts"
     prompts.mkdir()
     (prompts / "binary.bin").write_bytes(bytes(range(256)) * 4)
@@ -1038,7 +1041,145 @@ def all_cases():
     return cases
 
 
-CASES = all_cases()
+# -----------------------------------------------------------------------------
+# Issue 31: decoding values that would overflow, token ids outside the vocabulary, model folders
+# that decode into NaN, and chat templates that fail, loop or build too much. Their world
+# (decoding_and_template_folders) and their cases (decoding_and_template_cases), apart from the
+# table above.
+
+def qwen(folder, config=None, generation=None):
+    """test_generation_config's tiny Qwen2 folder, its config.json and generation_config.json
+    then updated with config and generation (or replaced by them, where given as JSON text, as a
+    NaN must be)."""
+    qwen_folder(folder)
+    for name, change in (("config.json", config), ("generation_config.json", generation)):
+        if isinstance(change, str):
+            (folder / name).write_text(change)
+        elif change is not None:
+            (folder / name).write_text(json.dumps({**json.loads((folder / name).read_text()), **change}))
+
+
+def weights_times(folder, factor, name=None):
+    """Multiply the folder's weights (or only the tensor `name`) by factor."""
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors = {k: v * factor if name in (None, k) else v for k, v in tensors.items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+# chat templates that fail, each as tokenizer_config.json's chat_template: {how: (template,
+# words of the line)}; every line also names the template's file
+TEMPLATES = {
+    "zero_division": ("{{ 1 / 0 }}", ["failed on the conversation", "ZeroDivisionError"]),
+    "include": ("{% include 'other.jinja' %}", ["no loader"]),
+    "import": ("{% import 'macros.jinja' as m %}{{ m.x }}", ["no loader"]),
+    "extends": ("{% extends 'base.jinja' %}", ["no loader"]),
+    "range_huge": ("{{ range(10**10)|list }}", ["MAX_RANGE"]),
+    "recursive_macro": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", ["RecursionError"]),
+    "repeat_huge": ("{{ 'a' * 10**10 }}", ["built more than 10,000,000 characters"]),
+    "output_huge": ("{% for i in range(99999) %}{{ 'x' * 99999 }}{% endfor %}", ["built more than"]),
+    "doubling": ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+                 "{% endfor %}{{ ns.s }}", ["built more than"]),
+    "captured_block": ("{% set x %}{% for i in range(99999) %}" + "y" * 1000 + "{% endfor %}{% endset %}",
+                       ["built more than"]),
+    "width_filter": ("{{ 'x'|center(10**9) }}", ["a width or a count of 1000000000"]),
+    "width_method": ("{{ 'x'.ljust(10**9) }}", ["a width or a count of 1000000000"]),
+    "width_percent": ("{{ '%0999999999d' % 1 }}", ["formats with a width of 0999999999"]),
+    "width_format": ("{{ '{:>999999999}'.format(1) }}", ["formats with a width of 999999999"]),
+    "power": ("{{ 7 ** 99999999 }}", ["an integer of more than 4,300 digits"]),
+    "syntax": ("{% for %}", ["is not a jinja template", "line 1"]),
+    "unsafe": ("{{ messages.__class__.__mro__[1].__subclasses__() }}", ["unsafe"]),
+    "raises": ("{{ raise_exception('roles must alternate') }}", ["refused the conversation: roles must alternate"]),
+}
+
+
+def decoding_and_template_folders(root, vocab_size):
+    """root/dec/<how>: tiny Qwen2 folders damaged one way; root/tpl/<how>: hf/ with a chat
+    template of TEMPLATES (and tpl/jinja_file, one in chat_template.jinja); config files that
+    ban every token of the run's vocabulary and all but the end of text of a Qwen2's."""
+    dec, tpl = root / "dec", root / "tpl"
+    eos = tiny_bpe().token_to_id("<|endoftext|>")
+    qwen(dec / "eps_negative", config={"rms_norm_eps": -1e-6})
+    qwen(dec / "eps_zero", config={"rms_norm_eps": 0})
+    qwen(dec / "eos_huge", generation={"eos_token_id": 10**12})
+    qwen(dec / "eos_negative", generation={"eos_token_id": [eos, -1]})
+    qwen(dec / "temperature_nan", generation='{"do_sample": true, "temperature": NaN}')
+    qwen(dec / "top_p_infinite", generation='{"do_sample": true, "top_p": Infinity}')
+    qwen(dec / "penalty_tiny", generation={"repetition_penalty": 1e-300})
+    qwen(dec / "nan_weights")
+    weights_times(dec / "nan_weights", float("nan"))
+    qwen(dec / "loud")  # logits a million times larger: a tiny temperature overflows them
+    weights_times(dec / "loud", 1e6, "model.norm.weight")
+    qwen(dec / "good")
+    (root / "suppress_all.py").write_text(f"suppress_tokens = {list(range(vocab_size))}\n")
+    (root / "suppress_all_but_eos.py").write_text(
+        f"suppress_tokens = {[i for i in range(tiny_bpe().get_vocab_size()) if i != eos]}\n")
+    for how, (template, _) in TEMPLATES.items():
+        shutil.copytree(root / "hf", tpl / how)
+        settings = json.loads((tpl / how / "tokenizer_config.json").read_text())
+        (tpl / how / "tokenizer_config.json").write_text(json.dumps({**settings, "chat_template": template}))
+    shutil.copytree(root / "hf", tpl / "jinja_file")
+    (tpl / "jinja_file" / "chat_template.jinja").write_text("{{ 1 / 0 }}")
+
+
+def decoding_and_template_cases():
+    """[(id, script, args, words, marks)]: decoding values refused (generated over the options
+    and their bounds), model folders that would decode into NaN, and chat templates that fail."""
+    f32 = torch.finfo(torch.float32)
+    sample = [*SAMPLE, "--out_dir={root}/run"]
+    cases = []
+    for option in ("temperature", "repetition_penalty"):  # the logits are divided in float32
+        for value in (f32.tiny / 10, 1e-300, f32.max * 10, 1e300):
+            cases.append((f"decode: {option}={value!r}", "sample.py", [*sample, f"--{option}={value!r}"],
+                          [f"{option} must be", "in float32's range", f"got {value!r}"]))
+    for option in ("presence_penalty", "frequency_penalty"):  # OpenAI's range
+        for value in (2.5, -3.0, 1e308, -1e308):
+            cases.append((f"decode: {option}={value!r}", "sample.py", [*sample, f"--{option}={value!r}"],
+                          [f"{option} must be in [-2, 2]", f"got {value!r}"]))
+    for option in ("suppress_tokens", "bad_words"):
+        for ids in ([-1], [10**6], [3, 2**63 - 1]):
+            flag = ids if option == "suppress_tokens" else [ids]
+            cases.append((f"decode: {option}={flag}", "sample.py", [*sample, f"--{option}={flag}"],
+                          [f"{option}: {ids[-1]} is not a token id", "the vocabulary has"]))
+    cases += [
+        ("decode: suppress every token", "sample.py", [*sample, "{root}/suppress_all.py"],
+         ["suppress_tokens and bad_words ban all", "tokens of the vocabulary"]),
+        ("decode: length_penalty overflowing with beams", "sample.py",
+         [*sample, "--num_beams=2", "--temperature=0", "--length_penalty=5000.0"],
+         ["length_penalty=5000.0 is too far from 0"]),
+    ]
+    folders = [  # (what, the folder, more arguments, words)
+        ("rms_norm_eps negative", "eps_negative", [], ["norm_eps", "must be a positive number, got -1e-06"]),
+        ("rms_norm_eps 0", "eps_zero", [], ["norm_eps", "must be a positive number, got 0"]),
+        ("eos_token_id 10**12", "eos_huge", [], ["eos_token_id: 1000000000000 is not a token id",
+                                                 "the vocabulary has"]),
+        ("eos_token_id [eos, -1]", "eos_negative", [], ["eos_token_id: -1 is not a token id"]),
+        ("temperature NaN", "temperature_nan", [],
+         ["generation_config.json's temperature must be a finite number, got nan"]),
+        ("top_p Infinity", "top_p_infinite", [], ["generation_config.json's top_p must be a finite number, got inf"]),
+        ("repetition_penalty 1e-300", "penalty_tiny", [], ["repetition_penalty must be in float32's range",
+                                                           "got 1e-300"]),
+        ("NaN weights, sampling", "nan_weights", [], ["the model's next-token logits are not finite numbers"]),
+        ("NaN weights, greedy", "nan_weights", ["--temperature=0"],
+         ["the model's next-token logits are not finite numbers"]),
+        ("logits overflowing a tiny temperature", "loud", ["--temperature=1e-35"],
+         ["no token can be sampled at new token 1", "after temperature=1e-35"]),
+        ("min_new_tokens banning the last token left", "good", ["{root}/suppress_all_but_eos.py", "--min_new_tokens=3"],
+         ["no token can be sampled at new token 1", "after suppress_tokens (and min_new_tokens=3 before it)"]),
+    ]
+    for what, how, args, words in folders:
+        cases.append((f"decode: a model folder's {what}", "sample.py",
+                      [*SAMPLE, f"--init_from={{root}}/dec/{how}", *args], words))
+    chat = ["--device=cpu", "--prompt=hi", "--max_new_tokens=3"]
+    for how, (_, words) in TEMPLATES.items():
+        cases.append((f"template: {how}", "chat.py", [*chat, f"--init_from={{root}}/tpl/{how}"],
+                      ["the chat template of", "tokenizer_config.json", *words]))
+    cases.append(("template: in chat_template.jinja", "chat.py", [*chat, "--init_from={root}/tpl/jinja_file"],
+                  ["the chat template of", "chat_template.jinja", "ZeroDivisionError"]))
+    return [(*case, ()) for case in cases]
+
+
+CASES = all_cases() + decoding_and_template_cases()
 assert len({c[0] for c in CASES}) == len(CASES), "case ids must be unique"
 
 
@@ -1073,6 +1214,13 @@ def test_the_table_covers_every_kind():
                  "train_step:", "loading:", "lora_memory:", "generation:", "export:", "chat:",
                  "resume", "None", "another type"):
         assert any(kind in i for i in ids), kind
+
+
+def test_the_table_covers_decoding_and_templates():
+    ids = [c[0] for c in CASES]
+    for kind in ("decode: temperature", "decode: presence_penalty", "decode: suppress_tokens",
+                 "decode: bad_words", "decode: a model folder's", "template: "):
+        assert sum(i.startswith(kind) for i in ids) >= 2, kind
 
 
 def test_prepare_char_tokenizer_error_is_the_first_line(world, tmp_path):

@@ -10,6 +10,7 @@ import json
 import pickle
 import random
 import shutil
+import time
 
 import pytest
 import torch
@@ -368,3 +369,59 @@ def test_safetensors_byte_ranges_that_do_not_fit_the_file_are_refused(originals,
             loaded.append(f"#{i}: {what} -> {type(e).__name__}: {str(e)[:200]}")
         shutil.rmtree(case)
     assert not loaded, "\n".join(loaded)
+
+
+# -----------------------------------------------------------------------------
+# Chat templates (issue 31): seeded random templates made of hostile fragments (loops that never
+# end, texts, widths and integers too big to build, failing calls, recursion) among ordinary
+# ones, nested in loops and macros. Each renders, or gives one UserError naming the template,
+# within the render's time bound.
+
+ORDINARY = ["{{ bos_token }}", "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}",
+            "{% if add_generation_prompt %}<assistant>{% endif %}", "{{ messages|length }}",
+            "{{ ('ab' * 3) ~ '%05d' % 7 ~ '{:>4}'.format(1) }}", "{{ messages|tojson }}"]
+HOSTILE = ["{{ 1 / 0 }}", "{% include 'x.jinja' %}", "{{ range(10**10)|list }}", "{{ 'a' * 10**10 }}",
+           "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+           "{% set r = range(99999) %}{% for i in r %}{% for j in r %}{% endfor %}{% endfor %}",
+           "{% for i in range(99999) %}{{ 'x' * 99999 }}{% endfor %}", "{{ 'x'|center(10**9) }}",
+           "{{ '%0999999999d' % 1 }}", "{{ '{:>999999999}'.format(1) }}", "{{ 'x'.ljust(10**9) }}",
+           "{{ 7 ** 99999999 }}", "{{ (range(99999)|list) * 99999 }}", "{{ lipsum(10**9) }}",
+           "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+           "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}",
+           "{% macro g() %}{{ g() }}{% endmacro %}{{ g() }}", "{{ raise_exception('no') }}",
+           "{{ messages.__class__.__mro__[1].__subclasses__() }}", "{% for %}",
+           "{% set x %}{% for i in range(99999) %}" + "y" * 500 + "{% endfor %}{% endset %}{{ x }}"]
+WRAPPERS = ["{}", "{{% for k in range(3) %}}{}{{% endfor %}}", "{{% macro w() %}}{}{{% endmacro %}}{{{{ w() }}}}",
+            "{{% set s %}}{}{{% endset %}}{{{{ s }}}}", "{{% if messages %}}{}{{% endif %}}"]
+
+
+def random_template(rng):
+    """One to four fragments, none to two of them hostile, each in a random wrapper."""
+    hostile = rng.randint(0, 2)
+    fragments = rng.sample(ORDINARY, rng.randint(0 if hostile else 1, 2)) + rng.sample(HOSTILE, hostile)
+    rng.shuffle(fragments)
+    return "".join(rng.choice(WRAPPERS).format(f) for f in fragments)
+
+
+def test_random_hostile_templates_render_or_give_one_line_within_the_bounds(monkeypatch):
+    from nanogpt import tokenizer
+    monkeypatch.setattr(tokenizer, "RENDER_SECONDS", 0.25)  # the bounds, small for a quick test
+    monkeypatch.setattr(tokenizer, "RENDER_CHARS", 10**6)
+    rng = random.Random(31)
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Well met."}]
+    seen = set()
+    for n in range(40):
+        template = random_template(rng)
+        start = time.monotonic()
+        try:
+            text = tokenizer.render_chat_template(template, conversation, True, source="fuzz.jinja",
+                                                  special_tokens={"bos_token": "<s>"})
+            seen.add("rendered")
+            assert len(text) <= tokenizer.RENDER_CHARS, template
+        except UserError as e:
+            assert "\n" not in str(e) and str(e).startswith("the chat template of fuzz.jinja "), (template, e)
+            seen.add(next((b for b in ("ran for more than", "built more than", "width", "integer")
+                           if b in str(e)), "failed"))
+        # past the bound, at most the one step that ran over (on a busy machine)
+        assert time.monotonic() - start < tokenizer.RENDER_SECONDS + 2, template
+    assert seen == {"rendered", "ran for more than", "built more than", "width", "integer", "failed"}, seen

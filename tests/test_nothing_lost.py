@@ -131,6 +131,31 @@ def test_export_refuses_the_folder_a_full_finetune_started_from(finetuned_from_f
     assert digests(base) == before
 
 
+def test_a_resumed_full_finetune_still_names_the_folder_it_started_from(trained, char_dataset, tmp_path):
+    """train.py from a model folder, then resumed: the checkpoint still names the folder, so the
+    export refuses to replace it, and an export elsewhere carries the folder's tokenizer and
+    chat template."""
+    from nanogpt import hf
+    from nanogpt.checkpoint import load_model
+    base, out, export = tmp_path / "base", tmp_path / "run", tmp_path / "export"
+    hf.export(*load_model(os.path.join(trained[0], "ckpt.pt")), str(base))
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+    settings = json.loads((base / "tokenizer_config.json").read_text())
+    write(base, "tokenizer_config.json", json.dumps({**settings, "chat_template": template}))
+    args = [*conftest.TINY, f"--dataset={char_dataset}", f"--out_dir={out}", "--eval_interval=2"]
+    for start, iters in ((base, 2), ("resume", 4)):
+        result = run_script("train.py", *args, f"--init_from={start}", f"--max_iters={iters}")
+        assert result.returncode == 0, result.stderr
+    before = digests(base)
+    result = run_script("export_hf.py", f"--out_dir={out}", f"--export_dir={base}")
+    assert_user_error(result, f"--export_dir={base}", "fine-tuned from", "choose another --export_dir")
+    assert digests(base) == before
+    result = run_script("export_hf.py", f"--out_dir={out}", f"--export_dir={export}")
+    assert result.returncode == 0, result.stderr
+    assert (export / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+    assert json.loads((export / "tokenizer_config.json").read_text())["chat_template"] == template
+
+
 def a_models_folder(folder):
     """A Hugging Face folder as transformers' save_pretrained writes one (names an export has)."""
     folder.mkdir()

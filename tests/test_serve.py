@@ -318,6 +318,34 @@ def test_an_unknown_model_is_openais_not_found(client):
     assert client.models.retrieve(NAME).id == NAME
 
 
+def test_decoding_values_that_would_overflow_get_a_400_naming_the_field(server):
+    """Issue 31: a value that is not a number, or that would divide the logits into infinities,
+    is refused before any row is decoded, and the server goes on serving."""
+    url = f"{server[0]}/v1/chat/completions"
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    cases = [("temperature", 1e-300), ("temperature", float("nan")), ("repetition_penalty", 1e-300),
+             ("repetition_penalty", float("inf")), ("presence_penalty", 1e308), ("frequency_penalty", -3.0),
+             ("top_p", float("nan"))]
+    for field, value in cases:  # NaN and Infinity as Python's json writes them, which the server reads
+        response = requests.post(url, data=json.dumps({**chat, field: value}), timeout=10,
+                                 headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, (field, value, response.text)
+        assert response.json()["error"]["param"] == field, (field, value, response.text)
+    # values in range that still overflow these logits: the row ends with the step named, and
+    # a row decoding beside it goes on to its end
+    long = {"model": NAME, "prompt": "To be", "max_tokens": 60, "min_tokens": 60, "stream": True}
+    with requests.post(f"{server[0]}/v1/completions", json=long, stream=True, timeout=30) as beside:
+        events = (json.loads(line[len(b"data: "):]) for line in beside.iter_lines() if line.startswith(b"data: {"))
+        next(events)
+        tiny = {**chat, "temperature": 1.2e-38, "repetition_penalty": 1.2e-38}
+        response = requests.post(url, json=tiny, timeout=10)
+        assert response.status_code == 500 and "no token can be sampled at new token 1: after temperature" \
+            in response.json()["error"]["message"], response.text
+        rest = list(events)
+        assert [e["choices"][0]["finish_reason"] for e in rest if "choices" in e][-1:] == ["length"], rest[-1]
+    assert requests.post(url, json=chat, timeout=10).status_code == 200
+
+
 def test_a_full_queue_answers_429(server):
     # 40 clients at once, for replies of 1,000 tokens (no stop token before) that none waits
     # for: 16 rows and 8 places in the queue take 24 of them, the others are refused at once
