@@ -355,12 +355,10 @@ def checked_token_ids(model, name, value, several):
     """A token-id flag as a list of ids, each in the model's vocabulary; several: a list of
     them is allowed too."""
     ids = value if several and isinstance(value, (list, tuple)) else [value]
-    vocab_size = model.config.vocab_size
-    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size
-                          for i in ids):
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         what = "a token id or a list of them" if several else "a token id"
-        raise UserError(f"{name} must be {what} in [0, {vocab_size}) (the model's vocabulary), "
-                        f"got {value!r}")
+        raise UserError(f"{name} must be {what}, got {value!r}")
+    check_token_ids(name, ids, model.config.vocab_size)
     return list(ids)
 
 
@@ -388,12 +386,14 @@ def as_token_lists(prompts):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, stop_tokens=(), stop_strings=(), tokenizer=None,
-             pad_token_id=None, logits_processors=(), on_token=None, compile=False, **options):
+             pad_token_id=None, logits_processors=(), on_token=None, compile=False, eos_token_id=None,
+             **options):
     """Continue each prompt (a (B, T) tensor, or lists of token ids of any lengths) by up to
     max_new_tokens tokens, decoding as `options` (DecodingOptions' fields) say.
 
-    stop_tokens: ids that end a row (Hugging Face's eos_token_id: the tokenizer's end-of-text,
-    or a list such as Qwen's); stop_strings: texts that end a row once a new token completes
+    stop_tokens: ids that end a row (the tokenizer's end-of-text, or a list such as Qwen's);
+    eos_token_id: Hugging Face's name for them (an id or a list), which replaces stop_tokens;
+    stop_strings: texts that end a row once a new token completes
     one, even one begun in the prompt (tokenizer: what decodes the ids, needed for them);
     pad_token_id: what fills a row after it ended (the first stop token by default; without
     one a row repeats its last token); logits_processors: callables (ids, logits) -> logits,
@@ -410,6 +410,8 @@ def generate(model, prompts, max_new_tokens, stop_tokens=(), stop_strings=(), to
     i * num_return_sequences onwards; prompts shorter than the longest are left-padded with
     PAD, and a row that ended early is filled with pad_token_id to the end."""
     opts = DecodingOptions(max_new_tokens, **options)
+    if eos_token_id is not None:  # Hugging Face's name: it replaces stop_tokens
+        stop_tokens = checked_token_ids(model, "eos_token_id", eos_token_id, several=True)
     prompts = as_token_lists(prompts)
     stop_strings = check_stop_strings(stop_strings)
     if stop_strings and tokenizer is None:

@@ -74,10 +74,11 @@ def test_sample_takes_eos_and_pad_token_id_and_refuses_ids_outside_the_vocabular
     # the text up to the eos token, which is not printed (as the end-of-text token is not)
     assert result.stdout == hf_tok.decode(new[:-1]) + "\n---------------\n"
     vocab = pair[1].config.vocab_size
-    for flag in (f"--eos_token_id=[{eos}, {vocab}]", "--eos_token_id", "--pad_token_id=-1"):
+    for flag, words in ((f"--eos_token_id=[{eos}, {vocab}]", [f"{vocab} is not a token id", f"has {vocab:,} tokens"]),
+                        ("--pad_token_id=-1", ["-1 is not a token id"]),
+                        ("--eos_token_id", ["must be a token id or a list of them"])):
         name = flag[2:].split("=")[0]
-        assert_user_error(run_script("sample.py", f"--init_from={folder}", "--device=cpu", flag),
-                          name, f"[0, {vocab})")
+        assert_user_error(run_script("sample.py", f"--init_from={folder}", "--device=cpu", flag), name, *words)
 
 
 # -----------------------------------------------------------------------------
@@ -177,3 +178,19 @@ def test_serve_stops_at_the_eos_token_id_flag(pair):
         assert server.stop_tokens == [5, 3]
     finally:
         server.batcher.close()
+
+
+def test_python_generate_takes_eos_token_id_as_transformers(pair):
+    """model.generate(x, n, eos_token_id=...) as transformers' generate takes it: the rows end
+    at it, and a bad id is one UserError."""
+    from nanogpt.errors import UserError
+    theirs, ours, _, tok = pair
+    prompt = tok.encode("ROMEO: hello")
+    free = hf_generate(theirs, [prompt], max_new_tokens=20, eos_token_id=None, pad_token_id=0)
+    eos = free[0, len(prompt) + 5].item()
+    expected = hf_generate(theirs, [prompt], max_new_tokens=20, eos_token_id=eos)
+    got = ours.generate(torch.tensor([prompt]), 20, temperature=0, eos_token_id=eos)
+    assert generated(got, len(prompt)) == generated(expected, len(prompt))
+    assert generated(got, len(prompt))[0][-1] == eos and got.size(1) <= len(prompt) + 6  # ended there
+    with pytest.raises(UserError, match="is not a token id"):
+        ours.generate(torch.tensor([prompt]), 5, eos_token_id=ours.config.vocab_size)
