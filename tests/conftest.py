@@ -289,12 +289,13 @@ def run_cases(cases, timeout=60, memory=16 << 30):
     [...], "watch": [paths that must not change]}; for each, (its CompletedProcess, the watched
     paths it changed, added or removed). timeout: seconds a case may run (a runaway); memory:
     the address space a case may take (torch's own mappings included)."""
-    out = []
+    out, watched, after = [], None, None
     for case in cases:
         watch = case.get("watch", ())
-        before = _digests(watch)
+        # what the last case left is what this one starts from: walked once, not twice
+        before = after if watch == watched else _digests(watch)
         ran = run_script(case["script"], *case["args"], env=ONE_THREAD, timeout=timeout, memory=memory)
-        after = _digests(watch)
+        after, watched = _digests(watch), watch
         out.append((ran, sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))))
     return out
 

@@ -8,8 +8,11 @@ the scripts' own knobs), values out of range, damaged datasets, damaged checkpoi
 damaged Hugging Face folders (config.json, safetensors headers, shard indexes, pickled weights),
 nanoGPT runs with a bad meta.pkl, for train.py (init_from=<folder>) and sample.py alike; LoRA
 runs whose base is missing, changed, or another LoRA run naming them back; prompts; out_dir;
-the benchmarks; decoding values that would overflow and model folders that would decode into
-NaN; chat templates that fail, loop or build too much."""
+the benchmarks; files that are not regular files (FIFOs, folders, devices), hostile JSON, shard
+indexes and safetensors headers that point outside or do not add up; out_dir links, loops and
+long names, a damaged metrics.jsonl, batches too big for memory, knobs of another type than
+their script declares; decoding values that would overflow and model folders that would decode
+into NaN; chat templates that fail, loop or build too much."""
 
 import importlib
 import importlib.util
@@ -1212,7 +1215,11 @@ def test_the_table_covers_every_kind():
     assert len(ids) >= 150
     for kind in ("ckpt/", "hf_bad/", "nano/", "lora", "sample: start", "out_dir", "text:",
                  "train_step:", "loading:", "lora_memory:", "generation:", "export:", "chat:",
-                 "resume", "None", "another type"):
+                 "resume", "None", "another type",
+                 # issue 31's escapes: files that are not regular, hostile JSON, model folders
+                 # (the esc: cases); links, long names, metrics, sizes, declared types
+                 "esc:", "a link to nowhere", "loop of links", "300-character", "metrics.jsonl",
+                 "batch_size 10**9", "trainable", "device an int"):
         assert any(kind in i for i in ids), kind
 
 
