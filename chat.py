@@ -43,6 +43,7 @@ dtype: str | None = None  # the weights' dtype; None (or 'auto'): float32 on CPU
 globals().update(engine.decoding_flags(max_new_tokens=512, without=(
     "num_samples", "num_return_sequences", "num_beams", "length_penalty", "early_stopping",
     "max_length", "pad_token_id")))
+FLAG_HELP = engine.decoding_flag_help()  # what each of them does, for --help
 # -----------------------------------------------------------------------------
 
 

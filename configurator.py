@@ -27,6 +27,7 @@ import gc
 import io
 import math
 import os
+import re
 import signal
 import sys
 import typing
@@ -257,12 +258,31 @@ def _parse_value(text):
         return text
 
 
-def _print_help(defaults, script):
+# a setting's line in a script: `name = default  # what it does` (or `name: type = ...`)
+SETTING_LINE = re.compile(r"([a-z_][a-z0-9_]*)\s*(?::[^=]*)?=.*?#\s*(.*)$")
+
+
+def _print_help(defaults, namespace):
+    """The usage line and every knob with its default and what it does: the comment on its
+    line in the script, or the script's FLAG_HELP ({name: text} of the flags it takes from
+    elsewhere, as engine.decoding_flag_help gives them)."""
+    script = namespace.get("__file__", "script.py")
+    try:
+        lines = read_text(script).splitlines()
+    except (UserError, OSError):
+        lines = []
+    helps = {}
+    for line in lines:
+        found = SETTING_LINE.match(line)
+        if found:
+            helps.setdefault(found.group(1), found.group(2))
+    helps.update(namespace.get("FLAG_HELP", {}))
     print(f"usage: python {script} [config/file.py] [--key=value ...]\n")
-    print("keys (default):")
+    print("keys (default): what each does")
     width = max(len(k) for k in defaults)
+    value_width = min(24, max(len(repr(v)) for v in defaults.values()))
     for k, v in defaults.items():
-        print(f"  --{k.ljust(width)}  {v!r}")
+        print(f"  --{k.ljust(width)}  {repr(v).ljust(value_width)}  {helps.get(k, '')}".rstrip())
 
 
 class Settings(dict):
@@ -288,9 +308,8 @@ def configure(namespace, argv=None, skip_unknown_file_keys=False, nullable=()):
     argv = sys.argv[1:] if argv is None else argv
     defaults = knobs(namespace)
     declared = namespace.get("__annotations__", {})
-    script = namespace.get("__file__", "script.py")
     if any(a in ("-h", "--help") for a in argv):
-        _print_help(defaults, script)
+        _print_help(defaults, namespace)
         sys.exit(0)
     passed = set()
     for arg in argv:

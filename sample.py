@@ -31,6 +31,7 @@ start = "\n"  # the prompt; "FILE:prompts.txt" has one prompt a line, "FILE:prom
 # the decoding flags (temperature, top_k, num_samples, stop, ...): engine.DecodingOptions' fields
 # and engine.SCRIPT_FLAGS, which say what each does; chat.py takes them too
 globals().update(engine.decoding_flags())
+FLAG_HELP = engine.decoding_flag_help()  # what each of them does, for --help
 skip_special_tokens = False  # True: special tokens (<|endoftext|>, [CLS], ...) are not printed
 return_full_text = True  # False: print the generated text only, not the prompt before it
 stream = True  # print a lone sample as it is produced

@@ -56,6 +56,7 @@ max_waiting = 64  # rows waiting for a place in the batch; a request beyond them
 max_context = 4096  # the longest prompt + reply (at most the model's context); the cache holds max_batch
 # the decoding flags (engine.DecodingOptions' fields and engine.SCRIPT_FLAGS) with OpenAI's defaults
 globals().update(engine.decoding_flags(**OPENAI_DEFAULTS))
+FLAG_HELP = engine.decoding_flag_help()  # what each of them does, for --help
 # -----------------------------------------------------------------------------
 
 # the request fields that set a decoding flag: {field: flag}

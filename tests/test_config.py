@@ -104,6 +104,27 @@ def test_help_lists_every_key(capsys):
         assert f"--{key}" in out
 
 
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "chat.py"])
+def test_help_says_what_each_key_does(script):
+    """--help gives each knob's line the comment on the knob's line in the script, and the
+    decoding flags the help engine gives them."""
+    from conftest import REPO, run_script
+    from nanogpt import engine
+    result = run_script(script, "--help")
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0][2:]: line for line in result.stdout.splitlines() if line.startswith("  --")}
+    with open(f"{REPO}/{script}", encoding="utf-8") as f:
+        commented = {line.split("=")[0].split(":")[0].strip(): line.split("#", 1)[1].strip()
+                     for line in f if "#" in line and "=" in line.split("#")[0] and line[0].islower()}
+    expected = {**commented, **(engine.decoding_flag_help() if script != "train.py" else {})}
+    shown = [k for k in expected if k in lines]
+    assert len(shown) >= 10
+    for key in shown:
+        assert lines[key].endswith(expected[key]), (key, lines[key])
+    if script == "chat.py":  # the flags it does not take are not listed
+        assert "num_samples" not in lines and "num_beams" not in lines
+
+
 def test_passed_names_the_keys_given_even_at_their_default(tmp_path):
     path = tmp_path / "cfg.py"
     path.write_text("out_dir = 'out'\n")  # the default, set by the file
