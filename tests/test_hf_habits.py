@@ -84,10 +84,10 @@ def test_sample_takes_eos_and_pad_token_id_and_refuses_ids_outside_the_vocabular
 # -----------------------------------------------------------------------------
 # chat.py
 
-@pytest.fixture(scope="module")
-def qwen_folder(tokenizers_pair, tmp_path_factory):
-    """A tiny random Qwen2 of a 160-token context saved by transformers, with a ChatML tokenizer
-    whose template keeps the messages as they are: (folder, transformers' model and tokenizer)."""
+def make_qwen_folder(tokenizers_pair, tmp_path_factory, context):
+    """A tiny random Qwen2 of a context of `context` tokens saved by transformers, with a ChatML
+    tokenizer whose template keeps the messages as they are: (folder, transformers' model and
+    tokenizer)."""
     ours, _ = tokenizers_pair
     folder = tmp_path_factory.mktemp("tiny-qwen")
     theirs = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(ours.tok.to_str()),
@@ -96,12 +96,25 @@ def qwen_folder(tokenizers_pair, tmp_path_factory):
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=ours.vocab_size, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=160, tie_word_embeddings=True,
+                         max_position_embeddings=context, tie_word_embeddings=True,
                          eos_token_id=ours.tok.token_to_id("<|im_end|>"))
     model = Qwen2ForCausalLM(config).eval()
     model.save_pretrained(folder)
     theirs.save_pretrained(folder)
     return folder, model, theirs
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tokenizers_pair, tmp_path_factory):
+    """make_qwen_folder's, with a context of 160 tokens: a small one for chat's replies."""
+    return make_qwen_folder(tokenizers_pair, tmp_path_factory, 160)
+
+
+@pytest.fixture(scope="module")
+def roomy_qwen_folder(tokenizers_pair, tmp_path_factory):
+    """make_qwen_folder's, with a context that holds three turns with any tokenizer the tests
+    train (the stand-in text's, without ../shared, takes more tokens a word)."""
+    return make_qwen_folder(tokenizers_pair, tmp_path_factory, 1024)
 
 
 def greedy_chat(folder, max_new_tokens):
@@ -111,8 +124,8 @@ def greedy_chat(folder, max_new_tokens):
     return chat.Chat(model.eval(), tokenizer, options, engine.stop_token_ids(model, tokenizer))
 
 
-def test_chat_keeps_replies_as_generated_as_transformers_pipeline(qwen_folder):
-    folder, model, theirs = qwen_folder
+def test_chat_keeps_replies_as_generated_as_transformers_pipeline(roomy_qwen_folder):
+    folder, model, theirs = roomy_qwen_folder
     talk = greedy_chat(folder, 12)
     pipe = pipeline("text-generation", model=model, tokenizer=theirs)
     users = ["Who wrote Hamlet?", "And Macbeth?", "Thanks!"]
