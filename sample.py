@@ -12,7 +12,6 @@ The checkpoint carries its tokenizer, so no data folder is needed.
 `python sample.py --help` lists every setting.
 """
 
-import os
 import sys
 import time
 
@@ -95,17 +94,14 @@ def check_generation_memory(model, n_prompts, prompt_width, options, device):
     the token ids (int64), the KV cache and a step's logits for every row (num_samples or
     num_beams per prompt) over the prompt and max_new_tokens. Counted from the sizes, against
     this machine's memory (a CUDA device's free memory when it runs there)."""
-    import torch
+    from nanogpt import hardware
     cfg = model.config
     rows = n_prompts * max(options.num_beams, options.num_return_sequences)
     total = prompt_width + options.max_new_tokens
     itemsize = next(model.parameters()).element_size()
     cache = 2 * cfg.n_layer * rows * cfg.kv_heads * min(cfg.block_size, total) * cfg.head_size * itemsize
     need = rows * total * 8 + cache + 4 * rows * cfg.vocab_size * 4
-    if torch.device(device).type == "cuda":
-        have, where = torch.cuda.mem_get_info(torch.device(device))[0], f"free on {device}"
-    else:
-        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "of this machine's memory"
+    have, where = hardware.memory(device, free=True)
     if need > have:
         raise UserError(f"{rows:,} rows (num_samples or num_beams per prompt) of {total:,} tokens "
                         f"(max_new_tokens={options.max_new_tokens:,} after the prompt) need "

@@ -447,7 +447,7 @@ def check_memory(args, device_type):
     n, layers = args["n_embd"], args["n_layer"]
     per_layer = 12 * n * n + (13 if args["bias"] else 4) * n
     params = layers * per_layer + (args["vocab_size"] + args["block_size"]) * n + 2 * n
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ram, _ = hardware.memory("cpu")
     need, what = (16 * params, "to train on the CPU") if device_type == "cpu" else \
         (4 * params, "for its float32 weights, built here before they move to the device")
     if need > ram:
@@ -465,14 +465,11 @@ def check_batch_memory(config, vocab_size, runtime):
     GPU's memory, or this machine's on the CPU (and MPS, which shares it)."""
     rows, key = max((config.batch_size, "batch_size"), (config.eval_batch_size or 0, "eval_batch_size"))
     need = rows * config.block_size * (16 + 4 * vocab_size)
-    if runtime.device_type == "cuda":
-        memory, where = torch.cuda.get_device_properties(runtime.device).total_memory, f"the GPU ({runtime.device})"
-    else:
-        memory, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
+    memory, where = hardware.memory(runtime.device)
     if need > memory:
         raise UserError(f"{key}={rows:,} rows of {config.block_size} tokens needs at least "
                         f"{need / 1e9:,.0f} GB for its token ids and logits, more than the "
-                        f"{memory / 1e9:,.0f} GB of {where}: lower {key} (and raise "
+                        f"{memory / 1e9:,.0f} GB {where}: lower {key} (and raise "
                         "gradient_accumulation_steps for as many tokens a step)")
 
 

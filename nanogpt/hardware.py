@@ -5,6 +5,7 @@ Shared by train.py, sample.py and bench/ so that `device=None` and
 `dtype=None` mean the same thing everywhere.
 """
 
+import os
 import time
 from contextlib import nullcontext
 
@@ -103,6 +104,18 @@ def measure_matmul_flops(device, precision, size=None, repeats=2, rounds=3):
         synchronize(device)
         fastest = min(fastest, time.perf_counter() - start)
     return 2 * size ** 3 * repeats / fastest
+
+
+def memory(device, free=False):
+    """(bytes, where) of the memory a device computes in, `where` to follow "the N GB": a GPU's
+    (what is free of it with free=True, else all of it), or this machine's for the CPU and MPS
+    (which shares it)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if free:
+            return torch.cuda.mem_get_info(device)[0], f"free on {device}"
+        return torch.cuda.get_device_properties(device).total_memory, f"of the GPU ({device})"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "of this machine's memory"
 
 
 def default_device():
