@@ -69,7 +69,7 @@ if [[ $PARTS == *,train,* ]]; then
             $flags > /dev/null
     done
     echo "== peak FLOP/s: the datasheet's (hardware.GPU_PEAK_FLOPS) and the fallback's measured matmul"
-    step $PY -c "import hardware, torch
+    step $PY -c "import torch; from nanogpt import hardware
 for precision in ('bfloat16', 'float32'):
     torch.backends.cuda.matmul.allow_tf32 = precision == 'float32'
     print(precision, 'table', hardware.peak_flops('cuda', precision) / 1e12,
