@@ -3,7 +3,7 @@ Serving throughput: serve.py's continuous batching with 1, 4 and 16 concurrent c
 transformers generate() loop behind the same HTTP shape, timed in one run on this machine.
 
 $ python bench/serve.py                        # needs transformers (requirements-test.txt)
-$ python bench/serve.py --n_requests=32 --max_tokens=128 --device=cuda
+$ python bench/serve.py --n_requests=32 --max_tokens=128 --device=cuda --compile=True
 
 A GPT-2 124M-shaped model with random weights (gpt2_size: another size's shape), served
 in this process by uvicorn on a free port. `requests` completions of prompt_tokens random
@@ -47,6 +47,7 @@ max_tokens = 64  # generated per request
 concurrency = (1, 4, 16)  # client threads of each run
 gpt2_size = "gpt2"
 device = "cpu"
+compile = False  # serve.py --compile: the batch's one-token steps compiled (CUDA graphs on a GPU)
 baseline = True  # also time transformers' generate() behind the same HTTP shape
 seed = 0
 # -----------------------------------------------------------------------------
@@ -177,10 +178,13 @@ def main():
     # every request generates all of its tokens: the stop tokens are held back
     flags = engine.decoding_flags(**{**serve.OPENAI_DEFAULTS, "temperature": 0.0, "min_new_tokens": new})
     server = serve.Server(ours, tokenizer, flags, {"min_new_tokens"}, "bench", 1024, max(clients_list),
-                          len(prompts))
+                          len(prompts), cfg["compile"])
     results = {}
     with Served(serve.make_app(server)) as url:
         ask(url, prompts[0], new)  # warm: the first request plans kernels and routes
+        if cfg["compile"]:  # and each batch size compiles its step once, before any is timed
+            for clients in clients_list:
+                measure(url, prompts, clients, new)
         for clients in clients_list:
             results[clients] = measure(url, prompts, clients, new)
     server.batcher.close()
