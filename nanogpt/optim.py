@@ -41,9 +41,63 @@ def configure_optimizers(model, weight_decay, learning_rate, betas, device_type,
     adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
     if not muon:
         return adamw
-    muon_type = ShardedMuon if sharded else torch.optim.Muon
+    muon_type = ShardedMuon if sharded else BatchedMuon
     return Optimizers(adamw, muon_type(muon, lr=learning_rate, weight_decay=weight_decay,
                                        adjust_lr_fn="match_rms_adamw"))
+
+
+class BatchedMuon(torch.optim.Muon):
+    """PyTorch's Muon, with the Newton-Schulz iterations of same-shaped matrices run as one
+    batch: a model has a few shapes (a block's attention and MLP matrices, the MLP's two
+    transposed alike), each repeated in every block, and torch's step launches every matmul
+    of every iteration for each matrix in turn. On a small model those launches, not the
+    arithmetic, are the optimizer's time. The update is torch's: the same momentum, the same
+    iterations in bfloat16 (on each matrix of the batch), the same learning-rate scaling."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.optim._muon import _adjust_lr  # torch's own scaling (torch is pinned)
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            lr, momentum = group["lr"], group["momentum"]
+            torch._foreach_lerp_(bufs, grads, 1 - momentum)
+            updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+            # tall matrices are orthogonalised as their (wide) transposes, as torch does: an
+            # MLP's up and down projections then share one batch
+            batches = {}
+            for p, update in zip(params, updates):
+                wide = update.mT if p.size(0) > p.size(1) else update
+                batches.setdefault(wide.shape, []).append((p, wide))
+            for shape, pairs in batches.items():
+                ortho = orthogonalize(torch.stack([w for _, w in pairs]), group["ns_coefficients"],
+                                      group["ns_steps"], group["eps"])
+                ps = [p for p, _ in pairs]
+                steps = [o.mT if p.size(0) > p.size(1) else o for p, o in zip(ps, ortho.unbind(0))]
+                torch._foreach_mul_(ps, 1 - lr * group["weight_decay"])
+                torch._foreach_add_(ps, steps, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], shape))
+        return loss
+
+
+def orthogonalize(updates, coefficients, steps, eps):
+    """torch's Newton-Schulz iterations (torch.optim._muon._zeropower_via_newtonschulz) on a
+    batch of same-shaped wide matrices (n, rows <= cols), each as torch does it alone: in
+    bfloat16, scaled to a norm of at most 1 first."""
+    a, b, c = coefficients
+    x = updates.bfloat16()
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x
 
 
 class ShardedMuon(torch.optim.Muon):
