@@ -14,6 +14,7 @@ References:
    https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py
 """
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -31,7 +32,8 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True        # biases in Linears and LayerNorms, as GPT-2; False is a bit better and faster
-    activation: str = "gelu_tanh"  # GPT-2's tanh-approximate GELU; "gelu" is exact (nanoGPT's nn.GELU())
+    activation: str = "gelu_tanh"  # the MLP's: GPT-2's tanh-approximate GELU, "gelu" (exact, nanoGPT's
+    # nn.GELU()) or "relu2" (relu(x)^2: cheaper, and as good or better in short runs, per modded-nanogpt)
     # saved with the other fields (a checkpoint's model_args), so that build() knows which
     # model a saved config is; fixed per config class
     family: str = field(default="gpt2", init=False)
@@ -45,6 +47,25 @@ class GPTConfig:
         """Heads of keys and values, which the KV cache holds: one per query head here (llama.py's
         grouped-query attention has fewer)."""
         return self.n_head
+
+
+def causal_attention(q, k, v, dropout_p=0.0):
+    """Each query (B, heads, T, head_size) attends to the keys and values at its position and
+    before it. PyTorch's fused kernel (flash attention), except in bfloat16 on a CPU: there the
+    fused kernel's backward pass ran slower than the plain matmuls and softmax it fuses (the
+    matmuls run on the CPU's bfloat16 units; bench/attention.py times both). Keys and values
+    may have fewer heads than the queries (grouped-query attention), each serving a group."""
+    gqa = k.size(1) != q.size(1)
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
+                                              enable_gqa=gqa)
+    if gqa:
+        k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+    T = q.size(-2)
+    scores = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)  # scaled on the smaller side
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    return F.dropout(weights, dropout_p) @ v
 
 
 class CausalSelfAttention(nn.Module):
@@ -64,9 +85,8 @@ class CausalSelfAttention(nn.Module):
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k, v = qkv
         if kv_cache is None:
-            # training, or scoring a whole sequence: plain causal attention, the fastest kernel
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.attn_dropout_p if self.training else 0.0)
+            # training, or scoring a whole sequence: plain causal attention
+            y = causal_attention(q, k, v, self.attn_dropout_p if self.training else 0.0)
         else:
             # generation: these tokens' keys and values join the ones cached from earlier
             # steps, and the queries attend to all of them that the mask allows
@@ -76,13 +96,25 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class ReLUSquared(nn.Module):
+    """relu(x)^2 (So et al. 2021, "Primer"), transformers' "relu2"."""
+
+    def forward(self, x):
+        return F.relu(x).square()
+
+
+# the MLP's nonlinearity, by GPTConfig.activation: OpenAI trained GPT-2 with GELU's tanh
+# approximation; nanoGPT's runs use the exact GELU
+ACTIVATIONS = {"gelu_tanh": functools.partial(nn.GELU, approximate="tanh"), "gelu": nn.GELU,
+               "relu2": ReLUSquared}
+
+
 class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        # OpenAI trained GPT-2 with the tanh approximation; nanoGPT's runs use the exact GELU
-        self.gelu = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
+        self.gelu = ACTIVATIONS[config.activation]()  # GPT-2's name for it, whichever it is
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

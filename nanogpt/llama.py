@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import GPT, embedding
+from model import GPT, causal_attention, embedding
 
 
 @dataclass
@@ -149,15 +149,13 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         # grouped-query attention: each key / value head serves n_head / n_kv_head query heads;
-        # the cache stores the n_kv_head heads, and SDPA shares them out
-        gqa = self.n_kv_head != self.n_head
+        # the cache stores the n_kv_head heads, and the attention shares them out
         if kv_cache is None:
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.attn_dropout_p if self.training else 0.0,
-                enable_gqa=gqa)
+            y = causal_attention(q, k, v, self.attn_dropout_p if self.training else 0.0)
         else:
             k, v = kv_cache.append(torch.stack((k, v)))  # rotated: a cached key keeps its position
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.mask,
+                                               enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_size)
         return self.resid_dropout(self.o_proj(y))
 
