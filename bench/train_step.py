@@ -24,6 +24,7 @@ from nanogpt import hardware  # noqa: E402
 from nanogpt.checkpoint import model_config  # noqa: E402
 from configurator import configure, run  # noqa: E402
 from nanogpt.errors import UserError  # noqa: E402
+from nanogpt.hf import EXPORTED_ACTIVATIONS  # noqa: E402
 from model import GPT  # noqa: E402
 from nanogpt.optim import configure_optimizers  # noqa: E402
 from train import check_memory  # noqa: E402
@@ -36,6 +37,7 @@ n_head = 12
 n_embd = 768
 vocab_size = 50304
 bias = False
+activation = "gelu_tanh"
 dropout = 0.0
 device: str | None = None
 dtype: str | None = None
@@ -84,6 +86,7 @@ def transformers_gpt2(config):
                            n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
                            resid_pdrop=config.dropout, embd_pdrop=config.dropout,
                            attn_pdrop=config.dropout, attn_implementation="sdpa",
+                           activation_function=EXPORTED_ACTIVATIONS[config.activation],
                            bos_token_id=None, eos_token_id=None)
     model = GPT2LMHeadModel(hf_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -111,7 +114,8 @@ def main():
     check_settings()
     dev, device_type, precision, _ = hardware.setup(device, dtype)
     config = model_config(dict(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer,
-                               n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias))
+                               n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias,
+                               activation=activation))
     check_memory(dataclasses.asdict(config), device_type)  # before the model is built
     torch.backends.cuda.matmul.allow_tf32 = True  # as train.py runs float32 on a GPU
     torch.backends.cudnn.allow_tf32 = True

@@ -38,7 +38,7 @@ from nanogpt import lora
 from nanogpt import reading
 from nanogpt.atomic import atomic_write
 from nanogpt.errors import UserError
-from model import build, config_class
+from model import ACTIVATIONS, build, config_class
 from nanogpt.tokenizer import CharTokenizer, TiktokenTokenizer, from_spec
 
 # the positive int fields of a model's config (model_args), checked wherever one is read
@@ -98,8 +98,8 @@ def model_config(args, source=None):
             raise UserError(f"{where}{key}={value} is beyond any model (at most 2**62 - 1)")
     if args["n_embd"] % args["n_head"] != 0:
         raise UserError(f"{where}n_embd ({args['n_embd']}) must be divisible by n_head ({args['n_head']})")
-    if args.get("activation", "gelu_tanh") not in ("gelu_tanh", "gelu", "silu"):
-        raise UserError(f"{where}activation must be 'gelu_tanh', 'gelu' or 'silu', got {args['activation']!r}")
+    if args.get("activation", "gelu_tanh") not in ACTIVATIONS:
+        raise UserError(f"{where}activation must be 'gelu_tanh', 'gelu' or 'relu2', got {args['activation']!r}")
     dropout = args.get("dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise UserError(f"{where}dropout must be in [0, 1), got {dropout!r}")

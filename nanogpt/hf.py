@@ -171,7 +171,8 @@ def model_args(hf, name, dropout=None):
         raise UserError(f"{name}: config.json lacks {', '.join(missing)}")
     n_embd = hf["n_embd"]
     # GPT-2's settings (with transformers' defaults for absent keys) and the values we accept
-    activations = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+    activations = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
+                   "relu2": "relu2"}
     required = {"activation_function": ("gelu_new", tuple(activations)),
                 "layer_norm_epsilon": (1e-5, (1e-5,)),
                 "n_inner": (None, (None, 4 * n_embd) if isinstance(n_embd, int) else (None,)),
@@ -568,6 +569,10 @@ def read_tensor(f, buffer, offset, nbytes, dtype, shape, out, transpose):
 # -----------------------------------------------------------------------------
 # Export: our GPT as a folder transformers loads as GPT-2
 
+# transformers' name of each of GPTConfig's activations
+EXPORTED_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu2": "relu2"}
+
+
 def export_config(config, tokenizer):
     """transformers' config (as JSON) of our config: GPT2Config, or the Llama-style one."""
     if config.family == "llama":
@@ -575,7 +580,7 @@ def export_config(config, tokenizer):
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "vocab_size": config.vocab_size, "n_positions": config.block_size,
             "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
-            "activation_function": "gelu_new" if config.activation == "gelu_tanh" else "gelu",
+            "activation_function": EXPORTED_ACTIVATIONS[config.activation],
             "layer_norm_epsilon": 1e-5,
             "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
             "tie_word_embeddings": True,

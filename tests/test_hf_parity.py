@@ -15,6 +15,7 @@ from nanogpt import hf
 from nanogpt.checkpoint import load_model
 from conftest import run_script
 from nanogpt.logits import process_logits
+from nanogpt.tokenizer import CharTokenizer
 from model import GPT, GPTConfig
 
 CHARS = "\n !,.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -171,6 +172,25 @@ def test_nanogpt_runs_keep_their_exact_gelu_and_export_it(tmp_path):
         tanh = GPT(GPTConfig(**{**args, "activation": "gelu_tanh"}))
         tanh.load_state_dict(gpt.state_dict())
         assert not torch.allclose(tanh.eval()(idx, idx)[0], theirs(idx).logits, rtol=0, atol=1e-6)
+
+
+def test_a_relu2_model_exports_to_transformers_and_back(tmp_path):
+    """activation='relu2' (train.py --activation=relu2) is transformers' "relu2": the export
+    computes the same logits there, and loads back with it."""
+    chars = sorted(set(CHARS))
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False,
+                         vocab_size=len(chars), dropout=0.0, activation="relu2")).eval()
+    tokenizer = CharTokenizer(chars)
+    hf.export(ours, tokenizer, str(tmp_path / "hf"))
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert theirs.config.activation_function == "relu2"
+    back, _ = load_model(str(tmp_path / "hf"))
+    assert back.config.activation == "relu2"
+    idx = torch.randint(len(chars), (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx, idx)[0], theirs(idx).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(back.eval()(idx, idx)[0], theirs(idx).logits, rtol=0, atol=1e-5)
 
 
 def test_beam_search_from_num_beams_alone_prints_transformers_beams(folder, pair):

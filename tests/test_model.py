@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanogpt import engine
 from nanogpt.checkpoint import load_model, save_run
 from nanogpt.errors import UserError
 from nanogpt.llama import Llama, LlamaConfig
-from model import GPT, GPTConfig, build
-from nanogpt.optim import configure_optimizers
+from model import GPT, GPTConfig, build, causal_attention
+from nanogpt.optim import BatchedMuon, configure_optimizers
 from nanogpt.tokenizer import CharTokenizer
 
 
@@ -71,6 +72,24 @@ def test_attention_is_causal():
     assert not torch.allclose(logits_x[:, 10], logits_y[:, 10])
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_cpu_bfloat16_attention_matches_pytorch_s_kernel(kv_heads):
+    # bfloat16 on a CPU takes causal_attention's own route: the same outputs and gradients as
+    # PyTorch's fused kernel computes in float32, to bfloat16's precision
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 48, 16, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, 48, 16, requires_grad=True) for _ in range(2))
+    ours = causal_attention(*(t.bfloat16() for t in (q, k, v)))
+    theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != 4)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), theirs, atol=2e-2, rtol=2e-2)
+    grad = torch.randn_like(theirs)
+    ours_grads = torch.autograd.grad(ours.float(), (q, k, v), grad)
+    theirs_grads = torch.autograd.grad(theirs, (q, k, v), grad)
+    for a, b in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+
+
 def test_weight_decay_only_on_matrices():
     model = tiny()
     opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
@@ -98,6 +117,29 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     for group in opt.param_groups:
         group["lr"] = 5e-4
     assert adamw.param_groups[0]["lr"] == muon.param_groups[0]["lr"] == 5e-4
+
+
+def test_batched_muon_updates_as_torch_s_muon():
+    # every shape a model has (wide, square, tall: transposed into the wide batch), several of
+    # each, steps with momentum: the same weights and momentum as torch.optim.Muon, to the bit
+    torch.manual_seed(0)
+    shapes = [(96, 32), (32, 32), (128, 32), (32, 128)] * 2 + [(48, 16)]
+    theirs = [torch.nn.Parameter(torch.randn(*s) * 0.02) for s in shapes]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in theirs]
+    before = [p.detach().clone() for p in ours]
+    settings = dict(lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    torch_muon, batched = torch.optim.Muon(theirs, **settings), BatchedMuon(ours, **settings)
+    for _ in range(4):
+        for a, b in zip(theirs, ours):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        ours[-1].grad = theirs[-1].grad = None  # a parameter without a gradient stays as it is
+        torch_muon.step()
+        batched.step()
+    for a, b in zip(theirs, ours):
+        assert torch.equal(a, b)
+        assert torch.equal(torch_muon.state[a].get("momentum_buffer", a), batched.state[b].get("momentum_buffer", b))
+    assert not any(torch.equal(p, b) for p, b in zip(ours[:-1], before)) and torch.equal(ours[-1], before[-1])
 
 
 def test_crop_block_size():
