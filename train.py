@@ -69,6 +69,9 @@ n_head = 12
 n_embd = 768
 dropout = 0.0  # 0 for pretraining, try 0.1+ for fine-tuning
 bias = False  # biases in Linears and LayerNorms
+activation = "gelu_tanh"  # the MLP's: GPT-2's 'gelu_tanh', nanoGPT's exact 'gelu', or 'relu2' (relu(x)^2: cheaper)
+family = "gpt2"  # a new model's: 'gpt2' (model.py) or 'llama' (llama.py: rotary positions, RMSNorm, SwiGLU MLP)
+mlp_hidden: int | None = None  # family='llama': the SwiGLU MLP's width; None: 4 * n_embd (~8/3 * n_embd matches GPT-2's size)
 # fine-tuning: which parameters train (setup_finetune below; lora.py)
 finetune = "full"  # 'full': all; 'freeze': all but the embeddings and lowest freeze_layers blocks; 'lora'
 freeze_layers = 0  # finetune='freeze': how many blocks, from the bottom, stay as they are
@@ -85,8 +88,10 @@ weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip gradients to this norm; 0 disables
-# learning rate schedule: linear warmup, then cosine decay to min_lr
+# learning rate schedule: linear warmup, then a decay to min_lr
 decay_lr = True
+lr_schedule = "cosine"  # 'cosine' (nanoGPT's), or 'wsd': warmup, stable, then a linear decay to min_lr
+decay_fraction = 0.5  # lr_schedule='wsd': the last fraction of lr_decay_iters over which the rate decays
 warmup_iters = 2000
 lr_decay_iters = 600000  # ~ max_iters, per Chinchilla; None: max_iters, whatever --max_iters says
 min_lr = 6e-5  # ~ learning_rate / 10, per Chinchilla
@@ -104,7 +109,8 @@ peak_flops: float | None = None  # the peak FLOP/s of the device in dtype, for M
 KEPT_ON_RESUME = ("finetune", "freeze_layers", "trainable", "lora_rank", "lora_alpha",
                   "lora_dropout", "lora_targets", "optim")
 # the model's shape: a resumed or pretrained model's own (block_size: a pretrained one's crops)
-ARCHITECTURE = ("n_layer", "n_head", "n_embd", "bias", "block_size")
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "bias", "block_size", "activation", "family",
+                "mlp_hidden")
 # the settings above, once the config file and the flags have set them: one read-only object
 # that main() hands to each step; a resumed or pretrained run gets a copy with what it keeps
 # (override)
@@ -202,12 +208,33 @@ def check_config(config):
     for key in ("beta1", "beta2", "dropout", "lora_dropout"):
         if not 0 <= getattr(config, key) < 1:
             raise UserError(f"{key} must be in [0, 1), got {getattr(config, key)}")
+    if config.lr_schedule not in ("cosine", "wsd"):
+        raise UserError(f"lr_schedule must be 'cosine' or 'wsd', got {config.lr_schedule!r}")
+    if not 0 < config.decay_fraction <= 1:
+        raise UserError(f"decay_fraction must be in (0, 1], got {config.decay_fraction}")
     if config.decay_lr and config.lr_decay_iters <= config.warmup_iters:
         raise UserError(f"lr_decay_iters ({config.lr_decay_iters}) must be more than warmup_iters "
                         f"({config.warmup_iters}): the learning rate decays from the end of the "
                         "warmup to lr_decay_iters (or set decay_lr=False)")
     if not 0 <= config.seed < 2**64:
         raise UserError(f"seed must be in [0, 2**64), got {config.seed}")
+    check_family(config)
+
+
+def check_family(config):
+    """Refuse a setting that the model family does not have."""
+    if config.family not in ("gpt2", "llama"):
+        raise UserError(f"family must be 'gpt2' or 'llama', got {config.family!r}")
+    if config.family == "llama" and config.bias:
+        raise UserError("family=llama has no biases: drop --bias=True")
+    if config.family == "llama" and config.activation != "gelu_tanh":
+        raise UserError(f"family=llama's MLP is SwiGLU: activation={config.activation!r} is "
+                        "family=gpt2's setting; drop it")
+    if config.family == "gpt2" and config.mlp_hidden is not None:
+        raise UserError("mlp_hidden sets family=llama's MLP: family=gpt2's is 4 * n_embd wide; "
+                        "drop it or set --family=llama")
+    if config.mlp_hidden is not None and config.mlp_hidden < 1:
+        raise UserError(f"mlp_hidden must be at least 1 (or None: 4 * n_embd), got {config.mlp_hidden}")
 
 
 # -----------------------------------------------------------------------------
@@ -369,7 +396,9 @@ def load_or_build_model(config, meta, passed, device_type, build_on="cpu"):
     # a LoRA run as init_from comes with its adapters merged into the weights
     model, tokenizer = checkpoint.load_model(config.init_from, build_on, dropout=config.dropout,
                                              block_size=config.block_size)
-    config = override(config, {k: getattr(model.config, k) for k in ARCHITECTURE}, passed,
+    # (each family has only some of these: GPT-2 no mlp_hidden, a Llama no activation)
+    config = override(config, {k: getattr(model.config, k) for k in ARCHITECTURE
+                               if hasattr(model.config, k)}, passed,
                       f"the architecture is {config.init_from}'s")
     if meta.get("vocab_size", 0) > model.config.vocab_size:
         raise UserError(f"dataset {config.dataset!r} has {meta['vocab_size']} token ids, more than "
@@ -399,7 +428,7 @@ def resume_model(config, meta, passed, build_on):
         raise UserError(f"max_iters={config.max_iters} is below iteration {saved_run['iter_num']}, "
                         f"where {ckpt_path} stopped: raise --max_iters to train on (nothing written)")
     kept = {k: saved_run["config"][k] for k in KEPT_ON_RESUME if k in saved_run["config"]}
-    shape = {k: saved_run["model_args"][k] for k in ARCHITECTURE}
+    shape = {k: saved_run["model_args"][k] for k in ARCHITECTURE if k in saved_run["model_args"]}
     config = override(config, kept | shape, passed, "a resumed run keeps its checkpoint's settings")
     tokenizer_spec = saved_run.get("tokenizer") or meta.get("tokenizer")
     return config, model, tokenizer_spec, saved_run, saved_run.get("base")
@@ -649,13 +678,18 @@ def train_loop(config, runtime, training, stop, peak, runlog, examples=None):
 
 
 def get_lr(it, config):
-    """Linear warmup for warmup_iters, then a cosine down to min_lr at lr_decay_iters."""
+    """Linear warmup for warmup_iters, then down to min_lr at lr_decay_iters: along a cosine,
+    or (lr_schedule='wsd') held at learning_rate until the last decay_fraction of the way and
+    then in a straight line."""
     if not config.decay_lr:
         return config.learning_rate
     if it < config.warmup_iters:
         return config.learning_rate * (it + 1) / (config.warmup_iters + 1)
     if it > config.lr_decay_iters:
         return config.min_lr
+    if config.lr_schedule == "wsd":
+        left = (config.lr_decay_iters - it) / (config.decay_fraction * config.lr_decay_iters)
+        return config.min_lr + min(1.0, left) * (config.learning_rate - config.min_lr)
     ratio = (it - config.warmup_iters) / (config.lr_decay_iters - config.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # from 1 down to 0
     return config.min_lr + coeff * (config.learning_rate - config.min_lr)

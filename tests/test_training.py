@@ -1,5 +1,6 @@
 """Training at scale and under faults: DDP, exact resume, SIGKILL, NaN, Ctrl-C, run logs."""
 
+import dataclasses
 import json
 import os
 import random
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from nanogpt.errors import UserError
 from conftest import TINY, ServedRun, eval_losses, run_script, torchrun, train_losses
 
 RUN = [*TINY, "--eval_interval=10", "--lr_decay_iters=40", "--min_lr=3e-4"]
@@ -45,14 +47,19 @@ def test_two_process_ddp_matches_one_process_with_twice_the_batch(char_dataset, 
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("optim", ["adamw", "muon"])
-def test_resume_is_bitwise_identical(optim, char_dataset, tmp_path):
+@pytest.mark.parametrize("optim, model", [
+    ("adamw", []), ("muon", []),
+    # the speedrun's choices: a new Llama-family model; relu2 in bfloat16 (a CPU's own attention)
+    ("muon", ["--family=llama", "--mlp_hidden=48"]), ("muon", ["--activation=relu2", "--dtype=bfloat16"])])
+def test_resume_is_bitwise_identical(optim, model, char_dataset, tmp_path):
     # dropout > 0: the resumed run must also restore the random state dropout draws from;
-    # Muon's momentum is restored as AdamW's moments are
+    # Muon's momentum is restored as AdamW's moments are. The resumed run is told nothing of
+    # the model: its checkpoint says which it is
     args = ["--dropout=0.1", "--always_save_checkpoint=True", f"--optim={optim}"]
-    train(tmp_path / "whole", char_dataset, *args, "--max_iters=30")
-    train(tmp_path / "split", char_dataset, *args, "--max_iters=10")
-    train(tmp_path / "split", char_dataset, *args, "--max_iters=30", "--init_from=resume")
+    train(tmp_path / "whole", char_dataset, *args, *model, "--max_iters=30")
+    train(tmp_path / "split", char_dataset, *args, *model, "--max_iters=10")
+    train(tmp_path / "split", char_dataset, *args, "--max_iters=30", "--init_from=resume",
+          *[a for a in model if a.startswith("--dtype")])
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "split")
     assert all(torch.equal(a[name], b[name]) for name in a)
 
@@ -232,3 +239,24 @@ def test_the_final_evaluation_scores_all_of_val(char_dataset, tmp_path):
     expected = torch.cat(losses)
     assert len(expected) == len(val) - 1
     assert eval_losses(stdout)[-1][1] == pytest.approx(expected.mean().item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.2])
+def test_wsd_holds_the_rate_then_decays_it_in_a_line(fraction):
+    import train
+    from configurator import knobs
+    config = train.Config(**{**knobs(vars(train)), "lr_schedule": "wsd", "decay_fraction": fraction,
+                             "learning_rate": 1e-2, "min_lr": 1e-3, "warmup_iters": 10,
+                             "lr_decay_iters": 1000, "max_iters": 1200})
+    train.check_config(config)
+    lrs = [train.get_lr(it, config) for it in range(1201)]
+    start = round(1000 * (1 - fraction))
+    assert lrs[0] < lrs[9] < 1e-2 and lrs[10:start + 1] == pytest.approx([1e-2] * (start - 9))
+    steps = np.diff(lrs[start:1001])  # a straight line down: every step the same
+    assert np.allclose(steps, -(1e-2 - 1e-3) / (1000 - start))
+    assert lrs[1000] == pytest.approx(1e-3) and all(lr == 1e-3 for lr in lrs[1001:])
+    # the cosine (nanoGPT's) decays from the end of the warmup
+    cosine = dataclasses.replace(config, lr_schedule="cosine")
+    assert train.get_lr(start, cosine) < 1e-2
+    with pytest.raises(UserError, match="lr_schedule must be"):
+        train.check_config(dataclasses.replace(config, lr_schedule="step"))
