@@ -51,12 +51,15 @@ class GPTConfig:
 
 def causal_attention(q, k, v, dropout_p=0.0):
     """Each query (B, heads, T, head_size) attends to the keys and values at its position and
-    before it. PyTorch's fused kernel (flash attention), except in bfloat16 on a CPU: there the
-    fused kernel's backward pass ran slower than the plain matmuls and softmax it fuses (the
-    matmuls run on the CPU's bfloat16 units; bench/attention.py times both). Keys and values
-    may have fewer heads than the queries (grouped-query attention), each serving a group."""
+    before it. PyTorch's fused kernel (flash attention), except when training in bfloat16 on a
+    CPU: there the fused kernel's backward pass ran slower than the plain matmuls and softmax
+    it fuses (the matmuls run on the CPU's bfloat16 units; bench/attention.py times both).
+    Without a backward pass to follow, the fused kernel runs, and the logits are
+    transformers' to the bit. Keys and values may have fewer heads than the queries
+    (grouped-query attention), each serving a group."""
     gqa = k.size(1) != q.size(1)
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
+    training = torch.is_grad_enabled() and q.requires_grad
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or not training:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
                                               enable_gqa=gqa)
     if gqa:

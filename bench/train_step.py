@@ -5,8 +5,8 @@ $ python bench/train_step.py config/train_shakespeare_char.py            # one s
 $ python bench/train_step.py config/train_shakespeare_char.py --compare=True
 
 --compare=True runs the same model under each precision and compile choice of the device,
-and the same shape as Hugging Face's GPT2LMHeadModel (when transformers is installed), in one
-process, and prints each one's speed relative to the first. MFU is reported against the
+and the same shape as Hugging Face's GPT2LMHeadModel (LlamaForCausalLM for family='llama';
+when transformers is installed), in one process, and prints each one's speed relative to the first. MFU is reported against the
 device's peak in each run's precision (hardware.peak_flops: a datasheet figure for the GPUs it
 lists, else a matmul rate measured in the same run), so it stays below 100%.
 """
@@ -25,7 +25,7 @@ from nanogpt.checkpoint import model_config  # noqa: E402
 from configurator import configure, run  # noqa: E402
 from nanogpt.errors import UserError  # noqa: E402
 from nanogpt.hf import EXPORTED_ACTIVATIONS  # noqa: E402
-from model import GPT  # noqa: E402
+from model import build  # noqa: E402
 from nanogpt.optim import configure_optimizers  # noqa: E402
 from train import check_memory  # noqa: E402
 
@@ -37,14 +37,16 @@ n_head = 12
 n_embd = 768
 vocab_size = 50304
 bias = False
-activation = "gelu_tanh"
+activation = "gelu_tanh"  # family='gpt2''s MLP
+family = "gpt2"  # or 'llama' (train.py's)
+mlp_hidden: int | None = None  # family='llama''s MLP width; None: 4 * n_embd
 dropout = 0.0
 device: str | None = None
 dtype: str | None = None
 compile = False
 steps = 10  # timed steps, after warmup_steps untimed ones
 warmup_steps = 3
-compare = False  # time every precision x compile choice, and transformers' GPT-2
+compare = False  # time every precision x compile choice, and transformers' model of the family
 precisions = "float32,bfloat16,float16"  # the autocast precisions --compare times
 optim = "adamw"  # our model's optimizer, as train.py's: 'adamw' or 'muon'
 # -----------------------------------------------------------------------------
@@ -69,19 +71,28 @@ def time_steps(model, optimizer, loss_fn, dev, autocast):
 
 def ours(config, precision, use_compile, device_type):
     torch.manual_seed(0)
-    model = GPT(config)
+    model = build(config)
     step = torch.compile(model) if use_compile else model
     optimizer = configure_optimizers(model, 0.1, 1e-4, (0.9, 0.95), device_type, optim)
     return (f"ours {precision}, compile={use_compile}", precision, model, optimizer,
             lambda x, y: step(x, y)[1])
 
 
-def transformers_gpt2(config):
-    """Hugging Face's GPT-2 of the same shape (fp32, its SDPA attention), or None."""
+def transformers_model(config):
+    """Hugging Face's model of the same family and shape (fp32, its SDPA attention), or None."""
     try:
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     except ImportError:
         return None
+    if config.family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=config.vocab_size, hidden_size=config.n_embd, num_hidden_layers=config.n_layer,
+            intermediate_size=config.mlp_hidden or 4 * config.n_embd, num_attention_heads=config.n_head,
+            max_position_embeddings=config.block_size, tie_word_embeddings=True,
+            attn_implementation="sdpa", bos_token_id=None, eos_token_id=None))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        return ("transformers Llama float32, AdamW", "float32", model, optimizer,
+                lambda x, y: model(input_ids=x, labels=y).loss)
     hf_config = GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size,
                            n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
                            resid_pdrop=config.dropout, embd_pdrop=config.dropout,
@@ -115,11 +126,11 @@ def main():
     dev, device_type, precision, _ = hardware.setup(device, dtype)
     config = model_config(dict(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer,
                                n_head=n_head, n_embd=n_embd, dropout=dropout, bias=bias,
-                               activation=activation))
+                               activation=activation, family=family, mlp_hidden=mlp_hidden))
     check_memory(dataclasses.asdict(config), device_type)  # before the model is built
     torch.backends.cuda.matmul.allow_tf32 = True  # as train.py runs float32 on a GPU
     torch.backends.cudnn.allow_tf32 = True
-    flops_per_token = GPT(config).flops_per_token()
+    flops_per_token = build(config).flops_per_token()
     tokens = batch_size * block_size
     print(f"{device_type}, {torch.get_num_threads()} threads; "
           f"{flops_per_token * tokens / 1e9:,.1f} GFLOP per iteration")
@@ -127,7 +138,7 @@ def main():
 
     if compare:
         runs = [ours(config, p, c, device_type) for c in (False, True) for p in precisions.split(",")]
-        runs.append(transformers_gpt2(config) or ("transformers not installed", None, None, None, None))
+        runs.append(transformers_model(config) or ("transformers not installed", None, None, None, None))
     else:
         runs = [ours(config, precision, compile, device_type)]
     baseline = None
