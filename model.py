@@ -52,14 +52,15 @@ class GPTConfig:
 def causal_attention(q, k, v, dropout_p=0.0):
     """Each query (B, heads, T, head_size) attends to the keys and values at its position and
     before it. PyTorch's fused kernel (flash attention), except when training in bfloat16 on a
-    CPU: there the fused kernel's backward pass ran slower than the plain matmuls and softmax
-    it fuses (the matmuls run on the CPU's bfloat16 units; bench/attention.py times both).
-    Without a backward pass to follow, the fused kernel runs, and the logits are
-    transformers' to the bit. Keys and values may have fewer heads than the queries
-    (grouped-query attention), each serving a group."""
+    CPU with contexts of up to 256: there the fused kernel's backward pass ran slower than the
+    plain matmuls and softmax it fuses (which run on the CPU's bfloat16 units), by 1.5-4x;
+    from 512 on the fused kernel was faster (bench/attention.py times both). Without a
+    backward pass to follow, the fused kernel runs, and the logits are transformers' to the
+    bit. Keys and values may have fewer heads than the queries (grouped-query attention),
+    each serving a group."""
     gqa = k.size(1) != q.size(1)
     training = torch.is_grad_enabled() and q.requires_grad
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or not training:
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or not training or q.size(-2) > 256:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
                                               enable_gqa=gqa)
     if gqa:
