@@ -1,5 +1,5 @@
 # A baby GPT on character-level Shakespeare in under 5 minutes on a 2-core CPU: val 1.45 over
-# all of val, nanoGPT's GPU result (1.47) (docs/speedrun.md has the records, what did not help,
+# all of val, under nanoGPT's GPU result (1.47) (docs/speedrun.md has the records, what did not help,
 # and the machine; docs/benchmarks.md the figures).
 # $ python data/shakespeare_char/prepare.py
 # $ python train.py config/train_shakespeare_char_cpu_5min.py
