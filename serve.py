@@ -55,7 +55,8 @@ max_batch = 16  # requests (rows) decoded together
 max_waiting = 64  # rows waiting for a place in the batch; a request beyond them gets 429
 max_context = 4096  # the longest prompt + reply (at most the model's context); the cache holds max_batch
 # the decoding flags (engine.DecodingOptions' fields and engine.SCRIPT_FLAGS) with OpenAI's defaults
-globals().update(engine.decoding_flags(**OPENAI_DEFAULTS))
+# (no pad_token_id: a reply is one row, never padded)
+globals().update(engine.decoding_flags(without=("pad_token_id",), **OPENAI_DEFAULTS))
 FLAG_HELP = engine.decoding_flag_help()  # what each of them does, for --help
 # -----------------------------------------------------------------------------
 

@@ -294,6 +294,9 @@ def options_from_flags(flags, passed, tokenizer, prompt_width):
                         "temperature > 0 to sample several")
     new_tokens, max_length = flags["max_new_tokens"], flags["max_length"]
     if max_length is not None:
+        if isinstance(max_length, bool) or not isinstance(max_length, int):
+            raise UserError(f"max_length must be a whole number of tokens (or None: max_new_tokens "
+                            f"counts), got {max_length!r}")
         if max_length <= prompt_width:
             raise UserError(f"max_length={max_length} leaves no room after the {prompt_width}-token "
                             "prompt: it counts the prompt and the new tokens together")
