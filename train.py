@@ -129,7 +129,13 @@ def main():
     # one run per out_dir: two would delete each other's temporary files and save over each
     # other's checkpoints. The kernel's lock goes with the process however it ends
     with atomic.lock_out_dir(config.out_dir) if runtime.master else contextlib.nullcontext():
-        train(config, settings.passed, runtime)
+        try:
+            train(config, settings.passed, runtime)
+        except FileNotFoundError as e:
+            if os.path.isdir(config.out_dir):
+                raise
+            raise UserError(f"out_dir {config.out_dir} was removed during the run ({e.filename} could "
+                            "not be written): the run stopped") from None
     if runtime.world.parallel:
         distributed.finish_processes()
 
@@ -722,10 +728,10 @@ def train_step(config, runtime, training):
 def log_step(config, runtime, training, loss, lr, dt, peak, runlog, run_start):
     """Report the step just taken: its loss (a float), learning rate, dt (its seconds) and the
     speed and MFU (against peak) they make; stop, nothing saved, where the loss is not finite."""
-    if not math.isfinite(loss):
+    if not math.isfinite(loss):  # every process sees it (the loss is averaged): rank 0 says it
         raise SystemExit(f"error: loss became {loss} at iteration {training.iter_num}; stopping "
                          f"without saving, {checkpoint_path(config)} left as it was (try a lower "
-                         "learning_rate)")
+                         "learning_rate)" if runtime.master else 1)
     if not runtime.master:
         return
     tok_s = tokens_per_iter(config, runtime) / dt
@@ -753,10 +759,10 @@ def evaluate_and_save(config, runtime, training, lr, runlog, run_start, final=Fa
         runlog.log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
                     "train_acc": losses["train_acc"], "val_acc": losses["val_acc"],
                     "lr": lr, "elapsed": time.time() - run_start})
-    if not math.isfinite(losses["val"]):
+    if not math.isfinite(losses["val"]):  # the same on every process: rank 0 says it
         raise SystemExit(f"error: val loss is {losses['val']} at iteration {iter_num}; "
                          f"stopping, {checkpoint_path(config)} left as it was (try a lower "
-                         "learning_rate)")
+                         "learning_rate)" if runtime.master else 1)
     improved = losses["val"] < training.best_val_loss
     training.best_val_loss = min(training.best_val_loss, losses["val"])
     if iter_num > 0 and (improved or config.always_save_checkpoint):

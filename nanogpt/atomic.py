@@ -252,7 +252,10 @@ def lock_out_dir(folder):
     try:
         yield
     finally:
-        os.remove(path)  # while still held: whoever opens the name next makes a new lock file
+        try:
+            os.remove(path)  # while still held: whoever opens the name next makes a new lock file
+        except FileNotFoundError:
+            pass  # the folder went during the run (deleted by hand): nothing is left to clean up
         os.close(fd)
         if created:
             try:

@@ -83,6 +83,23 @@ def test_ctrl_c_saves_and_resume_is_bitwise_identical(char_dataset, tmp_path):
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
+def test_an_out_dir_deleted_mid_run_stops_it_with_one_line(char_dataset, tmp_path):
+    out = tmp_path / "out"
+    proc = ServedRun(["train.py", *RUN, f"--dataset={char_dataset}", f"--out_dir={out}",
+                      "--max_iters=100000", "--log_interval=1", "--eval_interval=20"])
+    for line in proc.stdout:
+        if line.startswith("iter 25:"):  # after the first checkpoint
+            while out.exists():  # the run may be writing a file into it meanwhile
+                shutil.rmtree(out, ignore_errors=True)
+            break
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 2, stderr
+    lines = stderr.strip().splitlines()  # one line, no traceback
+    assert len(lines) == 1 and lines[0].startswith(f"error: out_dir {out} was removed during the run ({out}/")
+    assert lines[0].endswith(" could not be written): the run stopped")
+    assert not out.exists()
+
+
 def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(char_dataset, tmp_path):
     # a model of a few MB, saved at every iteration: most of the run is spent writing
     out = tmp_path / "out"
