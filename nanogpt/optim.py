@@ -58,10 +58,7 @@ class BatchedMuon(torch.optim.Muon):
     def step(self, closure=None):
         from torch.optim._muon import _adjust_lr  # torch's own scaling (torch is pinned)
 
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -85,6 +82,15 @@ class BatchedMuon(torch.optim.Muon):
                 torch._foreach_mul_(ps, 1 - lr * group["weight_decay"])
                 torch._foreach_add_(ps, steps, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], shape))
         return loss
+
+
+def closure_loss(closure):
+    """The loss of an optimizer step's closure (run with gradients on, as torch's optimizers
+    run it), or None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def orthogonalize(updates, coefficients, steps, eps):
@@ -115,10 +121,7 @@ class ShardedMuon(torch.optim.Muon):
         # the one torch.optim.Muon makes of the whole matrix
         from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             for p in group["params"]:
