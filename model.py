@@ -33,7 +33,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True        # biases in Linears and LayerNorms, as GPT-2; False is a bit better and faster
     activation: str = "gelu_tanh"  # the MLP's: GPT-2's tanh-approximate GELU, "gelu" (exact, nanoGPT's
-    # nn.GELU()) or "relu2" (relu(x)^2: cheaper, and as good or better in short runs, per modded-nanogpt)
+    # nn.GELU()) or "relu2" (relu(x)^2, as in modded-nanogpt's speedrun records)
     # saved with the other fields (a checkpoint's model_args), so that build() knows which
     # model a saved config is; fixed per config class
     family: str = field(default="gpt2", init=False)

@@ -69,7 +69,7 @@ n_head = 12
 n_embd = 768
 dropout = 0.0  # 0 for pretraining, try 0.1+ for fine-tuning
 bias = False  # biases in Linears and LayerNorms
-activation = "gelu_tanh"  # the MLP's: GPT-2's 'gelu_tanh', nanoGPT's exact 'gelu', or 'relu2' (relu(x)^2: cheaper)
+activation = "gelu_tanh"  # the MLP's: GPT-2's 'gelu_tanh', nanoGPT's exact 'gelu', or 'relu2' (relu(x)^2, modded-nanogpt's)
 family = "gpt2"  # a new model's: 'gpt2' (model.py) or 'llama' (llama.py: rotary positions, RMSNorm, SwiGLU MLP)
 mlp_hidden: int | None = None  # family='llama': the SwiGLU MLP's width; None: 4 * n_embd (~8/3 * n_embd matches GPT-2's size)
 # fine-tuning: which parameters train (setup_finetune below; lora.py)
