@@ -36,7 +36,7 @@ from nanogpt import lora
 from nanogpt import sharded_ckpt
 from nanogpt.dataset import check_fits, every_window, get_batch, open_dataset, to_device
 from nanogpt.errors import UserError
-from model import build
+from model import build, config_class
 from nanogpt.optim import configure_optimizers
 from nanogpt.runlog import RunLog
 
@@ -229,8 +229,10 @@ def check_config(config):
 
 def check_family(config):
     """Refuse a setting that the model family does not have."""
-    if config.family not in ("gpt2", "llama"):
-        raise UserError(f"family must be 'gpt2' or 'llama', got {config.family!r}")
+    try:
+        config_class(config.family)  # model.py's list of the families
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if config.family == "llama" and config.bias:
         raise UserError("family=llama has no biases: drop --bias=True")
     if config.family == "llama" and config.activation != "gelu_tanh":
